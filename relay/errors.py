@@ -1,0 +1,55 @@
+"""One exception tree, rooted at :class:`RelayError`.
+
+Messages never carry secret values: configuration errors name the variable and the reason,
+store errors name the store by its redacted URL.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ConfigError",
+    "FeedAuthError",
+    "FeedError",
+    "RelayError",
+    "StoreError",
+    "StoreLockedError",
+    "StoreSchemaError",
+    "StoreUnavailableError",
+]
+
+
+class RelayError(Exception):
+    """Root of every error sfox-relay raises on purpose."""
+
+
+class ConfigError(RelayError):
+    """Invalid configuration: exit code 2, one line naming the variable and the reason."""
+
+    def __init__(self, variable: str, reason: str) -> None:
+        super().__init__(f"{variable}: {reason}")
+        self.variable = variable
+        self.reason = reason
+
+
+class FeedError(RelayError):
+    """The sFOX feed misbehaved (bad handshake reply, timeout); the client reconnects."""
+
+
+class FeedAuthError(FeedError):
+    """sFOX rejected the API key; the client waits at least 60 s before trying again."""
+
+
+class StoreError(RelayError):
+    """The store failed in a way the caller cannot retry."""
+
+
+class StoreUnavailableError(StoreError):
+    """The store cannot be written right now (disk full, read-only, database down)."""
+
+
+class StoreLockedError(StoreError):
+    """Another `relay run` already holds this SQLite store."""
+
+
+class StoreSchemaError(StoreError):
+    """The store's schema is newer than this version of sfox-relay knows."""

@@ -1,0 +1,263 @@
+"""Pure event logic: feed frame -> typed message -> stored event, and event ids.
+
+Nothing here does I/O; JSON goes through :mod:`relay.codec` so integers stay exact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from relay import tokens
+from relay.codec import canonical_json, compact_json, loads
+
+__all__ = [
+    "USERS_FEED",
+    "BadFrame",
+    "Control",
+    "Message",
+    "NewEvent",
+    "Source",
+    "event_id",
+    "parse_frame",
+    "prepare",
+    "reconcile_event",
+    "reconcile_event_id",
+    "redact",
+]
+
+USERS_FEED = "private.enterprise.users"
+Source = Literal["feed", "reconcile"]
+
+#: Keys whose values are credentials wherever they appear in a frame.
+_SECRET_KEYS = frozenset({"user_token", "token", "apiKey", "api_key", "apikey"})
+_REDACTED = "[redacted]"
+_MAX_BAD_FRAME = 64 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """A data message from the feed: parsed, validated, otherwise untouched."""
+
+    raw: dict[str, Any]
+    sequence: int | None
+    recipient: str
+    timestamp: int
+    user_id: str | None
+    status: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Control:
+    """A reply to one of our requests: ``success`` or ``error``."""
+
+    type: str
+    action: str | None
+    message: str | None
+    raw: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class BadFrame:
+    """A frame that is not a valid message: kept (redacted) for inspection, then skipped."""
+
+    reason: str
+    text: str
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def parse_frame(data: str | bytes) -> Message | Control | BadFrame:
+    """Classify one WebSocket frame. Never raises."""
+    try:
+        obj = loads(data)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        return BadFrame(f"not JSON: {type(exc).__name__}", redact(data))
+    if not isinstance(obj, dict):
+        return BadFrame(f"not a JSON object: {type(obj).__name__}", redact(data))
+    kind = obj.get("type")
+    if kind in ("success", "error") and "recipient" not in obj:
+        return _control(obj)
+    return _message(obj, data)
+
+
+def _control(obj: dict[str, Any]) -> Control:
+    payload = obj.get("payload")
+    payload = payload if isinstance(payload, dict) else {}
+    action = obj.get("action", payload.get("action"))
+    text = obj.get("message", payload.get("message"))
+    return Control(
+        type=str(obj["type"]),
+        action=action if isinstance(action, str) else None,
+        message=text if isinstance(text, str) else None,
+        raw=obj,
+    )
+
+
+def _message(obj: dict[str, Any], data: str | bytes) -> Message | BadFrame:
+    def bad(reason: str) -> BadFrame:
+        return BadFrame(reason, redact(data))
+
+    recipient = obj.get("recipient")
+    payload = obj.get("payload")
+    timestamp = obj.get("timestamp")
+    sequence = obj.get("sequence")
+    if not isinstance(recipient, str) or not recipient:
+        return bad("recipient missing or not a string")
+    if not isinstance(payload, dict):
+        return bad("payload missing or not an object")
+    if not isinstance(timestamp, int) or isinstance(timestamp, bool):
+        return bad("timestamp missing or not an integer")
+    if sequence is not None and not _is_int(sequence):
+        return bad("sequence not an integer")
+    user_id: str | None = None
+    status: str | None = None
+    if recipient == USERS_FEED:
+        user_id = payload.get("user_id")
+        status = payload.get("status")
+        if not isinstance(user_id, str) or not user_id:
+            return bad("payload.user_id missing or not a string")
+        if status is not None and not isinstance(status, str):
+            return bad("payload.status not a string")
+        if "requirements" in payload and not isinstance(payload["requirements"], dict):
+            return bad("payload.requirements not an object")
+        token = payload.get("user_token")
+        if token is not None and not isinstance(token, dict):
+            return bad("payload.user_token not an object")
+    return Message(obj, sequence, recipient, timestamp, user_id, status)
+
+
+def _redact_value(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: (_REDACTED if k in _SECRET_KEYS else _redact_value(v)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_redact_value(v) for v in value]
+    return value
+
+
+_TOKEN_TEXT = re.compile(
+    r'("(?:user_token|token|apiKey|api_key|apikey)"\s*:\s*)'
+    r'("(?:[^"\\]|\\.)*"?|\{[^{}]*\}?|[^,}\]\s]+)',
+)
+_LONG_HEX = re.compile(r"\b[0-9a-fA-F]{32,}\b")
+
+
+def redact(data: str | bytes | Mapping[str, Any]) -> str:
+    """Text of a frame with every credential removed, bounded in size.
+
+    Parsed JSON is redacted structurally; anything else by pattern (quoted token values and
+    long hex strings, which is what sFOX user tokens look like).
+    """
+    if isinstance(data, Mapping):
+        return compact_json(_redact_value(dict(data))).decode()[:_MAX_BAD_FRAME]
+    text = data.decode("utf-8", "replace") if isinstance(data, bytes) else data
+    try:
+        return compact_json(_redact_value(loads(text))).decode()[:_MAX_BAD_FRAME]
+    except (ValueError, RecursionError):
+        pass
+    text = _TOKEN_TEXT.sub(lambda m: f'{m.group(1)}"{_REDACTED}"', text)
+    return _LONG_HEX.sub(_REDACTED, text)[:_MAX_BAD_FRAME]
+
+
+def event_id(message: Mapping[str, Any]) -> str:
+    """``evt_`` + SHA-256 of the canonical recipient, timestamp and token-less payload.
+
+    Never the sequence: one message seen twice is one event; PENDING then VERIFIED with equal
+    sequence and timestamp are two.
+    """
+    payload = {k: v for k, v in message["payload"].items() if k != "user_token"}
+    basis = {
+        "recipient": message["recipient"],
+        "timestamp": message["timestamp"],
+        "payload": payload,
+    }
+    return "evt_" + hashlib.sha256(canonical_json(basis)).hexdigest()
+
+
+def reconcile_event_id(user_id: str, status: Any, requirements: Any, after: str | None) -> str:
+    """Id of a reconciled change: the same change after the same state is one event."""
+    basis = {"user_id": user_id, "status": status, "requirements": requirements, "after": after}
+    return "evt_" + hashlib.sha256(canonical_json(basis)).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class NewEvent:
+    """An event ready to store: its body holds no plaintext token."""
+
+    event_id: str
+    source: Source
+    recipient: str
+    user_id: str | None
+    status: str | None
+    requirements: str | None  # canonical JSON, for reconciliation's comparison
+    sfox_timestamp: int | None
+    sequence: int | None
+    body: bytes
+    has_token: bool
+
+
+def _requirements(payload: Mapping[str, Any]) -> str | None:
+    req = payload.get("requirements")
+    return canonical_json(req).decode() if req is not None else None
+
+
+def prepare(message: Message, *, seal_key: bytes | None) -> NewEvent:
+    """Turn a feed message into the stored form.
+
+    The user token is sealed under ``seal_key`` (``RELAY_TOKEN_KEY``) when some endpoint needs
+    it, else stripped: it never reaches the store in plaintext.
+    """
+    raw = message.raw
+    payload = raw["payload"]
+    has_token = False
+    if "user_token" in payload:
+        body_payload = dict(payload)
+        if seal_key is None:
+            del body_payload["user_token"]
+        else:
+            body_payload["user_token"] = tokens.seal(payload["user_token"], seal_key)
+            has_token = True
+        stored = dict(raw)
+        stored["payload"] = body_payload
+    else:
+        stored = raw
+    return NewEvent(
+        event_id=event_id(raw),
+        source="feed",
+        recipient=message.recipient,
+        user_id=message.user_id,
+        status=message.status,
+        requirements=_requirements(payload) if message.user_id is not None else None,
+        sfox_timestamp=message.timestamp,
+        sequence=message.sequence,
+        body=compact_json(stored),
+        has_token=has_token,
+    )
+
+
+def reconcile_event(user: Mapping[str, Any], *, after: str | None, now_ns: int) -> NewEvent:
+    """A stored event for a REST user whose state differs from what the store last saw."""
+    user_id = str(user["user_id"])
+    requirements = user.get("requirements")
+    payload = {
+        k: v for k, v in user.items() if k != "user_token"
+    }  # REST has none; never forward one
+    body = {"sequence": None, "recipient": USERS_FEED, "timestamp": now_ns, "payload": payload}
+    status = user.get("status")
+    return NewEvent(
+        event_id=reconcile_event_id(user_id, status, requirements, after),
+        source="reconcile",
+        recipient=USERS_FEED,
+        user_id=user_id,
+        status=status if isinstance(status, str) else None,
+        requirements=canonical_json(requirements).decode() if requirements is not None else None,
+        sfox_timestamp=now_ns,
+        sequence=None,
+        body=compact_json(body),
+        has_token=False,
+    )
