@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from relay import tokens
 from relay.codec import canonical_json, compact_json, loads
@@ -27,6 +27,7 @@ __all__ = [
     "reconcile_event",
     "reconcile_event_id",
     "redact",
+    "routes",
 ]
 
 USERS_FEED = "private.enterprise.users"
@@ -195,10 +196,11 @@ class NewEvent:
     user_id: str | None
     status: str | None
     requirements: str | None  # canonical JSON, for reconciliation's comparison
-    sfox_timestamp: int | None
-    sequence: int | None
     body: bytes
     has_token: bool
+    #: For reconciled events: the event id of the user state this one replaces. The store
+    #: appends the event only while that is still the user's state (no double emission).
+    after: str | None = None
 
 
 def _requirements(payload: Mapping[str, Any]) -> str | None:
@@ -233,8 +235,6 @@ def prepare(message: Message, *, seal_key: bytes | None) -> NewEvent:
         user_id=message.user_id,
         status=message.status,
         requirements=_requirements(payload) if message.user_id is not None else None,
-        sfox_timestamp=message.timestamp,
-        sequence=message.sequence,
         body=compact_json(stored),
         has_token=has_token,
     )
@@ -256,8 +256,28 @@ def reconcile_event(user: Mapping[str, Any], *, after: str | None, now_ns: int) 
         user_id=user_id,
         status=status if isinstance(status, str) else None,
         requirements=canonical_json(requirements).decode() if requirements is not None else None,
-        sfox_timestamp=now_ns,
-        sequence=None,
         body=compact_json(body),
         has_token=False,
+        after=after,
     )
+
+
+class Route(Protocol):
+    """What routing needs to know of an endpoint (``config.EndpointConfig`` satisfies it)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def feeds(self) -> frozenset[str] | None: ...
+    @property
+    def statuses(self) -> frozenset[str] | None: ...
+
+
+def routes(endpoints: Iterable[Route], event: NewEvent) -> list[str]:
+    """Names of the endpoints whose ``feeds`` and ``statuses`` filters admit this event."""
+    return [
+        ep.name
+        for ep in endpoints
+        if (ep.feeds is None or event.recipient in ep.feeds)
+        and (ep.statuses is None or event.status in ep.statuses)
+    ]

@@ -1,0 +1,241 @@
+"""The outbox's contract: what every store (SQLite, PostgreSQL) does, and its records.
+
+A delivery is one (event, endpoint) pair. Its states:
+
+- ``waiting``: an earlier delivery of the same (endpoint, user_id) lane is not finished yet;
+- ``pending``: may be claimed once ``next_at`` has passed;
+- ``inflight``: claimed by a dispatcher;
+- ``delivered`` / ``dead`` / ``superseded``: final.
+
+Per lane at most one delivery is ``pending`` or ``inflight``; finishing it (delivered or dead)
+promotes the next ``waiting`` one in store order. That invariant is what makes per-user order
+hold without any lane check on the hot claim path. Outside the store, ``waiting``,
+``pending`` and ``inflight`` are all reported as ``pending``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+from relay.events import BadFrame, NewEvent
+
+__all__ = [
+    "ACTIVE_STATES",
+    "AppendResult",
+    "Attempt",
+    "Claim",
+    "DeliveryDetail",
+    "DeliveryInfo",
+    "EndpointStats",
+    "Outcome",
+    "PublicState",
+    "Store",
+    "Target",
+    "UserState",
+    "format_delivery_id",
+    "parse_delivery_id",
+    "public_state",
+]
+
+ACTIVE_STATES = ("waiting", "pending", "inflight")
+PublicState = Literal["pending", "delivered", "dead", "superseded"]
+
+
+def public_state(state: str) -> PublicState:
+    """The state users see: the three active states are all ``pending``."""
+    if state in ACTIVE_STATES:
+        return "pending"
+    if state in ("delivered", "dead", "superseded"):
+        return state  # type: ignore[return-value]
+    raise ValueError(f"unknown delivery state {state!r}")
+
+
+def format_delivery_id(number: int) -> str:
+    """The opaque id users and the API see."""
+    return f"dlv_{number}"
+
+
+def parse_delivery_id(text: str) -> int | None:
+    """The store's key for an opaque id, or None if it is not one of ours."""
+    if not text.startswith("dlv_") or not text[4:].isdigit():
+        return None
+    return int(text[4:])
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """An endpoint as the store needs it when fanning out a new event."""
+
+    name: str
+    feeds: frozenset[str] | None = None
+    statuses: frozenset[str] | None = None
+    wants_token: bool = False
+    first_delay: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class AppendResult:
+    """What one group commit did."""
+
+    stored: list[NewEvent] = field(default_factory=list)
+    duplicates: int = 0
+    stale: int = 0  # reconciled events whose base state changed meanwhile (not stored)
+    superseded: dict[str, int] = field(default_factory=dict)  # endpoint -> deliveries
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """A delivery handed to the dispatcher, with what it needs to send it."""
+
+    delivery_id: int
+    endpoint: str
+    event_id: str
+    user_id: str | None
+    attempts: int
+    source: str
+    body: bytes
+    has_token: bool
+    created_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """One HTTP try, as recorded."""
+
+    at: float
+    status: int | None
+    latency: float
+    error: str | None = None
+    excerpt: str | None = None  # at most 1 KiB of the response body
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """The dispatcher's verdict on a claimed delivery.
+
+    ``released`` puts it back to ``pending`` without using an attempt (shutdown cut it off).
+    """
+
+    delivery_id: int
+    state: Literal["delivered", "pending", "dead", "released"]
+    next_at: float
+    attempt: Attempt | None
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryInfo:
+    """A delivery as `relay deliveries list` and the API show it."""
+
+    id: str
+    endpoint: str
+    event_id: str
+    user_id: str | None
+    state: PublicState
+    attempts: int
+    source: str
+    status: str | None
+    next_attempt_at: float | None
+    created_at: float
+    updated_at: float
+    last_status: int | None
+    last_error: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryDetail:
+    """One delivery with its event body (token shown only as sealed) and every attempt."""
+
+    info: DeliveryInfo
+    body: str
+    attempts: list[Attempt]
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointStats:
+    """Per-endpoint numbers for metrics, `relay check`, the API and the status page."""
+
+    endpoint: str
+    pending: int = 0
+    dead: int = 0
+    delivered: int = 0
+    oldest_pending_at: float | None = None
+    last_success_at: float | None = None
+    last_failure_at: float | None = None
+    last_error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class UserState:
+    """The last state the store saw for a user: what reconciliation compares against."""
+
+    user_id: str
+    status: str | None
+    requirements: str | None  # canonical JSON
+    event_id: str | None
+    source: str
+
+
+class Store(Protocol):
+    """The outbox. Every method may raise ``StoreUnavailableError`` when the store is down."""
+
+    display: str
+
+    async def open(self, *, daemon: bool) -> None:
+        """Migrate and connect; ``daemon`` also takes the single-writer lock where needed."""
+
+    async def close(self) -> None: ...
+
+    async def check_writable(self) -> None:
+        """Raise ``StoreUnavailableError`` unless a write commits right now (readiness)."""
+
+    async def append(
+        self, events: Sequence[NewEvent], targets: Sequence[Target], now: float
+    ) -> AppendResult:
+        """Store new events and their deliveries in one commit; duplicates are ignored."""
+
+    async def quarantine(self, frame: BadFrame, now: float) -> None: ...
+
+    async def claim(self, endpoint: str, now: float, limit: int) -> list[Claim]:
+        """Mark up to ``limit`` due deliveries of one endpoint in flight and return them."""
+
+    async def next_due(self) -> float | None:
+        """When the earliest pending delivery becomes due (None when there is none)."""
+
+    async def record(self, outcomes: Sequence[Outcome], now: float) -> None:
+        """Apply the dispatcher's verdicts in one commit, promoting each lane's next delivery."""
+
+    async def list_deliveries(
+        self,
+        *,
+        state: PublicState | None = None,
+        endpoint: str | None = None,
+        user_id: str | None = None,
+        limit: int = 50,
+        before: int | None = None,
+    ) -> list[DeliveryInfo]:
+        """Newest first; ``before`` is the key of the last item of the previous page."""
+
+    async def get_delivery(self, delivery_id: int) -> DeliveryDetail | None: ...
+
+    async def replay(
+        self,
+        *,
+        ids: Sequence[int] | None = None,
+        state: PublicState | None = None,
+        endpoint: str | None = None,
+        user_id: str | None = None,
+        now: float,
+    ) -> int:
+        """Re-queue finished deliveries (same webhook-id, fresh schedule, after later ones)."""
+
+    async def endpoint_stats(self) -> list[EndpointStats]: ...
+
+    async def user_states(self) -> dict[str, UserState]: ...
+
+    async def record_baseline(self, states: Sequence[UserState], now: float) -> int:
+        """Remember users' states without emitting anything (first reconciliation)."""
+
+    async def purge(self, *, delivered_before: float, dead_before: float, batch: int) -> int:
+        """Delete one batch of old finished deliveries (and orphaned events); returns rows."""

@@ -1,0 +1,699 @@
+"""The embedded outbox: one SQLite file in WAL mode, one daemon per file.
+
+All SQL runs on one dedicated thread with one connection, so calls are serialised without
+locks and the event loop never blocks on disk. Group commits: a batch of frames is one
+transaction, a page of claims one statement, a batch of outcomes one transaction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import os
+import sqlite3
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+from relay import events as ev
+from relay.codec import compact_json, loads
+from relay.errors import StoreError, StoreLockedError, StoreSchemaError, StoreUnavailableError
+from relay.events import BadFrame, NewEvent
+from relay.store.base import (
+    AppendResult,
+    Attempt,
+    Claim,
+    DeliveryDetail,
+    DeliveryInfo,
+    EndpointStats,
+    Outcome,
+    PublicState,
+    Target,
+    UserState,
+    format_delivery_id,
+    public_state,
+)
+
+__all__ = ["MIGRATIONS", "SQLiteStore"]
+
+T = TypeVar("T")
+
+#: Forward-only schema migrations; index + 1 is the version each one produces.
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE events (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        event_id TEXT NOT NULL UNIQUE,
+        source TEXT NOT NULL,
+        recipient TEXT NOT NULL,
+        user_id TEXT,
+        status TEXT,
+        requirements TEXT,
+        body BLOB NOT NULL,
+        has_token INTEGER NOT NULL,
+        received_at REAL NOT NULL
+    );
+    CREATE TABLE deliveries (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        event_seq INTEGER NOT NULL REFERENCES events(seq),
+        endpoint TEXT NOT NULL,
+        user_id TEXT,
+        ord INTEGER NOT NULL,
+        state TEXT NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_at REAL NOT NULL,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        last_status INTEGER,
+        last_error TEXT
+    );
+    CREATE INDEX deliveries_due ON deliveries(endpoint, next_at) WHERE state = 'pending';
+    CREATE INDEX deliveries_lane ON deliveries(endpoint, user_id, ord)
+        WHERE state IN ('waiting', 'pending', 'inflight');
+    CREATE INDEX deliveries_state ON deliveries(state, endpoint);
+    CREATE INDEX deliveries_user ON deliveries(user_id);
+    CREATE INDEX deliveries_event ON deliveries(event_seq);
+    CREATE TABLE attempts (
+        delivery_id INTEGER NOT NULL,
+        n INTEGER NOT NULL,
+        at REAL NOT NULL,
+        status INTEGER,
+        latency REAL NOT NULL,
+        error TEXT,
+        excerpt TEXT,
+        PRIMARY KEY (delivery_id, n)
+    ) WITHOUT ROWID;
+    CREATE TABLE user_state (
+        user_id TEXT PRIMARY KEY,
+        status TEXT,
+        requirements TEXT,
+        event_id TEXT,
+        source TEXT NOT NULL,
+        updated_at REAL NOT NULL
+    ) WITHOUT ROWID;
+    CREATE TABLE bad_frames (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        at REAL NOT NULL,
+        reason TEXT NOT NULL,
+        text TEXT NOT NULL
+    );
+    """,
+)
+
+_UNAVAILABLE = (
+    "readonly",
+    "disk is full",
+    "disk i/o error",
+    "unable to open",
+    "database is locked",
+    "no such table",  # the file was replaced or truncated under us
+)
+
+#: A new delivery waits behind any unfinished one of its (endpoint, user_id) lane.
+_INSERT_DELIVERY = """
+    INSERT INTO deliveries (event_seq, endpoint, user_id, ord, state, next_at, created_at,
+        updated_at)
+    VALUES (?1, ?2, ?3, ?1,
+        CASE WHEN ?4 = 'pending' AND ?3 IS NOT NULL AND EXISTS (
+            SELECT 1 FROM deliveries WHERE endpoint = ?2 AND user_id = ?3
+            AND state IN ('waiting', 'pending', 'inflight')
+        ) THEN 'waiting' ELSE ?4 END,
+        ?5, ?6, ?6)
+"""
+
+_DELIVERY_COLUMNS = """
+    d.id, d.endpoint, e.event_id, d.user_id, d.state, d.attempts, e.source, e.status,
+    d.next_at, d.created_at, d.updated_at, d.last_status, d.last_error
+"""
+
+
+def _info(row: sqlite3.Row) -> DeliveryInfo:
+    state = public_state(row["state"])
+    return DeliveryInfo(
+        id=format_delivery_id(row["id"]),
+        endpoint=row["endpoint"],
+        event_id=row["event_id"],
+        user_id=row["user_id"],
+        state=state,
+        attempts=row["attempts"],
+        source=row["source"],
+        status=row["status"],
+        next_attempt_at=row["next_at"] if state == "pending" else None,
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        last_status=row["last_status"],
+        last_error=row["last_error"],
+    )
+
+
+def _display_body(body: bytes) -> str:
+    """The stored body with a sealed token shown as such (its ciphertext is of no use here)."""
+    message = loads(body)
+    payload = message.get("payload") if isinstance(message, dict) else None
+    if isinstance(payload, dict) and "user_token" in payload:
+        payload["user_token"] = "[sealed]"
+    return compact_json(message).decode()
+
+
+def _filters(
+    state: PublicState | None, endpoint: str | None, user_id: str | None
+) -> tuple[list[str], list[Any]]:
+    where: list[str] = []
+    args: list[Any] = []
+    if state == "pending":
+        where.append("d.state IN ('waiting', 'pending', 'inflight')")
+    elif state is not None:
+        where.append("d.state = ?")
+        args.append(state)
+    if endpoint is not None:
+        where.append("d.endpoint = ?")
+        args.append(endpoint)
+    if user_id is not None:
+        where.append("d.user_id = ?")
+        args.append(user_id)
+    return where, args
+
+
+class SQLiteStore:
+    """The SQLite outbox (``RELAY_STORE=sqlite:///path``)."""
+
+    def __init__(self, path: str | os.PathLike[str], *, busy_timeout: float = 5.0) -> None:
+        self.path = Path(path)
+        self.display = f"sqlite:///{self.path}"
+        self._busy_timeout = busy_timeout
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relay-sqlite")
+        self._conn: sqlite3.Connection | None = None
+        self._lock_fd: int | None = None
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._call, fn)
+
+    def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        if self._conn is None:
+            raise StoreError("store is not open")
+        try:
+            return fn(self._conn)
+        except sqlite3.OperationalError as exc:
+            if self._conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    self._conn.rollback()
+            text = str(exc).lower()
+            if any(marker in text for marker in _UNAVAILABLE):
+                raise StoreUnavailableError(f"{self.display}: {exc}") from exc
+            raise StoreError(f"{self.display}: {exc}") from exc
+        except sqlite3.DatabaseError as exc:
+            if self._conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    self._conn.rollback()
+            raise StoreError(f"{self.display}: {exc}") from exc
+
+    @contextlib.contextmanager
+    def _tx(self, conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.rollback()
+            raise
+        conn.commit()
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    async def open(self, *, daemon: bool) -> None:
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, self._open, daemon)
+
+    def _open(self, daemon: bool) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if daemon:
+                self._take_lock()
+            conn = sqlite3.connect(
+                self.path, timeout=self._busy_timeout, isolation_level=None, check_same_thread=False
+            )
+        except OSError as exc:
+            raise StoreUnavailableError(f"{self.display}: {exc.strerror or exc}") from exc
+        except sqlite3.Error as exc:
+            raise StoreUnavailableError(f"{self.display}: {exc}") from exc
+        conn.row_factory = sqlite3.Row
+        self._conn = conn
+        try:
+            self._call(self._setup)
+            if daemon:
+                # Claims of a previous daemon that died: back to pending (no attempt used).
+                self._call(
+                    lambda c: c.execute(
+                        "UPDATE deliveries SET state = 'pending' WHERE state = 'inflight'"
+                    )
+                )
+        except BaseException:
+            self._close()
+            raise
+
+    def _take_lock(self) -> None:
+        fd = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise StoreLockedError(
+                f"{self.display} is in use by another relay run (lock {self.path}.lock); "
+                "run one daemon per SQLite store, or use PostgreSQL for several replicas"
+            ) from None
+        self._lock_fd = fd
+
+    def _setup(self, conn: sqlite3.Connection) -> None:
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = FULL")
+        conn.execute("PRAGMA foreign_keys = OFF")
+        with self._tx(conn):
+            conn.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
+            row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+            version = int(row[0]) if row else 0
+            if version > len(MIGRATIONS):
+                raise StoreSchemaError(
+                    f"{self.display} has schema version {version}, newer than this relay knows "
+                    f"({len(MIGRATIONS)}); upgrade sfox-relay"
+                )
+            for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+                for statement in script.split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+                conn.execute(
+                    "INSERT INTO meta (key, value) VALUES ('schema_version', ?) "
+                    "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                    (str(number),),
+                )
+
+    async def close(self) -> None:
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, self._close)
+        self._executor.shutdown(wait=True)
+
+    def _close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    async def check_writable(self) -> None:
+        def write(conn: sqlite3.Connection) -> None:
+            with self._tx(conn):
+                conn.execute(
+                    "INSERT INTO meta (key, value) VALUES ('heartbeat', '1') "
+                    "ON CONFLICT (key) DO UPDATE SET value = value + 1"
+                )
+
+        await self._run(write)
+
+    # -- ingest -----------------------------------------------------------------------------
+
+    async def append(
+        self, events: Sequence[NewEvent], targets: Sequence[Target], now: float
+    ) -> AppendResult:
+        return await self._run(lambda c: self._append(c, events, targets, now))
+
+    def _append(
+        self,
+        conn: sqlite3.Connection,
+        events: Sequence[NewEvent],
+        targets: Sequence[Target],
+        now: float,
+    ) -> AppendResult:
+        result = AppendResult()
+        stale = duplicates = 0
+        with self._tx(conn):
+            for event in events:
+                state: sqlite3.Row | None = None
+                if event.user_id is not None:
+                    state = conn.execute(
+                        "SELECT status, requirements, event_id, source FROM user_state "
+                        "WHERE user_id = ?",
+                        (event.user_id,),
+                    ).fetchone()
+                    if event.source == "reconcile" and (state["event_id"] if state else None) != (
+                        event.after
+                    ):
+                        stale += 1
+                        continue
+                cur = conn.execute(
+                    "INSERT OR IGNORE INTO events (event_id, source, recipient, user_id, status, "
+                    "requirements, body, has_token, received_at) VALUES (?,?,?,?,?,?,?,?,?)",
+                    (
+                        event.event_id,
+                        event.source,
+                        event.recipient,
+                        event.user_id,
+                        event.status,
+                        event.requirements,
+                        event.body,
+                        int(event.has_token),
+                        now,
+                    ),
+                )
+                if cur.rowcount == 0:
+                    duplicates += 1
+                    continue
+                seq = cur.lastrowid
+                result.stored.append(event)
+                superseded = (
+                    event.source == "feed"
+                    and state is not None
+                    and state["source"] == "reconcile"
+                    and state["status"] == event.status
+                    and state["requirements"] == event.requirements
+                )
+                if event.user_id is not None:
+                    conn.execute(
+                        "INSERT INTO user_state (user_id, status, requirements, event_id, source, "
+                        "updated_at) VALUES (?,?,?,?,?,?) ON CONFLICT (user_id) DO UPDATE SET "
+                        "status = excluded.status, requirements = excluded.requirements, "
+                        "event_id = excluded.event_id, source = excluded.source, "
+                        "updated_at = excluded.updated_at",
+                        (
+                            event.user_id,
+                            event.status,
+                            event.requirements,
+                            event.event_id,
+                            event.source,
+                            now,
+                        ),
+                    )
+                for target in targets:
+                    if not ev.routes((target,), event):
+                        continue
+                    if superseded and not target.wants_token:
+                        result.superseded[target.name] = result.superseded.get(target.name, 0) + 1
+                        initial = "superseded"
+                    else:
+                        initial = "pending"
+                    conn.execute(
+                        _INSERT_DELIVERY,
+                        (seq, target.name, event.user_id, initial, now + target.first_delay, now),
+                    )
+        return AppendResult(result.stored, duplicates, stale, result.superseded)
+
+    async def quarantine(self, frame: BadFrame, now: float) -> None:
+        def insert(conn: sqlite3.Connection) -> None:
+            with self._tx(conn):
+                conn.execute(
+                    "INSERT INTO bad_frames (at, reason, text) VALUES (?, ?, ?)",
+                    (now, frame.reason, frame.text),
+                )
+
+        await self._run(insert)
+
+    # -- dispatch ---------------------------------------------------------------------------
+
+    async def claim(self, endpoint: str, now: float, limit: int) -> list[Claim]:
+        def claim(conn: sqlite3.Connection) -> list[Claim]:
+            with self._tx(conn):
+                rows = conn.execute(
+                    "UPDATE deliveries SET state = 'inflight', updated_at = ?1 WHERE id IN ("
+                    "SELECT id FROM deliveries WHERE state = 'pending' AND endpoint = ?2 "
+                    "AND next_at <= ?1 ORDER BY next_at, id LIMIT ?3) "
+                    "RETURNING id, event_seq, user_id, attempts, created_at",
+                    (now, endpoint, limit),
+                ).fetchall()
+                if not rows:
+                    return []
+                seqs = {row["event_seq"] for row in rows}
+                bodies = {
+                    e["seq"]: e
+                    for e in conn.execute(
+                        "SELECT seq, event_id, source, body, has_token FROM events "
+                        f"WHERE seq IN ({','.join('?' * len(seqs))})",
+                        tuple(seqs),
+                    )
+                }
+            claims = [
+                Claim(
+                    delivery_id=row["id"],
+                    endpoint=endpoint,
+                    event_id=bodies[row["event_seq"]]["event_id"],
+                    user_id=row["user_id"],
+                    attempts=row["attempts"],
+                    source=bodies[row["event_seq"]]["source"],
+                    body=bytes(bodies[row["event_seq"]]["body"]),
+                    has_token=bool(bodies[row["event_seq"]]["has_token"]),
+                    created_at=row["created_at"],
+                )
+                for row in rows
+            ]
+            claims.sort(key=lambda c: c.delivery_id)
+            return claims
+
+        return await self._run(claim)
+
+    async def next_due(self) -> float | None:
+        def query(conn: sqlite3.Connection) -> float | None:
+            row = conn.execute(
+                "SELECT MIN(next_at) FROM deliveries WHERE state = 'pending'"
+            ).fetchone()
+            return None if row[0] is None else float(row[0])
+
+        return await self._run(query)
+
+    async def record(self, outcomes: Sequence[Outcome], now: float) -> None:
+        await self._run(lambda c: self._record(c, outcomes, now))
+
+    def _record(self, conn: sqlite3.Connection, outcomes: Sequence[Outcome], now: float) -> None:
+        with self._tx(conn):
+            for out in outcomes:
+                attempt = out.attempt
+                if out.state == "released" or attempt is None:
+                    conn.execute(
+                        "UPDATE deliveries SET state = 'pending', next_at = ?, updated_at = ? "
+                        "WHERE id = ? AND state = 'inflight'",
+                        (out.next_at, now, out.delivery_id),
+                    )
+                    continue
+                row = conn.execute(
+                    "UPDATE deliveries SET state = ?, attempts = attempts + 1, next_at = ?, "
+                    "updated_at = ?, last_status = ?, last_error = ? WHERE id = ? "
+                    "RETURNING attempts, endpoint, user_id",
+                    (
+                        out.state,
+                        out.next_at,
+                        now,
+                        attempt.status,
+                        attempt.error,
+                        out.delivery_id,
+                    ),
+                ).fetchone()
+                if row is None:  # purged meanwhile
+                    continue
+                conn.execute(
+                    "INSERT OR REPLACE INTO attempts (delivery_id, n, at, status, latency, error, "
+                    "excerpt) VALUES (?,?,?,?,?,?,?)",
+                    (
+                        out.delivery_id,
+                        row["attempts"],
+                        attempt.at,
+                        attempt.status,
+                        attempt.latency,
+                        attempt.error,
+                        attempt.excerpt,
+                    ),
+                )
+                if out.state != "pending" and row["user_id"] is not None:
+                    self._promote(conn, row["endpoint"], row["user_id"], now)
+
+    @staticmethod
+    def _promote(conn: sqlite3.Connection, endpoint: str, user_id: str, now: float) -> None:
+        """Let the lane's next delivery go, unless one is already pending or in flight."""
+        conn.execute(
+            "UPDATE deliveries SET state = 'pending', next_at = MAX(next_at, ?1), updated_at = ?1 "
+            "WHERE id = (SELECT id FROM deliveries WHERE endpoint = ?2 AND user_id = ?3 "
+            "AND state = 'waiting' ORDER BY ord, id LIMIT 1) AND NOT EXISTS (SELECT 1 FROM "
+            "deliveries WHERE endpoint = ?2 AND user_id = ?3 AND state IN ('pending', 'inflight'))",
+            (now, endpoint, user_id),
+        )
+
+    # -- inspection and replay --------------------------------------------------------------
+
+    async def list_deliveries(
+        self,
+        *,
+        state: PublicState | None = None,
+        endpoint: str | None = None,
+        user_id: str | None = None,
+        limit: int = 50,
+        before: int | None = None,
+    ) -> list[DeliveryInfo]:
+        where, args = _filters(state, endpoint, user_id)
+        if before is not None:
+            where.append("d.id < ?")
+            args.append(before)
+        sql = (
+            f"SELECT {_DELIVERY_COLUMNS} FROM deliveries d JOIN events e ON e.seq = d.event_seq "
+            f"{'WHERE ' + ' AND '.join(where) if where else ''} ORDER BY d.id DESC LIMIT ?"
+        )
+        args.append(limit)
+        rows = await self._run(lambda c: c.execute(sql, args).fetchall())
+        return [_info(row) for row in rows]
+
+    async def get_delivery(self, delivery_id: int) -> DeliveryDetail | None:
+        def query(conn: sqlite3.Connection) -> DeliveryDetail | None:
+            row = conn.execute(
+                f"SELECT {_DELIVERY_COLUMNS}, e.body FROM deliveries d "
+                "JOIN events e ON e.seq = d.event_seq WHERE d.id = ?",
+                (delivery_id,),
+            ).fetchone()
+            if row is None:
+                return None
+            attempts = [
+                Attempt(a["at"], a["status"], a["latency"], a["error"], a["excerpt"])
+                for a in conn.execute(
+                    "SELECT at, status, latency, error, excerpt FROM attempts "
+                    "WHERE delivery_id = ? ORDER BY n",
+                    (delivery_id,),
+                )
+            ]
+            return DeliveryDetail(_info(row), _display_body(bytes(row["body"])), attempts)
+
+        return await self._run(query)
+
+    async def replay(
+        self,
+        *,
+        ids: Sequence[int] | None = None,
+        state: PublicState | None = None,
+        endpoint: str | None = None,
+        user_id: str | None = None,
+        now: float,
+    ) -> int:
+        def replay(conn: sqlite3.Connection) -> int:
+            where, args = _filters(state, endpoint, user_id)
+            where.append("d.state IN ('delivered', 'dead', 'superseded')")
+            if ids is not None:
+                if not ids:
+                    return 0
+                where.append(f"d.id IN ({','.join('?' * len(ids))})")
+                args.extend(ids)
+            with self._tx(conn):
+                rows = conn.execute(
+                    f"SELECT d.id, d.endpoint, d.user_id FROM deliveries d WHERE "
+                    f"{' AND '.join(where)} ORDER BY d.ord, d.id",
+                    args,
+                ).fetchall()
+                top = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0]
+                for row in rows:
+                    conn.execute(
+                        "UPDATE deliveries SET state = CASE WHEN ?3 IS NOT NULL AND EXISTS ("
+                        "SELECT 1 FROM deliveries WHERE endpoint = ?2 AND user_id = ?3 AND "
+                        "state IN ('waiting', 'pending', 'inflight')) THEN 'waiting' "
+                        "ELSE 'pending' END, attempts = 0, next_at = ?4, updated_at = ?4, "
+                        "ord = ?5 WHERE id = ?1",
+                        (row["id"], row["endpoint"], row["user_id"], now, top),
+                    )
+            return len(rows)
+
+        return await self._run(replay)
+
+    async def endpoint_stats(self) -> list[EndpointStats]:
+        def query(conn: sqlite3.Connection) -> list[EndpointStats]:
+            stats: dict[str, dict[str, Any]] = {}
+            for row in conn.execute(
+                "SELECT endpoint, CASE WHEN state IN ('waiting', 'pending', 'inflight') "
+                "THEN 'pending' ELSE state END AS s, COUNT(*) AS n, MIN(created_at) AS oldest "
+                "FROM deliveries GROUP BY endpoint, s"
+            ):
+                entry = stats.setdefault(row["endpoint"], {"endpoint": row["endpoint"]})
+                if row["s"] in ("pending", "dead", "delivered"):
+                    entry[row["s"]] = row["n"]
+                if row["s"] == "pending":
+                    entry["oldest_pending_at"] = row["oldest"]
+            for name, entry in stats.items():
+                ok = conn.execute(
+                    "SELECT MAX(updated_at) FROM deliveries WHERE endpoint = ? "
+                    "AND state = 'delivered'",
+                    (name,),
+                ).fetchone()[0]
+                failed = conn.execute(
+                    "SELECT updated_at, last_error, last_status FROM deliveries "
+                    "WHERE endpoint = ? AND (last_error IS NOT NULL OR last_status >= 300) "
+                    "ORDER BY updated_at DESC LIMIT 1",
+                    (name,),
+                ).fetchone()
+                entry["last_success_at"] = ok
+                if failed is not None:
+                    entry["last_failure_at"] = failed["updated_at"]
+                    entry["last_error"] = failed["last_error"] or f"HTTP {failed['last_status']}"
+            return [EndpointStats(**entry) for entry in stats.values()]
+
+        return await self._run(query)
+
+    # -- reconciliation ---------------------------------------------------------------------
+
+    async def user_states(self) -> dict[str, UserState]:
+        def query(conn: sqlite3.Connection) -> dict[str, UserState]:
+            return {
+                row["user_id"]: UserState(
+                    row["user_id"],
+                    row["status"],
+                    row["requirements"],
+                    row["event_id"],
+                    row["source"],
+                )
+                for row in conn.execute(
+                    "SELECT user_id, status, requirements, event_id, source FROM user_state"
+                )
+            }
+
+        return await self._run(query)
+
+    async def record_baseline(self, states: Sequence[UserState], now: float) -> int:
+        def insert(conn: sqlite3.Connection) -> int:
+            with self._tx(conn):
+                cur = conn.executemany(
+                    "INSERT OR IGNORE INTO user_state (user_id, status, requirements, event_id, "
+                    "source, updated_at) VALUES (?,?,?,?,?,?)",
+                    [
+                        (s.user_id, s.status, s.requirements, s.event_id, s.source, now)
+                        for s in states
+                    ],
+                )
+                return cur.rowcount
+
+        return await self._run(insert)
+
+    # -- retention --------------------------------------------------------------------------
+
+    async def purge(self, *, delivered_before: float, dead_before: float, batch: int) -> int:
+        def purge(conn: sqlite3.Connection) -> int:
+            with self._tx(conn):
+                ids = [
+                    row[0]
+                    for row in conn.execute(
+                        "SELECT id FROM deliveries WHERE (state IN ('delivered', 'superseded') "
+                        "AND updated_at < ?) OR (state = 'dead' AND updated_at < ?) LIMIT ?",
+                        (delivered_before, dead_before, batch),
+                    )
+                ]
+                if not ids:
+                    return 0
+                marks = ",".join("?" * len(ids))
+                seqs = [
+                    row[0]
+                    for row in conn.execute(
+                        f"SELECT DISTINCT event_seq FROM deliveries WHERE id IN ({marks})", ids
+                    )
+                ]
+                conn.execute(f"DELETE FROM attempts WHERE delivery_id IN ({marks})", ids)
+                conn.execute(f"DELETE FROM deliveries WHERE id IN ({marks})", ids)
+                conn.execute(
+                    f"DELETE FROM events WHERE seq IN ({','.join('?' * len(seqs))}) AND NOT "
+                    "EXISTS (SELECT 1 FROM deliveries d WHERE d.event_seq = events.seq)",
+                    seqs,
+                )
+                return len(ids)
+
+        return await self._run(purge)
