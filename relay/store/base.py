@@ -200,8 +200,8 @@ class Store(Protocol):
     async def claim(self, endpoint: str, now: float, limit: int) -> list[Claim]:
         """Mark up to ``limit`` due deliveries of one endpoint in flight and return them."""
 
-    async def next_due(self) -> float | None:
-        """When the earliest pending delivery becomes due (None when there is none)."""
+    async def next_due(self, endpoints: Sequence[str]) -> float | None:
+        """When the earliest pending delivery of these endpoints becomes due (None: none)."""
 
     async def record(self, outcomes: Sequence[Outcome], now: float) -> None:
         """Apply the dispatcher's verdicts in one commit, promoting each lane's next delivery."""

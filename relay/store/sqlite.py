@@ -452,12 +452,17 @@ class SQLiteStore:
 
         return await self._run(claim)
 
-    async def next_due(self) -> float | None:
+    async def next_due(self, endpoints: Sequence[str]) -> float | None:
         def query(conn: sqlite3.Connection) -> float | None:
-            row = conn.execute(
-                "SELECT MIN(next_at) FROM deliveries WHERE state = 'pending'"
-            ).fetchone()
-            return None if row[0] is None else float(row[0])
+            due = [
+                conn.execute(
+                    "SELECT MIN(next_at) FROM deliveries WHERE state = 'pending' AND endpoint = ?",
+                    (name,),
+                ).fetchone()[0]
+                for name in endpoints
+            ]
+            known = [float(d) for d in due if d is not None]
+            return min(known) if known else None
 
         return await self._run(query)
 
