@@ -25,6 +25,7 @@ _RESERVED = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
     "message",
     "asctime",
     "taskName",
+    "color_message",  # uvicorn's ANSI-coloured twin of msg
 }
 _PATTERNS = (
     # sFOX user tokens are long hex strings; event ids (evt_ + hex) are not secrets.
@@ -117,6 +118,6 @@ def setup_logging(
     handler._relay = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     root.setLevel(level.upper())
-    for noisy in ("websockets", "aiohttp", "httpx", "httpcore", "uvicorn.access", "asyncio"):
+    for noisy in ("websockets", "aiohttp", "httpx", "httpcore", "uvicorn", "asyncio"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
     return handler
