@@ -1,0 +1,222 @@
+"""The ``relay`` command: parses, builds, runs. The logic lives in the modules it calls.
+
+Exit codes: 0 clean, 2 configuration error (one line naming the variable), 1 anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
+
+from relay import __version__
+from relay.config import Settings, describe, load_settings, secret_values
+from relay.errors import ConfigError, RelayError, StoreError
+from relay.logs import Redactor, setup_logging
+
+__all__ = ["main"]
+
+
+def _settings(*, for_run: bool) -> Settings:
+    return load_settings(for_run=for_run)
+
+
+def _logging(settings: Settings) -> Redactor:
+    redactor = Redactor(secret_values(settings))
+    setup_logging(settings.log_level, settings.log_format, redactor)
+    return redactor
+
+
+def _run_until_signal(
+    make: Callable[[], Coroutine[Any, Any, int]], stop: Callable[[], None]
+) -> int:
+    """Run a coroutine; the first SIGTERM/SIGINT asks it to stop, a second exits at once."""
+
+    async def runner() -> int:
+        loop = asyncio.get_running_loop()
+        signals = {"count": 0}
+
+        def on_signal() -> None:
+            signals["count"] += 1
+            if signals["count"] > 1:
+                os._exit(1)  # committed data is safe: the store is durable
+            stop()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, on_signal)
+        return await make()
+
+    return asyncio.run(runner())
+
+
+# -- commands -------------------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from relay.app import Relay
+
+    settings = _settings(for_run=True)
+    _logging(settings)
+    relay = Relay(settings)
+
+    async def run() -> int:
+        await relay.run()
+        return 0
+
+    return _run_until_signal(run, relay.request_stop)
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    settings = _settings(for_run=True)
+    print(json.dumps(describe(settings), indent=2, sort_keys=False))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from relay.demo import run_demo
+
+    stop = asyncio.Event()
+    return _run_until_signal(
+        lambda: run_demo(events=args.events, keep_running=args.keep_running, stop=stop),
+        stop.set,
+    )
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from relay import simulator
+
+    task: dict[str, asyncio.Task[int]] = {}
+
+    async def run() -> int:
+        task["t"] = asyncio.current_task()  # type: ignore[assignment]
+        try:
+            return await simulator.run_from_args(args)
+        except asyncio.CancelledError:
+            return 0
+
+    def cancel() -> None:
+        task["t"].cancel()
+
+    return _run_until_signal(run, cancel)
+
+
+def _store_for_cli() -> tuple[Settings, Any]:
+    from relay.store import open_store
+
+    settings = _settings(for_run=False)
+    return settings, open_store(settings.store.get_secret_value())
+
+
+def cmd_deliveries(args: argparse.Namespace) -> int:
+    from relay import service
+
+    settings, store = _store_for_cli()
+
+    async def run() -> int:
+        await store.open(daemon=False)
+        try:
+            if args.action == "list":
+                page = await service.list_deliveries(
+                    store,
+                    state=args.state,
+                    endpoint=args.endpoint,
+                    user_id=args.user_id,
+                    limit=args.limit,
+                )
+                print(service.format_table(page.items))
+                if page.next_cursor:
+                    print(f"(more: --before {page.next_cursor})", file=sys.stderr)
+                return 0
+            if args.action == "show":
+                detail = await service.get_delivery(store, args.id)
+                if detail is None:
+                    print(f"relay: no delivery {args.id}", file=sys.stderr)
+                    return 1
+                print(json.dumps(service.detail_json(detail), indent=2))
+                return 0
+            count = await service.replay(
+                store,
+                ids=args.ids or None,
+                state=args.state,
+                endpoint=args.endpoint,
+                user_id=args.user_id,
+                now=time.time(),
+            )
+            print(f"re-queued {count} deliveries")
+            return 0
+        finally:
+            await store.close()
+
+    return asyncio.run(run())
+
+
+# -- parser ---------------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="relay",
+        description="Relay the sFOX users feed as signed webhooks, durably and in order.",
+    )
+    parser.add_argument("--version", action="version", version=f"sfox-relay {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sub.add_parser("run", help="the daemon: feed -> store -> deliveries").set_defaults(fn=cmd_run)
+    sub.add_parser("check", help="validate the configuration, print it masked").set_defaults(
+        fn=cmd_check
+    )
+
+    demo = sub.add_parser("demo", help="the whole pipeline on this machine, no credentials")
+    demo.add_argument("--events", type=int, default=60, help="feed messages to relay (60)")
+    demo.add_argument("--keep-running", action="store_true", help="keep relaying until Ctrl-C")
+    demo.set_defaults(fn=cmd_demo)
+
+    from relay import simulator
+
+    simulate = sub.add_parser("simulate", help="a standalone sFOX-compatible feed + REST server")
+    simulator.add_arguments(simulate)
+    simulate.set_defaults(fn=cmd_simulate)
+
+    deliveries = sub.add_parser("deliveries", help="inspect and replay the outbox")
+    actions = deliveries.add_subparsers(dest="action", required=True, metavar="ACTION")
+    filters = argparse.ArgumentParser(add_help=False)
+    filters.add_argument("--state", choices=["pending", "delivered", "dead", "superseded"])
+    filters.add_argument("--endpoint")
+    filters.add_argument("--user-id")
+    listing = actions.add_parser("list", parents=[filters], help="newest first")
+    listing.add_argument("--limit", type=int, default=50)
+    show = actions.add_parser("show", help="one delivery with its attempts")
+    show.add_argument("id")
+    replay = actions.add_parser("replay", parents=[filters], help="re-queue deliveries")
+    replay.add_argument("ids", nargs="*", help="delivery ids (else: every match of the filters)")
+    deliveries.set_defaults(fn=cmd_deliveries)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``relay`` console script and ``python -m relay``."""
+    args = _parser().parse_args(argv)
+    try:
+        code: int = args.fn(args)
+    except ConfigError as exc:
+        print(f"relay: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except StoreError as exc:
+        print(f"relay: {exc}", file=sys.stderr)
+        return 1
+    except RelayError as exc:
+        print(f"relay: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,259 @@
+"""Wires the pieces together and owns start-up and the phased shutdown.
+
+Data flows one way: feed -> :class:`Ingest` (events, store) -> dispatcher -> endpoints.
+Shutdown is phased like uvicorn's: stop reading the feed (what was received is committed),
+let in-flight deliveries finish within the grace period, release the rest without using an
+attempt, commit every verdict, close the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from relay import events
+from relay.admin import AdminServer, create_app
+from relay.config import Settings
+from relay.dispatch import Dispatcher
+from relay.errors import StoreUnavailableError
+from relay.events import BadFrame, Message, NewEvent
+from relay.feed import FeedClient, FeedOptions, FeedState
+from relay.metrics import Metrics
+from relay.store import Store, open_store
+from relay.store.base import Target
+from relay.transport import AiohttpSender, Sender
+
+__all__ = ["Ingest", "Relay", "targets_of"]
+
+log = logging.getLogger("relay.app")
+
+
+def targets_of(settings: Settings) -> list[Target]:
+    """What the store needs of each endpoint to fan an event out."""
+    return [
+        Target(
+            name=ep.name,
+            feeds=ep.feeds,
+            statuses=ep.statuses,
+            wants_token=ep.user_token != "strip",
+            first_delay=ep.retry_schedule[0],
+        )
+        for ep in settings.endpoints
+    ]
+
+
+@dataclass
+class Ingest:
+    """Commits what the feed (or reconciliation) produces; the feed waits while it works.
+
+    While the store is down this keeps retrying the batch in hand, so the feed stops
+    reading: nothing is received that cannot be stored.
+    """
+
+    store: Store
+    targets: Sequence[Target]
+    metrics: Metrics
+    seal_key: bytes | None
+    on_stored: Callable[[], None]
+    clock: Callable[[], float] = time.time
+    retry_delay: float = 1.0
+    store_ok: bool = True
+    _subscribed_hooks: list[Callable[[], None]] = field(default_factory=list)
+
+    async def on_messages(self, messages: list[Message]) -> None:
+        await self.append([events.prepare(m, seal_key=self.seal_key) for m in messages])
+
+    async def append(self, new: Sequence[NewEvent]) -> int:
+        """Store events (retrying while the store is down); returns how many were new."""
+        while True:
+            try:
+                result = await self.store.append(new, self.targets, self.clock())
+            except StoreUnavailableError as exc:
+                self.store_ok = False
+                log.error(
+                    "store unavailable; feed paused until it returns",
+                    extra={"event": "store.down", "error": str(exc)},
+                )
+                await asyncio.sleep(self.retry_delay)
+                continue
+            break
+        self.store_ok = True
+        self.metrics.events_stored.inc(len(result.stored))
+        self.metrics.events_duplicate.inc(result.duplicates)
+        for endpoint, count in result.superseded.items():
+            self.metrics.deliveries.labels(endpoint=endpoint, outcome="superseded").inc(count)
+        if result.stored:
+            self.on_stored()
+        return len(result.stored)
+
+    async def on_bad_frame(self, frame: BadFrame) -> None:
+        try:
+            await self.store.quarantine(frame, self.clock())
+        except StoreUnavailableError:
+            log.error(
+                "store unavailable; bad frame not quarantined",
+                extra={"event": "feed.bad_frame_lost", "reason": frame.reason},
+            )
+
+    async def on_subscribed(self) -> None:
+        for hook in self._subscribed_hooks:
+            hook()
+
+    def when_subscribed(self, hook: Callable[[], None]) -> None:
+        """Call ``hook`` after every (re)subscription (reconciliation listens here)."""
+        self._subscribed_hooks.append(hook)
+
+
+class Relay:
+    """``relay run``: feed -> store -> deliveries, plus the background loops."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        store: Store | None = None,
+        sender: Sender | None = None,
+        metrics: Metrics | None = None,
+        clock: Callable[[], float] = time.time,
+        feed_options: FeedOptions | None = None,
+        stats_interval: float = 5.0,
+    ) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.metrics = metrics or Metrics(clock)
+        self.store = store or open_store(settings.store.get_secret_value())
+        self.sender = sender or AiohttpSender()
+        seal_key = (
+            settings.token_key.get_secret_value()
+            if settings.token_key is not None and settings.needs_token_storage
+            else None
+        )
+        self.dispatcher = Dispatcher(
+            self.store,
+            settings.endpoints,
+            self.sender,
+            self.metrics,
+            seal_key=seal_key,
+            clock=clock,
+        )
+        self.ingest = Ingest(
+            self.store,
+            targets_of(settings),
+            self.metrics,
+            seal_key,
+            on_stored=self.dispatcher.wake,
+            clock=clock,
+        )
+        api_key = settings.api_key.get_secret_value() if settings.api_key else ""
+        self.feed = FeedClient(
+            feed_options
+            or FeedOptions(
+                url=settings.ws_url,
+                api_key=api_key,
+                feeds=settings.feeds,
+                replicas=settings.replicas,
+            ),
+            self.ingest,
+            self.metrics,
+        )
+        self._stats_interval = stats_interval
+        self.admin = AdminServer(
+            create_app(
+                store=self.store,
+                settings=settings,
+                metrics=self.metrics,
+                readiness=lambda: self.ready,
+                feed_state=lambda: str(self.feed.state),
+                in_flight=lambda: self.dispatcher.in_flight,
+                on_replay=self.dispatcher.wake,
+                clock=clock,
+            ),
+            settings.admin_host,
+            settings.admin_port,
+        )
+        self._stop = asyncio.Event()
+        self.started = asyncio.Event()
+
+    @property
+    def ready(self) -> dict[str, bool]:
+        """Readiness checks: the feed is subscribed and the store is writable."""
+        return {
+            "feed": self.feed.state == FeedState.SUBSCRIBED,
+            "store": self.ingest.store_ok and self.dispatcher.store_ok,
+        }
+
+    def request_stop(self) -> None:
+        """Begin the phased shutdown (SIGTERM/SIGINT)."""
+        self._stop.set()
+
+    async def run(self) -> None:
+        """Run until :meth:`request_stop`, then shut down in phases."""
+        await self.store.open(daemon=True)
+        try:
+            await self.admin.start()
+            try:
+                await self._serve()
+            finally:
+                await self.admin.stop()
+        finally:
+            await self.sender.close()
+            await self.store.close()
+
+    async def _serve(self) -> None:
+        feed = asyncio.create_task(self.feed.run(), name="relay-feed")
+        dispatch = asyncio.create_task(self.dispatcher.run(), name="relay-dispatch")
+        stats = asyncio.create_task(self._stats_loop(), name="relay-stats")
+        log.info(
+            "relay started",
+            extra={
+                "event": "relay.started",
+                "store": self.store.display,
+                "endpoints": [ep.name for ep in self.settings.endpoints],
+                "feeds": list(self.settings.feeds),
+            },
+        )
+        self.started.set()
+        stop = asyncio.create_task(self._stop.wait())
+        done, _ = await asyncio.wait({feed, dispatch, stop}, return_when=asyncio.FIRST_COMPLETED)
+        for task in done - {stop}:
+            task.result()  # a crashed component ends the run with its exception
+        log.info("shutting down", extra={"event": "relay.stopping"})
+        await self.admin.stop()
+        await self.feed.stop()
+        with contextlib.suppress(asyncio.CancelledError):
+            await feed
+        await self.dispatcher.shutdown(self.settings.shutdown_grace)
+        await dispatch
+        stats.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await stats
+        stop.cancel()
+        log.info("relay stopped", extra={"event": "relay.stopped"})
+
+    async def _stats_loop(self) -> None:
+        known = {ep.name for ep in self.settings.endpoints}
+        while True:
+            try:
+                await self.store.check_writable()
+                stats = await self.store.endpoint_stats()
+                self.ingest.store_ok = True
+            except StoreUnavailableError:
+                self.ingest.store_ok = False
+                await asyncio.sleep(self._stats_interval)
+                continue
+            now = self.clock()
+            seen = set()
+            for s in stats:
+                seen.add(s.endpoint)
+                self.metrics.outbox_pending.labels(endpoint=s.endpoint).set(s.pending)
+                age = now - s.oldest_pending_at if s.oldest_pending_at is not None else 0.0
+                self.metrics.outbox_oldest_age.labels(endpoint=s.endpoint).set(max(0.0, age))
+            for idle in known - seen:
+                self.metrics.outbox_pending.labels(endpoint=idle).set(0)
+                self.metrics.outbox_oldest_age.labels(endpoint=idle).set(0)
+            known = seen | {ep.name for ep in self.settings.endpoints}
+            await asyncio.sleep(self._stats_interval)

@@ -1,0 +1,289 @@
+"""The dispatcher: claims due deliveries, POSTs them signed, records the verdicts.
+
+One claim loop hands each claimed delivery to its own task (bounded per endpoint by
+``max_in_flight``); one recorder commits the verdicts in groups and wakes the claim loop, since
+finishing a delivery may release the next one of its (endpoint, user_id) lane. The store owns
+all state: a restart resumes from it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+from relay import __version__, retry, signing, tokens
+from relay.config import EndpointConfig
+from relay.errors import StoreUnavailableError
+from relay.metrics import Metrics
+from relay.store.base import Attempt, Claim, Outcome, Store
+from relay.transport import Sender, SendResult
+
+__all__ = ["Dispatcher", "build_request"]
+
+log = logging.getLogger("relay.dispatch")
+
+_USER_AGENT = f"sfox-relay/{__version__}"
+
+
+@dataclass(frozen=True, slots=True)
+class _Request:
+    body: bytes
+    headers: dict[str, str]
+
+
+def build_request(
+    endpoint: EndpointConfig,
+    claim: Claim,
+    *,
+    seal_key: bytes | None,
+    now: float,
+) -> _Request:
+    """The exact bytes and headers of one attempt: the bytes sent are the bytes signed."""
+    token_key = endpoint.token_key.get_secret_value() if endpoint.token_key else None
+    body = tokens.render(
+        claim.body,
+        endpoint.user_token,
+        has_token=claim.has_token,
+        seal_key=seal_key,
+        endpoint_key=token_key,
+        webhook_id=claim.event_id,
+        now=now,
+    )
+    timestamp = int(now)
+    headers = {name: value.get_secret_value() for name, value in endpoint.headers.items()}
+    headers.update(
+        {
+            "content-type": "application/json",
+            "user-agent": _USER_AGENT,
+            "webhook-id": claim.event_id,
+            "webhook-timestamp": str(timestamp),
+            "relay-source": claim.source,
+        }
+    )
+    keys = endpoint.signing_keys
+    if keys:
+        headers["webhook-signature"] = signing.sign(keys, claim.event_id, timestamp, body)
+    return _Request(body, headers)
+
+
+class Dispatcher:
+    """Delivers what the store says is due, to every endpoint, without one waiting on another."""
+
+    def __init__(
+        self,
+        store: Store,
+        endpoints: Sequence[EndpointConfig],
+        sender: Sender,
+        metrics: Metrics,
+        *,
+        seal_key: bytes | None = None,
+        clock: Callable[[], float] = time.time,
+        rand: Callable[[], float] = random.random,
+        page: int = 256,
+        idle_poll: float = 5.0,
+        store_retry: float = 1.0,
+    ) -> None:
+        self._store = store
+        self._endpoints: Mapping[str, EndpointConfig] = {ep.name: ep for ep in endpoints}
+        self._sender = sender
+        self._metrics = metrics
+        self._seal_key = seal_key
+        self._clock = clock
+        self._rand = rand
+        self._page = page
+        self._idle_poll = idle_poll
+        self._store_retry = store_retry
+        self._inflight: dict[str, int] = dict.fromkeys(self._endpoints, 0)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._outcomes: list[Outcome] = []
+        self._wake = asyncio.Event()
+        self._outcome_ready = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._closing = False
+        self.store_ok = True
+
+    @property
+    def in_flight(self) -> int:
+        """Deliveries being sent right now."""
+        return len(self._tasks)
+
+    def wake(self) -> None:
+        """New work may be due (new events, finished deliveries, replays)."""
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Claim and deliver until :meth:`shutdown`; return once every verdict is committed."""
+        recorder = asyncio.create_task(self._record_loop(), name="relay-recorder")
+        try:
+            await self._claim_loop()
+            if self._tasks:
+                await asyncio.wait(set(self._tasks))
+        finally:
+            self._closing = True
+            self._outcome_ready.set()
+            await recorder
+
+    async def shutdown(self, grace: float) -> None:
+        """Stop claiming; give in-flight deliveries ``grace`` seconds, then release the rest.
+
+        A released delivery goes back to pending without using up an attempt.
+        """
+        self._stopping.set()
+        self._wake.set()
+        if self._tasks:
+            _, late = await asyncio.wait(set(self._tasks), timeout=grace)
+            for task in late:
+                task.cancel()
+            if late:
+                await asyncio.wait(late)
+                log.warning(
+                    "shutdown grace ran out; deliveries released",
+                    extra={"event": "dispatch.released", "count": len(late)},
+                )
+
+    # -- claiming ---------------------------------------------------------------------------
+
+    async def _claim_loop(self) -> None:
+        while not self._stopping.is_set():
+            self._wake.clear()
+            try:
+                more = await self._claim_round()
+                idle = [n for n, ep in self._endpoints.items() if self._free(ep) > 0]
+                next_due = await self._store.next_due(idle) if idle and not more else None
+                self.store_ok = True
+            except StoreUnavailableError as exc:
+                self.store_ok = False
+                log.error(
+                    "store unavailable; deliveries paused",
+                    extra={"event": "dispatch.store_down", "error": str(exc)},
+                )
+                await self._sleep_or_wake(self._store_retry)
+                continue
+            if more:
+                continue
+            timeout = self._idle_poll
+            if next_due is not None:
+                timeout = min(timeout, max(0.0, next_due - self._clock()))
+            await self._sleep_or_wake(timeout)
+
+    async def _sleep_or_wake(self, timeout: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), timeout)
+
+    def _free(self, endpoint: EndpointConfig) -> int:
+        return endpoint.max_in_flight - self._inflight[endpoint.name]
+
+    async def _claim_round(self) -> bool:
+        """Claim for every endpoint with room; True if some endpoint may have more due now."""
+        more = False
+        for name, endpoint in self._endpoints.items():
+            want = min(self._free(endpoint), self._page)
+            if want <= 0 or self._stopping.is_set():
+                continue
+            claims = await self._store.claim(name, self._clock(), want)
+            for claim in claims:
+                self._start(endpoint, claim)
+            more = more or len(claims) == want
+        return more
+
+    def _start(self, endpoint: EndpointConfig, claim: Claim) -> None:
+        self._inflight[endpoint.name] += 1
+        task = asyncio.create_task(self._deliver(endpoint, claim))
+        self._tasks.add(task)
+        task.add_done_callback(lambda t: self._finished(endpoint.name, t))
+
+    def _finished(self, name: str, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._inflight[name] -= 1
+        self._wake.set()
+
+    # -- delivering -------------------------------------------------------------------------
+
+    async def _deliver(self, endpoint: EndpointConfig, claim: Claim) -> None:
+        attempt_no = claim.attempts + 1
+        try:
+            request = build_request(endpoint, claim, seal_key=self._seal_key, now=self._clock())
+            result = await self._sender.post(
+                endpoint.url.get_secret_value(), request.body, request.headers, endpoint.timeout
+            )
+        except asyncio.CancelledError:
+            self._push(Outcome(claim.delivery_id, "released", self._clock(), None))
+            raise
+        except Exception as exc:  # a bug in rendering must not lose the delivery
+            log.exception(
+                "delivery could not be attempted",
+                extra={"event": "dispatch.error", "endpoint": endpoint.name},
+            )
+            result = SendResult(None, 0.0, error=f"internal error: {type(exc).__name__}")
+        now = self._clock()
+        decision = retry.decide(
+            status=result.status,
+            attempt=attempt_no,
+            schedule=endpoint.retry_schedule,
+            now=now,
+            retry_after=result.retry_after,
+            rand=self._rand,
+        )
+        attempt = Attempt(
+            now - result.latency, result.status, result.latency, result.error, result.excerpt
+        )
+        self._push(Outcome(claim.delivery_id, decision.state, decision.next_at, attempt))
+        outcome = {"delivered": "success", "pending": "retry", "dead": "dead"}[decision.state]
+        self._metrics.deliveries.labels(endpoint=endpoint.name, outcome=outcome).inc()
+        self._metrics.delivery_duration.labels(endpoint=endpoint.name).observe(result.latency)
+        fields = {
+            "event": f"delivery.{outcome}",
+            "event_id": claim.event_id,
+            "user_id": claim.user_id,
+            "endpoint": endpoint.name,
+            "attempt": attempt_no,
+            "status": result.status,
+            "latency_ms": round(result.latency * 1000, 1),
+        }
+        if decision.state == "delivered":
+            log.debug("delivered", extra=fields)
+        elif decision.state == "pending":
+            fields["error"] = result.error
+            fields["retry_in_s"] = round(decision.next_at - now, 1)
+            log.info("delivery failed; will retry", extra=fields)
+        else:
+            fields["error"] = result.error
+            fields["reason"] = decision.reason
+            log.warning("delivery dead", extra=fields)
+
+    def _push(self, outcome: Outcome) -> None:
+        self._outcomes.append(outcome)
+        self._outcome_ready.set()
+
+    # -- recording --------------------------------------------------------------------------
+
+    async def _record_loop(self) -> None:
+        while True:
+            await self._outcome_ready.wait()
+            self._outcome_ready.clear()
+            await self._flush()
+            if self._closing and not self._outcomes:
+                return
+
+    async def _flush(self) -> None:
+        while self._outcomes:
+            batch = self._outcomes
+            self._outcomes = []
+            while True:
+                try:
+                    await self._store.record(batch, self._clock())
+                    self.store_ok = True
+                    break
+                except StoreUnavailableError as exc:
+                    self.store_ok = False
+                    log.error(
+                        "store unavailable; holding delivery results",
+                        extra={"event": "dispatch.store_down", "error": str(exc)},
+                    )
+                    await asyncio.sleep(self._store_retry)
+            self._wake.set()

@@ -1,0 +1,169 @@
+"""One service layer under the CLI (`relay deliveries`) and the admin API (`/api/*`).
+
+Both present the same records, with the same filters and paging, and neither shows a secret:
+endpoints by name, bodies with the user token at most as ``[sealed]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from relay.config import Settings
+from relay.store.base import (
+    DeliveryDetail,
+    DeliveryInfo,
+    EndpointStats,
+    PublicState,
+    Store,
+    parse_delivery_id,
+)
+
+__all__ = [
+    "Page",
+    "detail_json",
+    "endpoints",
+    "format_table",
+    "get_delivery",
+    "info_json",
+    "list_deliveries",
+    "replay",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    """One page of deliveries, newest first; pass ``next_cursor`` as ``before`` for more."""
+
+    items: list[DeliveryInfo]
+    next_cursor: str | None
+
+
+async def list_deliveries(
+    store: Store,
+    *,
+    state: PublicState | None = None,
+    endpoint: str | None = None,
+    user_id: str | None = None,
+    limit: int = 50,
+    before: str | None = None,
+) -> Page:
+    """A page of deliveries matching the filters."""
+    limit = max(1, min(limit, 500))
+    cursor = parse_delivery_id(before) if before else None
+    items = await store.list_deliveries(
+        state=state, endpoint=endpoint, user_id=user_id, limit=limit + 1, before=cursor
+    )
+    more = len(items) > limit
+    items = items[:limit]
+    return Page(items, items[-1].id if more and items else None)
+
+
+async def get_delivery(store: Store, delivery_id: str) -> DeliveryDetail | None:
+    """One delivery with its attempts, or None for an unknown (or malformed) id."""
+    number = parse_delivery_id(delivery_id)
+    return None if number is None else await store.get_delivery(number)
+
+
+async def replay(
+    store: Store,
+    *,
+    ids: Sequence[str] | None = None,
+    state: PublicState | None = None,
+    endpoint: str | None = None,
+    user_id: str | None = None,
+    now: float,
+) -> int:
+    """Re-queue finished deliveries; unknown ids are ignored. Returns how many."""
+    numbers = None
+    if ids is not None:
+        numbers = [n for n in (parse_delivery_id(i) for i in ids) if n is not None]
+    return await store.replay(ids=numbers, state=state, endpoint=endpoint, user_id=user_id, now=now)
+
+
+async def endpoints(store: Store, settings: Settings) -> list[dict[str, Any]]:
+    """Every configured endpoint, and every removed one that still has work in the store."""
+    stats = {s.endpoint: s for s in await store.endpoint_stats()}
+    listed: list[dict[str, Any]] = []
+    for ep in settings.endpoints:
+        s = stats.pop(ep.name, EndpointStats(ep.name))
+        listed.append(
+            {
+                "name": ep.name,
+                "url": ep.display_url,
+                "configured": True,
+                "user_token": ep.user_token,
+                "signed": bool(ep.secrets),
+                "max_in_flight": ep.max_in_flight,
+                **_stats_json(s),
+            }
+        )
+    for name, s in sorted(stats.items()):
+        listed.append({"name": name, "url": None, "configured": False, **_stats_json(s)})
+    return listed
+
+
+def _iso(ts: float | None) -> str | None:
+    return None if ts is None else datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")
+
+
+def _stats_json(s: EndpointStats) -> dict[str, Any]:
+    return {
+        "pending": s.pending,
+        "dead": s.dead,
+        "delivered": s.delivered,
+        "oldest_pending_at": _iso(s.oldest_pending_at),
+        "last_success_at": _iso(s.last_success_at),
+        "last_failure_at": _iso(s.last_failure_at),
+        "last_error": s.last_error,
+    }
+
+
+def info_json(info: DeliveryInfo) -> dict[str, Any]:
+    """A delivery as JSON, with ISO-8601 times."""
+    data = asdict(info)
+    for key in ("next_attempt_at", "created_at", "updated_at"):
+        data[key] = _iso(data[key])
+    return data
+
+
+def detail_json(detail: DeliveryDetail) -> dict[str, Any]:
+    """A delivery, its event body and its attempts as JSON."""
+    return {
+        **info_json(detail.info),
+        "body": detail.body,
+        "attempt_log": [
+            {
+                "at": _iso(a.at),
+                "status": a.status,
+                "latency_ms": round(a.latency * 1000, 1),
+                "error": a.error,
+                "response_excerpt": a.excerpt,
+            }
+            for a in detail.attempts
+        ],
+    }
+
+
+def format_table(items: Sequence[DeliveryInfo]) -> str:
+    """A plain-text table for the terminal."""
+    header = ("ID", "STATE", "ENDPOINT", "USER", "STATUS", "TRIES", "LAST", "CREATED")
+    rows = [
+        (
+            i.id,
+            i.state,
+            i.endpoint,
+            i.user_id or "-",
+            i.status or "-",
+            str(i.attempts),
+            str(i.last_status) if i.last_status else (i.last_error or "-")[:30],
+            _iso(i.created_at) or "-",
+        )
+        for i in items
+    ]
+    widths = [max(len(r[n]) for r in [header, *rows]) for n in range(len(header))]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in [header, *rows]
+    )
