@@ -1,0 +1,253 @@
+"""The SQLite outbox: the shared store contract, plus what only a file-backed store has."""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from relay.errors import StoreLockedError, StoreSchemaError, StoreUnavailableError
+from relay.store.base import Store
+from relay.store.sqlite import MIGRATIONS, SQLiteStore
+
+# The suite's plain asserts explain their failures too (it is imported, not collected).
+pytest.register_assert_rewrite("store_suite")
+
+from store_suite import (  # noqa: E402
+    CRM,
+    SEAL_KEY,
+    TOKEN,
+    USER_A,
+    VAULT,
+    Reopen,
+    StoreContract,
+    bad_frame,
+    token_event,
+    user_event,
+    user_frame,
+)
+
+NOW = 1_717_005_400.0
+
+
+class _Opened:
+    """The store a test uses: ``reopen`` replaces it, teardown closes whichever is current."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.current: SQLiteStore | None = None
+
+    async def open(self) -> SQLiteStore:
+        store = SQLiteStore(self.path)
+        await store.open(daemon=True)
+        self.current = store
+        return store
+
+    async def reopen(self) -> Store:
+        await self.close()
+        return await self.open()
+
+    async def close(self) -> None:
+        if self.current is not None:
+            store, self.current = self.current, None
+            await store.close()
+
+
+@pytest_asyncio.fixture
+async def opened(tmp_path: Path) -> AsyncIterator[_Opened]:
+    holder = _Opened(tmp_path / "relay.db")
+    yield holder
+    await holder.close()
+
+
+@pytest_asyncio.fixture
+async def store(opened: _Opened) -> SQLiteStore:
+    """A fresh SQLite store opened as the daemon opens it; closed after the test."""
+    return await opened.open()
+
+
+@pytest.fixture
+def reopen(opened: _Opened) -> Reopen:
+    return opened.reopen
+
+
+class TestSQLiteStore(StoreContract):
+    """Every guarantee of the Store Protocol, on SQLite."""
+
+
+@contextlib.asynccontextmanager
+async def open_store(path: Path, *, daemon: bool, **options: float) -> AsyncIterator[SQLiteStore]:
+    store = SQLiteStore(path, **options)
+    await store.open(daemon=daemon)
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+async def expect_open_error(path: Path, error: type[Exception], *, daemon: bool = True) -> str:
+    store = SQLiteStore(path)
+    try:
+        with pytest.raises(error) as caught:
+            await store.open(daemon=daemon)
+    finally:
+        await store.close()
+    return str(caught.value)
+
+
+def file_bytes(directory: Path) -> bytes:
+    """Everything SQLite keeps on disk for the store: main file, WAL and shared memory."""
+    return b"".join(p.read_bytes() for p in sorted(directory.glob("relay.db*")) if p.is_file())
+
+
+# -- one daemon per file ----------------------------------------------------------------------
+
+
+async def test_second_daemon_open_raises_store_locked(store: SQLiteStore, tmp_path: Path) -> None:
+    message = await expect_open_error(tmp_path / "relay.db", StoreLockedError)
+
+    assert "relay.db.lock" in message
+    await store.check_writable()  # the first daemon is unaffected
+
+
+async def test_daemon_lock_is_released_on_close(tmp_path: Path) -> None:
+    path = tmp_path / "relay.db"
+    async with open_store(path, daemon=True):
+        pass
+
+    async with open_store(path, daemon=True) as again:
+        await again.check_writable()
+
+
+async def test_non_daemon_open_beside_a_daemon_reads_and_leaves_its_claims(
+    store: SQLiteStore, tmp_path: Path
+) -> None:
+    event = user_event(USER_A, 1)
+    await store.append([event], [CRM], NOW)
+    assert len(await store.claim("crm", NOW, 10)) == 1
+
+    async with open_store(tmp_path / "relay.db", daemon=False) as cli:
+        [info] = await cli.list_deliveries()
+        assert info.event_id == event.event_id
+        assert await cli.replay(state="dead", now=NOW) == 0
+
+    assert await store.claim("crm", NOW + 3600, 10) == []  # still in flight for the daemon
+
+
+# -- schema -----------------------------------------------------------------------------------
+
+
+async def test_fresh_store_records_its_schema_version(store: SQLiteStore, tmp_path: Path) -> None:
+    with contextlib.closing(sqlite3.connect(tmp_path / "relay.db")) as conn:
+        row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+
+    assert row == (str(len(MIGRATIONS)),)
+
+
+async def test_newer_schema_version_raises_schema_error(tmp_path: Path) -> None:
+    path = tmp_path / "relay.db"
+    async with open_store(path, daemon=True):
+        pass
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.execute(
+            "UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(len(MIGRATIONS) + 1),)
+        )
+        conn.commit()
+
+    # Twice as the daemon: a failed open must not keep the lock (no StoreLockedError).
+    for daemon in (True, True, False):
+        message = await expect_open_error(path, StoreSchemaError, daemon=daemon)
+        assert "upgrade" in message
+
+
+# -- store unavailable ------------------------------------------------------------------------
+
+
+async def test_open_where_the_directory_is_a_file_raises_unavailable(tmp_path: Path) -> None:
+    # Root ignores file modes, so a read-only directory cannot be simulated by chmod here;
+    # a regular file where the store's directory should be fails the same way for everyone.
+    blocker = tmp_path / "data"
+    blocker.write_text("not a directory")
+
+    for daemon in (True, False):
+        await expect_open_error(blocker / "relay.db", StoreUnavailableError, daemon=daemon)
+
+
+async def test_writes_raise_unavailable_while_the_file_cannot_be_written(tmp_path: Path) -> None:
+    path = tmp_path / "relay.db"
+    async with open_store(path, daemon=True, busy_timeout=0.05) as store:
+        blocker = sqlite3.connect(path, isolation_level=None)
+        try:
+            blocker.execute("BEGIN IMMEDIATE")
+            with pytest.raises(StoreUnavailableError):
+                await store.check_writable()
+            with pytest.raises(StoreUnavailableError):
+                await store.append([user_event(USER_A, 1)], [], NOW)
+            assert await store.list_deliveries() == []  # reads still work
+        finally:
+            blocker.rollback()
+            blocker.close()
+
+        await store.check_writable()  # the store is back
+        result = await store.append([user_event(USER_A, 1)], [], NOW)
+        assert (len(result.stored), result.duplicates) == (1, 0)  # the failed one rolled back
+
+
+@pytest.mark.xfail(
+    reason="BUG: SQLiteStore._open takes the daemon lock, then a failing sqlite3.connect raises "
+    "StoreUnavailableError without releasing it; retrying open then raises StoreLockedError",
+    strict=True,
+)
+async def test_failed_open_releases_the_daemon_lock(tmp_path: Path) -> None:
+    path = tmp_path / "relay.db"
+    path.mkdir()  # something in the way: SQLite cannot open a directory
+    store = SQLiteStore(path)
+    try:
+        with pytest.raises(StoreUnavailableError):
+            await store.open(daemon=True)
+        path.rmdir()  # the problem is fixed; the relay retries
+
+        await store.open(daemon=True)
+        await store.check_writable()
+    finally:
+        await store.close()
+
+
+# -- secrets on disk --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seal_key", [None, SEAL_KEY], ids=["stripped", "sealed"])
+async def test_user_token_never_reaches_the_file_in_plaintext(
+    tmp_path: Path, seal_key: bytes | None
+) -> None:
+    path = tmp_path / "relay.db"
+    events = [token_event(USER_A, n, seal_key=seal_key) for n in (1, 2)]
+    async with open_store(path, daemon=True) as store:
+        await store.append(events, [CRM, VAULT], NOW)
+        await store.quarantine(bad_frame(), NOW)
+        claims = await store.claim("vault", NOW, 10)
+        live = file_bytes(tmp_path)  # WAL not yet checkpointed
+        assert claims
+
+    at_rest = file_bytes(tmp_path)
+    for data in (live, at_rest):
+        assert USER_A.encode() in data  # we are reading the right files
+        assert TOKEN.encode() not in data
+        assert TOKEN[:16].encode() not in data
+    assert user_frame(USER_A, 1, token=True).encode() not in at_rest
+
+
+async def test_quarantined_frame_is_kept_redacted(store: SQLiteStore, tmp_path: Path) -> None:
+    frame = bad_frame()
+
+    await store.quarantine(frame, NOW)
+
+    with contextlib.closing(sqlite3.connect(tmp_path / "relay.db")) as conn:
+        rows = conn.execute("SELECT at, reason, text FROM bad_frames").fetchall()
+    assert rows == [(NOW, frame.reason, frame.text)]
+    assert "[redacted]" in rows[0][2]
+    assert TOKEN not in rows[0][2]
