@@ -758,11 +758,6 @@ class StoreContract:
         await store.record([delivered(second, now + 3)], now + 3)
         assert (await claim_one(store, "crm", now + 3)).event_id == a1.event_id
 
-    @pytest.mark.xfail(
-        reason="BUG: SQLiteStore.replay gives the replayed delivery ord = MAX(events.seq), equal "
-        "to the lane's latest delivery; the tie breaks by id, so the replayed one goes first",
-        strict=True,
-    )
     async def test_replayed_delivery_goes_after_later_deliveries_of_its_lane(
         self, store: Store, now: float
     ) -> None:
@@ -786,11 +781,6 @@ class StoreContract:
 
         assert seen == [a3.event_id, a1.event_id]
 
-    @pytest.mark.xfail(
-        reason="BUG: replay resets attempts to 0 but keeps the attempts rows; the next attempt "
-        "is written as n=1 with INSERT OR REPLACE over the first old one, out of order",
-        strict=True,
-    )
     async def test_attempts_after_a_replay_are_listed_after_the_earlier_ones(
         self, store: Store, now: float
     ) -> None:
@@ -991,11 +981,6 @@ class StoreContract:
         assert vault.oldest_pending_at == now + 0.5
         assert (vault.last_success_at, vault.last_error) == (None, None)
 
-    @pytest.mark.xfail(
-        reason="BUG: SQLiteStore.endpoint_stats takes last_failure_at from deliveries.updated_at, "
-        "which a later claim (or release) of the failed delivery moves forward",
-        strict=True,
-    )
     async def test_endpoint_stats_time_the_last_failure_when_it_happened(
         self, store: Store, now: float
     ) -> None:

@@ -197,11 +197,6 @@ async def test_writes_raise_unavailable_while_the_file_cannot_be_written(tmp_pat
         assert (len(result.stored), result.duplicates) == (1, 0)  # the failed one rolled back
 
 
-@pytest.mark.xfail(
-    reason="BUG: SQLiteStore._open takes the daemon lock, then a failing sqlite3.connect raises "
-    "StoreUnavailableError without releasing it; retrying open then raises StoreLockedError",
-    strict=True,
-)
 async def test_failed_open_releases_the_daemon_lock(tmp_path: Path) -> None:
     path = tmp_path / "relay.db"
     path.mkdir()  # something in the way: SQLite cannot open a directory

@@ -186,6 +186,7 @@ class SQLiteStore:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relay-sqlite")
         self._conn: sqlite3.Connection | None = None
         self._lock_fd: int | None = None
+        self._closed = False
 
     # -- plumbing ---------------------------------------------------------------------------
 
@@ -237,8 +238,10 @@ class SQLiteStore:
                 self.path, timeout=self._busy_timeout, isolation_level=None, check_same_thread=False
             )
         except OSError as exc:
+            self._close()
             raise StoreUnavailableError(f"{self.display}: {exc.strerror or exc}") from exc
         except sqlite3.Error as exc:
+            self._close()
             raise StoreUnavailableError(f"{self.display}: {exc}") from exc
         conn.row_factory = sqlite3.Row
         self._conn = conn
@@ -291,6 +294,9 @@ class SQLiteStore:
                 )
 
     async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._executor, self._close)
         self._executor.shutdown(wait=True)
@@ -496,11 +502,11 @@ class SQLiteStore:
                 if row is None:  # purged meanwhile
                     continue
                 conn.execute(
-                    "INSERT OR REPLACE INTO attempts (delivery_id, n, at, status, latency, error, "
-                    "excerpt) VALUES (?,?,?,?,?,?,?)",
+                    "INSERT INTO attempts (delivery_id, n, at, status, latency, error, excerpt) "
+                    "VALUES (?1, (SELECT COALESCE(MAX(n), 0) + 1 FROM attempts "
+                    "WHERE delivery_id = ?1), ?2, ?3, ?4, ?5, ?6)",
                     (
                         out.delivery_id,
-                        row["attempts"],
                         attempt.at,
                         attempt.status,
                         attempt.latency,
@@ -589,15 +595,24 @@ class SQLiteStore:
                     f"{' AND '.join(where)} ORDER BY d.ord, d.id",
                     args,
                 ).fetchall()
-                top = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0]
-                for row in rows:
+                # Replayed deliveries go after everything stored so far: they take fresh
+                # positions from the events' own sequence, which later events continue.
+                top = conn.execute(
+                    "SELECT COALESCE(MAX(seq), 0) FROM sqlite_sequence WHERE name = 'events'"
+                ).fetchone()[0]
+                for position, row in enumerate(rows, start=top + 1):
                     conn.execute(
                         "UPDATE deliveries SET state = CASE WHEN ?3 IS NOT NULL AND EXISTS ("
                         "SELECT 1 FROM deliveries WHERE endpoint = ?2 AND user_id = ?3 AND "
                         "state IN ('waiting', 'pending', 'inflight')) THEN 'waiting' "
                         "ELSE 'pending' END, attempts = 0, next_at = ?4, updated_at = ?4, "
                         "ord = ?5 WHERE id = ?1",
-                        (row["id"], row["endpoint"], row["user_id"], now, top),
+                        (row["id"], row["endpoint"], row["user_id"], now, position),
+                    )
+                if rows:
+                    conn.execute(
+                        "UPDATE sqlite_sequence SET seq = ? WHERE name = 'events'",
+                        (top + len(rows),),
                     )
             return len(rows)
 
@@ -623,15 +638,15 @@ class SQLiteStore:
                     (name,),
                 ).fetchone()[0]
                 failed = conn.execute(
-                    "SELECT updated_at, last_error, last_status FROM deliveries "
-                    "WHERE endpoint = ? AND (last_error IS NOT NULL OR last_status >= 300) "
-                    "ORDER BY updated_at DESC LIMIT 1",
+                    "SELECT a.at, a.error, a.status FROM attempts a JOIN deliveries d "
+                    "ON d.id = a.delivery_id WHERE d.endpoint = ? AND (a.status IS NULL "
+                    "OR a.status < 200 OR a.status >= 300) ORDER BY a.at DESC LIMIT 1",
                     (name,),
                 ).fetchone()
                 entry["last_success_at"] = ok
                 if failed is not None:
-                    entry["last_failure_at"] = failed["updated_at"]
-                    entry["last_error"] = failed["last_error"] or f"HTTP {failed['last_status']}"
+                    entry["last_failure_at"] = failed["at"]
+                    entry["last_error"] = failed["error"] or f"HTTP {failed['status']}"
             return [EndpointStats(**entry) for entry in stats.values()]
 
         return await self._run(query)
