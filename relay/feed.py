@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, ConnectionClosedOK, WebSocketException
+from websockets.exceptions import ConnectionClosedOK, WebSocketException
 from websockets.frames import Frame
 from websockets.protocol import State
 
@@ -264,7 +264,9 @@ class FeedClient:
     async def stop(self) -> None:
         """Close the connection with a normal close frame; returns once run() has returned.
 
-        Frames already received are still handed to the handler first.
+        Frames already received are still handed to the handler first, so this waits for the
+        handler's current commit; callers that need a deadline wrap it in a timeout and then
+        cancel the task running :meth:`run`.
         """
         self._stopping.set()
         ws = self._ws
@@ -466,7 +468,7 @@ class FeedClient:
                 await queue.put(parse_frame(data))
         except ConnectionClosedOK:
             pass
-        except ConnectionClosed as exc:
+        except Exception as exc:  # ConnectionClosedError, or a bug: re-raised by _read
             failure.append(exc)
         await queue.put(_END)
 

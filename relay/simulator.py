@@ -25,7 +25,6 @@ import os
 import random
 import time
 import urllib.parse
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -161,19 +160,28 @@ class Faults:
     rest_status: int | None = None
 
 
+def _uuid4(bits: int) -> str:
+    """A version-4 UUID from 128 random bits (what uuid.UUID(int=..., version=4) gives)."""
+    bits = (bits & ~(0xC000 << 48)) | (0x8000 << 48)  # variant RFC 4122
+    bits = (bits & ~(0xF000 << 64)) | (4 << 76)  # version 4
+    h = f"{bits:032x}"
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
 class _User:
     """One end user in play: static fields pre-rendered, a planned list of states."""
 
     __slots__ = ("fields", "plan", "requirements", "status", "step", "template", "user_id")
 
     def __init__(self, rng: random.Random) -> None:
-        self.user_id = f"client_{uuid.UUID(int=rng.getrandbits(128), version=4)}"
-        first = rng.choice(_FIRST_NAMES)
-        last = rng.choice(_LAST_NAMES)
-        role = "Advisor" if rng.random() < 0.1 else "Client"
-        kind = "corporation" if rng.random() < 0.2 else "individual"
-        email = f"{first.lower()}.{last.lower()}.{rng.randrange(10_000)}@example.com"
-        phone = f"+1{rng.randrange(200, 1000)}{rng.randrange(10_000_000):07d}"
+        draw = rng.random  # rng.random() and getrandbits() are the cheap draws
+        self.user_id = f"client_{_uuid4(rng.getrandbits(128))}"
+        first = _FIRST_NAMES[int(draw() * len(_FIRST_NAMES))]
+        last = _LAST_NAMES[int(draw() * len(_LAST_NAMES))]
+        role = "Advisor" if draw() < 0.1 else "Client"
+        kind = "corporation" if draw() < 0.2 else "individual"
+        email = f"{first.lower()}.{last.lower()}.{int(draw() * 10_000)}@example.com"
+        phone = f"+1{200 + int(draw() * 800)}{int(draw() * 10_000_000):07d}"
         self.fields: dict[str, Any] = {
             "user_id": self.user_id,
             "first_name": first,
@@ -195,9 +203,9 @@ class _User:
             + '"},"requirements":%s}}'
         )
         plan: list[tuple[str, tuple[bool, bool]]] = [("PENDING", (True, True))]
-        if rng.random() < 0.4:
+        if draw() < 0.4:
             plan.append(("PENDING", (False, True)))
-        plan.append(("UNSUPPORTED" if rng.random() < 0.1 else "VERIFIED", (False, False)))
+        plan.append(("UNSUPPORTED" if draw() < 0.1 else "VERIFIED", (False, False)))
         self.plan = plan
         self.step = 0
         self.status = ""
@@ -298,7 +306,8 @@ class Simulator:
         self._rng = random.Random(seed)
         self._pool = [_User(self._rng) for _ in range(users)]
         self._expires = _Expires()
-        self._known: dict[str, _User | dict[str, Any]] = {}
+        # user_id -> a user in play, or the final REST view (compact JSON) of a retired one.
+        self._known: dict[str, _User | dict[str, Any] | bytes] = {}
         # Counters and audit trails.
         self.sequence = 0  # last data sequence generated
         self.generated = 0
@@ -450,15 +459,17 @@ class Simulator:
 
     def _next_message(self, now: float) -> tuple[int, str]:
         pool = self._pool
-        index = self._rng.randrange(len(pool))
+        index = int(self._rng.random() * len(pool))
         user = pool[index]
         status, req = user.plan[user.step]
         user.step += 1
-        if user.step == len(user.plan):
-            pool[index] = _User(self._rng)
         user.status = status
         user.requirements = req
-        self._known[user.user_id] = user
+        if user.step == len(user.plan):  # retired: keep only its final REST view, compactly
+            pool[index] = _User(self._rng)
+            self._known[user.user_id] = orjson.dumps(user.rest())
+        else:
+            self._known[user.user_id] = user
         self.sequence += 1
         self.generated += 1
         token = f"{self._rng.getrandbits(256):064x}"
@@ -659,6 +670,7 @@ class Simulator:
                     if faults.bad_every and sent % faults.bad_every == 0:
                         await conn.send(_garbage(sent // faults.bad_every - 1, self.sequence))
                     if faults.drop_every and sent % faults.drop_every == 0:
+                        await _flush(conn)  # what is in `sent` reaches the client's kernel
                         conn.transport.abort()  # abrupt: no close frame
                         return
                     if faults.stall_after is not None and sent >= faults.stall_after:
@@ -716,21 +728,46 @@ class Simulator:
 
 
 async def _send_texts(conn: ServerConnection, texts: list[str]) -> None:
-    """Send several text messages with one write and one drain.
+    """Send several text messages with one write, one system call and one drain.
 
-    ``send()`` costs a system call per message; this is what lets one core exceed 20,000
-    messages/s. ``send_context`` is what ``send()`` itself uses.
+    ``send()`` costs a system call per message; coalescing is what lets one core exceed 20,000
+    messages/s. ``send_context`` is what ``send()`` itself uses; ``data_to_send`` is the
+    sans-I/O protocol's public output.
     """
     if len(texts) == 1:
         await conn.send(texts[0])
         return
     async with conn.send_context():
+        protocol = conn.protocol
         for text in texts:
-            conn.protocol.send_text(text.encode())
+            protocol.send_text(text.encode())
+        pending = protocol.data_to_send()
+        if all(pending):
+            conn.transport.write(b"".join(pending))
+        else:  # an end-of-stream marker (b""): keep websockets' own handling of it
+            for data in pending:
+                if data:
+                    conn.transport.write(data)
+                elif conn.transport.can_write_eof():
+                    conn.transport.write_eof()
 
 
-def _rest(user: _User | dict[str, Any]) -> dict[str, Any]:
-    return user.rest() if isinstance(user, _User) else dict(user)
+async def _flush(conn: ServerConnection, limit: float = 1.0) -> None:
+    """Wait (briefly) until the transport has handed everything written to the kernel."""
+    transport = conn.transport
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(limit):
+            while transport.get_write_buffer_size() > 0 and not transport.is_closing():
+                await asyncio.sleep(0.001)
+
+
+def _rest(user: _User | dict[str, Any] | bytes) -> dict[str, Any]:
+    if isinstance(user, _User):
+        return user.rest()
+    if isinstance(user, bytes):
+        view: dict[str, Any] = orjson.loads(user)
+        return view
+    return dict(user)
 
 
 def _json(conn: ServerConnection, status: int, body: Any) -> Response:
@@ -855,6 +892,7 @@ async def run_from_args(args: argparse.Namespace) -> int:
         record=False,
     )
     await simulator.start(args.host, args.port)
+    print(f"sFOX simulator: feed {simulator.ws_url}  REST {simulator.api_url}", flush=True)
     log.info(
         "sFOX simulator listening on %s (REST %s)",
         simulator.ws_url,

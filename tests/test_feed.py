@@ -159,7 +159,7 @@ async def test_group_commit_and_back_pressure() -> None:
                 async with asyncio.timeout(5):
                     while sim.generated != generated:
                         generated = sim.generated
-                        await asyncio.sleep(0.3)
+                        await asyncio.sleep(0.15)
                 assert len(handler.batches) == 1
             finally:
                 gate.set()
@@ -249,11 +249,11 @@ async def test_reconnects_after_drops_and_keeps_receiving() -> None:
         assert client.connections >= 4
         assert handler.subscribed == client.connections
         assert sample(metrics, "relay_feed_reconnects_total") == client.connections - 1
-        sent = {m["sequence"] for m in sim.sent}
-        received = [m.sequence or 0 for m in handler.messages]
-        assert set(received) <= sent
+        # Messages queued for a connection when it drops are lost (as with sFOX), but every
+        # message the simulator wrote arrives.
+        received = [m.raw for m in handler.messages]
+        assert received == sim.sent
         assert len(received) >= 30
-        assert received == sorted(received)
 
 
 async def test_stalled_connection_is_detected_by_keepalive() -> None:
@@ -270,7 +270,7 @@ async def test_stalled_connection_is_detected_by_keepalive() -> None:
 
 async def test_handshake_timeout_reconnects(caplog: pytest.LogCaptureFixture) -> None:
     metrics, handler = Metrics(), Recorder()
-    faults = Faults(handshake_delay=1.0)
+    faults = Faults(handshake_delay=0.4)
     async with Simulator(api_key=KEY, count=3, faults=faults) as sim:
         client = fast(sim, handler, metrics, handshake_timeout=0.1)
         async with running(client):
