@@ -1,0 +1,272 @@
+"""Shared fixtures for end-to-end tests with real parts.
+
+A real simulator (sFOX feed + REST) and a real webhook receiver listen on port 0 in the test's
+event loop; the relay under test runs either in-process (:func:`run_relay`) or as a real
+``relay run`` subprocess, against a real SQLite file in ``tmp_path``. Nothing is mocked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import inspect
+import json
+import os
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from relay.app import Relay
+from relay.config import load_settings
+from relay.receiver import Behaviour, Receiver
+from relay.signing import decode_secret
+from relay.simulator import Faults, Simulator
+
+SimFactory = Callable[..., Awaitable[Simulator]]
+ReceiverFactory = Callable[..., Awaitable[Receiver]]
+EnvBuilder = Callable[..., dict[str, str]]
+
+
+def new_whsec() -> str:
+    """A fresh Standard Webhooks secret."""
+    return "whsec_" + base64.b64encode(os.urandom(32)).decode()
+
+
+def new_key() -> str:
+    """A fresh 32-byte AES key, base64 (``RELAY_TOKEN_KEY``, an endpoint's ``token_key``)."""
+    return base64.b64encode(os.urandom(32)).decode()
+
+
+def expected_event_id(message: Mapping[str, Any]) -> str:
+    """CONTRACT.md section 4, written out independently of ``relay.events``."""
+    payload = {k: v for k, v in message["payload"].items() if k != "user_token"}
+    basis = {
+        "recipient": message["recipient"],
+        "timestamp": message["timestamp"],
+        "payload": payload,
+    }
+    canonical = json.dumps(basis, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return "evt_" + hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def wire_body(message: Mapping[str, Any], *, token: bool) -> bytes:
+    """The body a delivery should carry: the message as received, compact, token kept or not."""
+    shown = dict(message)
+    if not token:
+        shown["payload"] = {k: v for k, v in message["payload"].items() if k != "user_token"}
+    return json.dumps(shown, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def sent_tokens(sim: Simulator) -> list[str]:
+    """Every plaintext user token the simulator sent."""
+    return [m["payload"]["user_token"]["token"] for m in sim.sent if "user_token" in m["payload"]]
+
+
+async def eventually(
+    cond: Callable[[], Any],
+    timeout: float = 5.0,
+    *,
+    interval: float = 0.02,
+    message: str | Callable[[], str] = "",
+) -> Any:
+    """Poll ``cond`` (sync or async) until it returns something truthy; return that value.
+
+    Raises AssertionError after ``timeout`` seconds, with ``message`` (or a callable giving
+    one, evaluated at the time of failure so it can show the latest state).
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            text = message() if callable(message) else message
+            raise AssertionError(f"not true within {timeout}s: {text or cond}")
+        await asyncio.sleep(interval)
+
+
+def store_path(env: Mapping[str, str]) -> Path:
+    """The SQLite file a relay env points at."""
+    url = env["RELAY_STORE"]
+    assert url.startswith("sqlite:///"), url
+    return Path(url.removeprefix("sqlite:///"))
+
+
+def query(db: Path, sql: str, args: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+    """Read the store directly (a read-only connection; WAL lets it run beside the daemon)."""
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5.0)
+    try:
+        conn.row_factory = sqlite3.Row
+        return conn.execute(sql, args).fetchall()
+    finally:
+        conn.close()
+
+
+def store_files(db: Path) -> dict[str, bytes]:
+    """Raw bytes of the SQLite file and its companions (WAL, shared memory, lock)."""
+    found = {}
+    for path in db.parent.iterdir():
+        if path.name.startswith(db.name):
+            found[path.name] = path.read_bytes()
+    return found
+
+
+@pytest.fixture(name="eventually")
+def eventually_fixture() -> Callable[..., Awaitable[Any]]:
+    """:func:`eventually`, as a fixture."""
+    return eventually
+
+
+@pytest.fixture(name="run_relay")
+def run_relay_fixture() -> Callable[..., contextlib.AbstractAsyncContextManager[Relay]]:
+    """:func:`run_relay`, as a fixture."""
+    return run_relay
+
+
+@pytest.fixture
+def whsec() -> Callable[[], str]:
+    """Factory of fresh ``whsec_`` secrets."""
+    return new_whsec
+
+
+@pytest.fixture
+def signing_secret() -> str:
+    """The secret the relay signs with and the default receiver verifies with."""
+    return new_whsec()
+
+
+@pytest.fixture
+async def make_sim() -> AsyncIterator[SimFactory]:
+    """Start simulators with custom settings; each is closed at teardown."""
+    async with contextlib.AsyncExitStack() as stack:
+
+        async def make(
+            *,
+            count: int | None = 40,
+            users: int = 10,
+            rate: float | None = None,
+            faults: Faults | None = None,
+            seed: int = 0,
+        ) -> Simulator:
+            sim = Simulator(
+                api_key="sim-" + base64.b16encode(os.urandom(12)).decode(),
+                users=users,
+                count=count,
+                rate=rate,
+                faults=faults,
+                seed=seed,
+            )
+            await sim.start()
+            stack.push_async_callback(sim.close)
+            return sim
+
+        yield make
+
+
+@pytest.fixture
+async def sim(request: pytest.FixtureRequest, make_sim: SimFactory) -> Simulator:
+    """A started simulator: 40 messages over 10 users, as fast as the relay reads.
+
+    Parametrize indirectly with a dict of :func:`make_sim` arguments to change that.
+    """
+    return await make_sim(**getattr(request, "param", {}))
+
+
+@pytest.fixture
+async def make_receiver(signing_secret: str) -> AsyncIterator[ReceiverFactory]:
+    """Start receivers (verifying ``signing_secret`` unless told otherwise)."""
+    async with contextlib.AsyncExitStack() as stack:
+
+        async def make(
+            *, secret: str | None = None, behaviour: Behaviour | None = None
+        ) -> Receiver:
+            receiver = Receiver(keys=[decode_secret(secret or signing_secret)], behaviour=behaviour)
+            await receiver.start()
+            stack.push_async_callback(receiver.close)
+            return receiver
+
+        yield make
+
+
+@pytest.fixture
+async def receiver(make_receiver: ReceiverFactory) -> Receiver:
+    """A started receiver that verifies every signature and answers 204."""
+    return await make_receiver()
+
+
+@pytest.fixture
+def relay_env(
+    sim: Simulator, receiver: Receiver, signing_secret: str, tmp_path: Path
+) -> EnvBuilder:
+    """Build the environment of a relay pointed at ``sim`` and ``receiver``.
+
+    Keyword arguments are variables to add or replace (full names); ``None`` removes one.
+    """
+
+    def build(**overrides: str | None) -> dict[str, str]:
+        env = {
+            "RELAY_API_KEY": sim.api_key,
+            "RELAY_WS_URL": sim.ws_url,
+            "RELAY_API_URL": sim.api_url,
+            "RELAY_ENDPOINTS": receiver.url + "/webhooks/sfox",
+            "RELAY_SIGNING_SECRET": signing_secret,
+            "RELAY_STORE": f"sqlite:///{tmp_path}/relay.db",
+            "RELAY_ADMIN_ADDR": "127.0.0.1:0",
+            "RELAY_RECONCILE_INTERVAL": "off",
+            "RELAY_LOG_LEVEL": "WARNING",
+            "RELAY_LOG_FORMAT": "console",
+        }
+        for name, value in overrides.items():
+            if value is None:
+                env.pop(name, None)
+            else:
+                env[name] = value
+        return env
+
+    return build
+
+
+@contextlib.asynccontextmanager
+async def run_relay(
+    env: Mapping[str, str], *, timeout: float = 10.0, **parts: Any
+) -> AsyncIterator[Relay]:
+    """Run ``Relay(load_settings(env, for_run=True), **parts)`` in this loop; stop it on exit.
+
+    Yields once the relay has started (store open, admin port bound). On exit it asks for the
+    phased shutdown and waits for it, re-raising whatever the run raised.
+    """
+    relay = Relay(load_settings(dict(env), for_run=True), **parts)
+    task = asyncio.create_task(relay.run(), name="test-relay")
+    started = asyncio.create_task(relay.started.wait())
+    try:
+        await asyncio.wait({task, started}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        started.cancel()
+    if task.done():
+        task.result()  # raises what made the start-up fail
+        raise AssertionError("relay.run() returned during start-up")
+    if not relay.started.is_set():
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        raise AssertionError(f"relay did not start within {timeout}s")
+    try:
+        yield relay
+    finally:
+        relay.request_stop()
+        try:
+            async with asyncio.timeout(timeout):
+                await task
+        except TimeoutError:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            raise AssertionError(f"relay did not stop within {timeout}s") from None
