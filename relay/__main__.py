@@ -128,6 +128,7 @@ def cmd_deliveries(args: argparse.Namespace) -> int:
                     endpoint=args.endpoint,
                     user_id=args.user_id,
                     limit=args.limit,
+                    before=args.before,
                 )
                 print(service.format_table(page.items))
                 if page.next_cursor:
@@ -191,6 +192,7 @@ def _parser() -> argparse.ArgumentParser:
     filters.add_argument("--user-id")
     listing = actions.add_parser("list", parents=[filters], help="newest first")
     listing.add_argument("--limit", type=int, default=50)
+    listing.add_argument("--before", help="the cursor a previous page printed")
     show = actions.add_parser("show", help="one delivery with its attempts")
     show.add_argument("id")
     replay = actions.add_parser("replay", parents=[filters], help="re-queue deliveries")

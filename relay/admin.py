@@ -18,7 +18,7 @@ from importlib import resources
 from typing import Annotated, Any, Literal
 
 import uvicorn
-from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, Field
 
@@ -146,7 +146,7 @@ def create_app(
                 401, "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"}
             )
 
-    Auth = Annotated[None, Depends(authorize)]
+    api = APIRouter(prefix="/api", dependencies=[Depends(authorize)])
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> dict[str, str]:
@@ -168,8 +168,8 @@ def create_app(
         page = resources.files("relay").joinpath("static/index.html").read_text("utf-8")
         return HTMLResponse(page, headers={"cache-control": "no-store"})
 
-    @app.get("/api/status", responses=_AUTH_ERRORS)
-    async def status(_: Auth) -> Status:
+    @api.get("/status")
+    async def status() -> Status:
         """The relay's feed state and readiness."""
         return Status(
             version=__version__,
@@ -179,14 +179,13 @@ def create_app(
             in_flight=in_flight(),
         )
 
-    @app.get("/api/endpoints", responses=_AUTH_ERRORS)
-    async def endpoints(_: Auth) -> list[Endpoint]:
+    @api.get("/endpoints")
+    async def endpoints() -> list[Endpoint]:
         """Configured endpoints, and removed ones that still hold work, with their numbers."""
         return [Endpoint(**e) for e in await service.endpoints(store, settings)]
 
-    @app.get("/api/deliveries", responses={**_AUTH_ERRORS, **_INVALID})
+    @api.get("/deliveries", responses=_INVALID)
     async def deliveries(
-        _: Auth,
         state: StateFilter | None = None,
         endpoint: str | None = None,
         user_id: str | None = None,
@@ -207,9 +206,8 @@ def create_app(
             next_cursor=page.next_cursor,
         )
 
-    @app.post("/api/deliveries/replay", responses={**_AUTH_ERRORS, **_INVALID})
+    @api.post("/deliveries/replay", responses=_INVALID)
     async def replay_matching(
-        _: Auth,
         state: Literal["delivered", "dead", "superseded"] = "dead",
         endpoint: str | None = None,
         user_id: str | None = None,
@@ -221,16 +219,16 @@ def create_app(
         on_replay()
         return Replayed(replayed=count)
 
-    @app.get("/api/deliveries/{delivery_id}", responses={**_AUTH_ERRORS, **_NOT_FOUND})
-    async def delivery(_: Auth, delivery_id: str) -> DeliveryDetail:
+    @api.get("/deliveries/{delivery_id}", responses=_NOT_FOUND)
+    async def delivery(delivery_id: str) -> DeliveryDetail:
         """One delivery with its event body and every attempt."""
         detail = await service.get_delivery(store, delivery_id)
         if detail is None:
             raise HTTPException(404, "no such delivery")
         return DeliveryDetail(**service.detail_json(detail))
 
-    @app.post("/api/deliveries/{delivery_id}/replay", responses={**_AUTH_ERRORS, **_NOT_FOUND})
-    async def replay_one(_: Auth, delivery_id: str) -> Replayed:
+    @api.post("/deliveries/{delivery_id}/replay", responses=_NOT_FOUND)
+    async def replay_one(delivery_id: str) -> Replayed:
         """Re-queue one delivered or dead delivery: same webhook-id, fresh schedule."""
         if await service.get_delivery(store, delivery_id) is None:
             raise HTTPException(404, "no such delivery")
@@ -238,6 +236,7 @@ def create_app(
         on_replay()
         return Replayed(replayed=count)
 
+    app.include_router(api)
     return app
 
 

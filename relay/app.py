@@ -235,25 +235,21 @@ class Relay:
         log.info("relay stopped", extra={"event": "relay.stopped"})
 
     async def _stats_loop(self) -> None:
-        known = {ep.name for ep in self.settings.endpoints}
+        configured = {ep.name for ep in self.settings.endpoints}
+        known = set(configured)
         while True:
             try:
                 await self.store.check_writable()
-                stats = await self.store.endpoint_stats()
+                pending = await self.store.pending_stats()
                 self.ingest.store_ok = True
             except StoreUnavailableError:
                 self.ingest.store_ok = False
                 await asyncio.sleep(self._stats_interval)
                 continue
             now = self.clock()
-            seen = set()
-            for s in stats:
-                seen.add(s.endpoint)
-                self.metrics.outbox_pending.labels(endpoint=s.endpoint).set(s.pending)
-                age = now - s.oldest_pending_at if s.oldest_pending_at is not None else 0.0
-                self.metrics.outbox_oldest_age.labels(endpoint=s.endpoint).set(max(0.0, age))
-            for idle in known - seen:
-                self.metrics.outbox_pending.labels(endpoint=idle).set(0)
-                self.metrics.outbox_oldest_age.labels(endpoint=idle).set(0)
-            known = seen | {ep.name for ep in self.settings.endpoints}
+            for name in known | set(pending):
+                count, oldest = pending.get(name, (0, now))
+                self.metrics.outbox_pending.labels(endpoint=name).set(count)
+                self.metrics.outbox_oldest_age.labels(endpoint=name).set(max(0.0, now - oldest))
+            known = configured | set(pending)
             await asyncio.sleep(self._stats_interval)

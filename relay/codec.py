@@ -8,6 +8,7 @@ and falls back to the standard library for integers beyond 64 bits.
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 import orjson
@@ -19,9 +20,17 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"non-JSON number {name}")
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError("number out of range")
+    return value
+
+
 def loads(data: str | bytes) -> Any:
-    """Parse JSON exactly: integers of any size stay ints; NaN/Infinity are rejected."""
-    return json.loads(data, parse_constant=_reject_constant)
+    """Parse JSON exactly: integers of any size stay ints; NaN, Infinity and numbers that
+    overflow a float (``1e400``) are rejected rather than silently changed."""
+    return json.loads(data, parse_constant=_reject_constant, parse_float=_finite_float)
 
 
 def compact_json(obj: Any) -> bytes:
@@ -33,8 +42,10 @@ def compact_json(obj: Any) -> bytes:
 
 
 def canonical_json(obj: Any) -> bytes:
-    """Sorted keys, no spaces, UTF-8, integers exact: the input of every event id."""
-    try:
-        return orjson.dumps(obj, option=orjson.OPT_SORT_KEYS)
-    except TypeError:
-        return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    """Sorted keys, no spaces, UTF-8, integers exact: the input of every event id.
+
+    Always the standard library, so anyone can recompute an id with ``json.dumps(...,
+    sort_keys=True, separators=(",", ":"), ensure_ascii=False)`` (orjson writes some floats
+    differently); it runs once per event, so speed does not matter here.
+    """
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()

@@ -186,6 +186,10 @@ class Dispatcher:
             if want <= 0 or self._stopping.is_set():
                 continue
             claims = await self._store.claim(name, self._clock(), want)
+            if self._stopping.is_set():  # shutdown began during the claim: start nothing
+                for claim in claims:
+                    self._push(Outcome(claim.delivery_id, "released", self._clock(), None))
+                return False
             for claim in claims:
                 self._start(endpoint, claim)
             more = more or len(claims) == want

@@ -81,6 +81,10 @@ def parse_frame(data: str | bytes) -> Message | Control | BadFrame:
         return BadFrame(f"not JSON: {type(exc).__name__}", redact(data))
     if not isinstance(obj, dict):
         return BadFrame(f"not a JSON object: {type(obj).__name__}", redact(data))
+    try:
+        compact_json(obj)
+    except (TypeError, ValueError, UnicodeEncodeError):  # e.g. a lone surrogate "\ud800"
+        return BadFrame("not JSON: unencodable string", redact(data))
     kind = obj.get("type")
     if kind in ("success", "error") and "recipient" not in obj:
         return _control(obj)
@@ -138,6 +142,8 @@ def _redact_value(value: Any) -> Any:
         return {k: (_REDACTED if k in _SECRET_KEYS else _redact_value(v)) for k, v in value.items()}
     if isinstance(value, list):
         return [_redact_value(v) for v in value]
+    if isinstance(value, str):
+        return _LONG_HEX.sub(_REDACTED, value)
     return value
 
 

@@ -8,6 +8,7 @@ too, since user tokens are not known in advance.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import sys
@@ -29,7 +30,8 @@ _RESERVED = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
 }
 _PATTERNS = (
     # sFOX user tokens are long hex strings; event ids (evt_ + hex) are not secrets.
-    re.compile(r"(?<![0-9A-Za-z_])[0-9a-fA-F]{40,}(?![0-9A-Za-z])"),
+    # (A JSON escape such as \n before the token counts as a separator.)
+    re.compile(r"(?:(?<=\\[nrt])|(?<![0-9A-Za-z_]))[0-9a-fA-F]{40,}(?![0-9A-Za-z])"),
     # JWT-shaped bearer tokens.
     re.compile(r"eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}"),
     # Credentials inside URLs.
@@ -49,7 +51,10 @@ class Redactor:
     def add(self, secrets: Iterable[str]) -> None:
         """Register more secret values (shorter than 4 characters are ignored)."""
         known = set(self._secrets)
-        known.update(s for s in secrets if s and len(s) >= 4)
+        for secret in secrets:
+            if secret and len(secret) >= 4:
+                known.add(secret)
+                known.add(orjson.dumps(secret).decode()[1:-1])  # as it appears inside JSON
         # Longest first, so a secret containing another is masked whole.
         self._secrets = sorted(known, key=len, reverse=True)
 
@@ -83,7 +88,10 @@ class JsonFormatter(logging.Formatter):
         line.update(_fields(record))
         if record.exc_info:
             line["exc"] = self.formatException(record.exc_info)
-        text = orjson.dumps(line, default=str, option=orjson.OPT_NON_STR_KEYS).decode()
+        try:
+            text = orjson.dumps(line, default=str, option=orjson.OPT_NON_STR_KEYS).decode()
+        except TypeError:  # an integer beyond 64 bits
+            text = json.dumps(line, default=str, ensure_ascii=False)
         return self._redact(text)
 
 
@@ -105,17 +113,28 @@ class ConsoleFormatter(logging.Formatter):
         return self._redact(text)
 
 
+class _Handler(logging.StreamHandler):  # type: ignore[type-arg]
+    """A stream handler whose own error report cannot print a record's raw arguments."""
+
+    _relay = True
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 (stdlib name)
+        self.stream.write(
+            f'{{"level":"ERROR","logger":"relay.logs","msg":"log record '
+            f'from {record.name} could not be formatted and was dropped"}}\n'
+        )
+
+
 def setup_logging(
     level: str, fmt: str, redactor: Redactor, *, stream: TextIO | None = None
 ) -> logging.Handler:
     """Send every log record to ``stream`` (stderr), redacted, in the chosen format."""
-    handler = logging.StreamHandler(stream or sys.stderr)
+    handler = _Handler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter(redactor) if fmt == "json" else ConsoleFormatter(redactor))
     root = logging.getLogger()
     for old in list(root.handlers):
         if getattr(old, "_relay", False):
             root.removeHandler(old)
-    handler._relay = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     root.setLevel(level.upper())
     for noisy in ("websockets", "aiohttp", "httpx", "httpcore", "uvicorn", "asyncio"):

@@ -20,6 +20,8 @@ from typing import Protocol
 
 import aiohttp
 import httpx
+from aiohttp.helpers import get_env_proxy_for_url
+from yarl import URL
 
 __all__ = ["EXCERPT_BYTES", "AiohttpSender", "HttpxSender", "SendResult", "Sender"]
 
@@ -61,27 +63,43 @@ class AiohttpSender:
     def __init__(self, *, max_connections: int = 0) -> None:
         self._max_connections = max_connections
         self._session: aiohttp.ClientSession | None = None
+        self._proxies: dict[tuple[str, str], tuple[URL | None, aiohttp.BasicAuth | None]] = {}
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None:
             connector = aiohttp.TCPConnector(
                 limit=self._max_connections, ssl=_ssl_context(), enable_cleanup_closed=True
             )
+            # trust_env would read ~/.netrc on every request; proxies are resolved below.
             self._session = aiohttp.ClientSession(
-                connector=connector, trust_env=True, auto_decompress=False
+                connector=connector, trust_env=False, auto_decompress=False
             )
         return self._session
+
+    def _proxy(self, url: str) -> tuple[URL | None, aiohttp.BasicAuth | None]:
+        """The proxy ``HTTPS_PROXY``/``HTTP_PROXY``/``NO_PROXY`` choose, cached per host."""
+        target = URL(url)
+        key = (target.scheme, target.host or "")
+        if key not in self._proxies:
+            try:
+                self._proxies[key] = get_env_proxy_for_url(target)
+            except LookupError:
+                self._proxies[key] = (None, None)
+        return self._proxies[key]
 
     async def post(
         self, url: str, body: bytes, headers: Mapping[str, str], timeout: float
     ) -> SendResult:
         start = time.perf_counter()
+        proxy, proxy_auth = self._proxy(url)
         try:
             async with self._client().post(
                 url,
                 data=body,
                 headers=dict(headers),
                 allow_redirects=False,
+                proxy=proxy,
+                proxy_auth=proxy_auth,
                 timeout=aiohttp.ClientTimeout(total=timeout),
             ) as response:
                 excerpt = await response.content.read(EXCERPT_BYTES)

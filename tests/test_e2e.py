@@ -364,13 +364,6 @@ class GatedStore(SQLiteStore):
 
 
 @pytest.mark.parametrize("sim", [{"count": 20, "users": 20}], indirect=True)
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: relay/dispatch.py Dispatcher.shutdown snapshots self._tasks once; a claim "
-    "that was in progress when the stop came still starts its deliveries (_claim_round -> "
-    "_start ignores _stopping), those are never cut off at the grace deadline, and run() waits "
-    "for them up to the delivery timeout, using up an attempt",
-)
 async def test_stop_during_a_claim_starts_nothing_and_keeps_the_grace(
     sim: Simulator, receiver: Receiver, relay_env, run_relay, eventually
 ) -> None:
@@ -425,13 +418,6 @@ async def test_admin_port_shows_readiness_and_metrics(
             assert values[histogram] == 40
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: relay/admin.py: every /api/* route answers 422 (500 with ?_=x), even with the "
-    "right token: under `from __future__ import annotations` (line 9) FastAPI cannot resolve "
-    "the local `Auth = Annotated[None, Depends(authorize)]` (line 149), so it reads `_: Auth` as "
-    "a required query parameter named `_`",
-)
 async def test_admin_api_lists_deliveries_with_the_admin_token(
     sim: Simulator, receiver: Receiver, relay_env, run_relay, eventually
 ) -> None:

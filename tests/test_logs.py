@@ -257,11 +257,6 @@ def test_formatters_directly() -> None:
 # --- bugs ----------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: JsonFormatter redacts the serialised JSON text, where a secret holding a "
-    'JSON-escaped character (" or \\) no longer appears verbatim',
-)
 @pytest.mark.parametrize("secret", ['pa"ss_Wq9z', "pa\\ss_Wq9z"], ids=["quote", "backslash"])
 def test_json_redacts_secrets_with_escaped_characters(capture: Capture, secret: str) -> None:
     stream = capture(secrets=[secret])
@@ -270,11 +265,6 @@ def test_json_redacts_secrets_with_escaped_characters(capture: Capture, secret: 
     assert (line["msg"], line["header"]) == ("password ***", "***")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: in the JSON text a newline or tab is the escape \\n / \\t, so a user token at "
-    "the start of a line follows the letter n/t and the hex pattern's look-behind skips it",
-)
 @pytest.mark.parametrize("sep", ["\n", "\t", "\r"], ids=["newline", "tab", "cr"])
 def test_json_redacts_token_after_escaped_whitespace(capture: Capture, sep: str) -> None:
     stream = capture()
@@ -282,11 +272,6 @@ def test_json_redacts_token_after_escaped_whitespace(capture: Capture, sep: str)
     assert USER_TOKEN not in stream.getvalue()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: orjson raises TypeError on ints beyond 64 bits even with default=str; the "
-    "record is lost and logging.handleError prints its msg and args to stderr unredacted",
-)
 def test_json_field_with_big_int(capture: Capture) -> None:
     stream = capture()
     log.warning("feed sequence gap", extra={"sequence": 2**64})

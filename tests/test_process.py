@@ -273,12 +273,6 @@ async def test_a_second_daemon_on_the_same_store_exits_1_naming_the_lock(
     assert await first.wait(8) == 0, first.output()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: relay/__main__.py: `relay deliveries list` tells the user to page on with "
-    "`--before <id>` (cmd_deliveries), but the list parser has no --before option and "
-    "list_deliveries is never given one: argparse exits 2",
-)
 async def test_deliveries_list_pages_with_the_cursor_it_prints(
     sim: Simulator, receiver: Receiver, relay_env, run_relay, eventually
 ) -> None:

@@ -184,11 +184,6 @@ def test_parse_retry_after(header: str | None, seconds: float | None) -> None:
     assert parse_retry_after(header, NOW) == seconds
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: parse_retry_after uses str.isdigit(), true for '²' (float() then raises "
-    "ValueError out of decide()) and for non-ASCII digits such as '٣' (accepted as 3)",
-)
 @pytest.mark.parametrize(
     "header", ["²", "٣٠٠", "１２０"], ids=["superscript", "arabic", "fullwidth"]
 )

@@ -159,7 +159,7 @@ class EndpointStats:
     endpoint: str
     pending: int = 0
     dead: int = 0
-    delivered: int = 0
+    delivered: int = 0  # successful deliveries since the store was created (survives purges)
     oldest_pending_at: float | None = None
     last_success_at: float | None = None
     last_failure_at: float | None = None
@@ -230,7 +230,11 @@ class Store(Protocol):
     ) -> int:
         """Re-queue finished deliveries (same webhook-id, fresh schedule, after later ones)."""
 
-    async def endpoint_stats(self) -> list[EndpointStats]: ...
+    async def endpoint_stats(self) -> list[EndpointStats]:
+        """Full per-endpoint numbers (API, status page, `relay check`)."""
+
+    async def pending_stats(self) -> dict[str, tuple[int, float]]:
+        """Cheap, for metrics: endpoint -> (unfinished deliveries, oldest created_at)."""
 
     async def user_states(self) -> dict[str, UserState]: ...
 
