@@ -15,7 +15,8 @@ hold without any lane check on the hot claim path. Outside the store, ``waiting`
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -243,3 +244,12 @@ class Store(Protocol):
 
     async def purge(self, *, delivered_before: float, dead_before: float, batch: int) -> int:
         """Delete one batch of old finished deliveries (and orphaned events); returns rows."""
+
+    def on_wakeup(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` when another process made work due (PostgreSQL: LISTEN/NOTIFY).
+
+        A store with a single writer may do nothing: the relay wakes its own dispatcher.
+        """
+
+    def reconcile_lock(self) -> contextlib.AbstractAsyncContextManager[bool]:
+        """Hold while reconciling; yields False when another replica already is."""

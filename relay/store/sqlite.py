@@ -12,7 +12,7 @@ import contextlib
 import fcntl
 import os
 import sqlite3
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -745,6 +745,15 @@ class SQLiteStore:
                 return cur.rowcount
 
         return await self._run(insert)
+
+    def on_wakeup(self, callback: Callable[[], None]) -> None:
+        """One daemon per file: the relay wakes its own dispatcher, nothing to listen to."""
+
+    @contextlib.asynccontextmanager
+    async def reconcile_lock(self) -> AsyncIterator[bool]:
+        """One daemon per file; a concurrent `relay reconcile` is safe anyway, since a
+        reconciled event is appended only while the user's state is the one it replaces."""
+        yield True
 
     # -- retention --------------------------------------------------------------------------
 
