@@ -8,10 +8,18 @@ from relay.store.base import Store
 __all__ = ["Store", "open_store"]
 
 
-def open_store(url: str) -> Store:
-    """The store a ``RELAY_STORE`` URL names (not yet opened)."""
+def open_store(url: str, *, lease: float = 60.0) -> Store:
+    """The store a ``RELAY_STORE`` URL names (not yet opened).
+
+    ``lease`` (``RELAY_LEASE``) is how long a PostgreSQL replica's claim lasts; SQLite has a
+    single daemon and no leases.
+    """
     if url.startswith("sqlite:///"):
         from relay.store.sqlite import SQLiteStore
 
         return SQLiteStore(url.removeprefix("sqlite:///") or "relay.db")
+    if url.startswith(("postgresql://", "postgres://")):
+        from relay.store.postgres import PostgresStore
+
+        return PostgresStore(url, lease=lease)
     raise ConfigError("RELAY_STORE", "expected sqlite:///path or postgresql://...")

@@ -1,0 +1,1209 @@
+"""The shared outbox: PostgreSQL, used by several relay replicas at once (active-active).
+
+Same records and semantics as the SQLite store (see :mod:`relay.store.base`); what differs is
+how replicas share it:
+
+- **Events once.** ``INSERT ... ON CONFLICT (event_id) DO NOTHING``: every replica appends what
+  it received, each event is stored once and fanned out only by the replica that inserted it.
+- **Lanes.** Whatever decides whether a lane has an active delivery (append, the promotion in
+  record, replay, the reconciliation ``after`` check and ``user_state``) first locks the user's
+  row in ``user_locks`` ``FOR UPDATE``, in ``user_id`` order. One row per user covers all of its
+  lanes and its state. Row locks live in the tuples, so a reconciliation batch of thousands of
+  users cannot exhaust the shared lock table as that many advisory locks could.
+- **Claims are leases.** ``FOR UPDATE SKIP LOCKED`` hands a delivery to one replica, which
+  holds it until ``lease_until``; after that any replica takes it over (a crash uses no
+  attempt). A verdict applies only while the delivery is still in flight under the recording
+  replica's claim, so a takeover wins. Claims are never renewed: configuration keeps every
+  delivery timeout below half the lease, so an attempt ends well before its claim does.
+- **Wake-ups.** Commits that make work due (new deliveries, promotions, releases, replays)
+  ``NOTIFY`` a channel of this schema; :meth:`PostgresStore.on_wakeup` listens on a dedicated
+  connection. One replica reconciles at a time under a session advisory lock.
+
+Time is the caller's clock (``now``), as with SQLite, so replicas' clocks must agree to well
+within the lease (NTP does). Transactions that lose a deadlock or serialization race are
+retried; connection failures surface as ``StoreUnavailableError`` naming the store by its
+masked URL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import random
+import secrets
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+
+from relay import events as ev
+from relay.codec import compact_json, loads
+from relay.errors import StoreError, StoreSchemaError, StoreUnavailableError
+from relay.events import BadFrame, NewEvent
+from relay.store.base import (
+    AppendResult,
+    Attempt,
+    Claim,
+    DeliveryDetail,
+    DeliveryInfo,
+    EndpointStats,
+    Outcome,
+    PublicState,
+    Target,
+    UserState,
+    format_delivery_id,
+    public_state,
+)
+
+if TYPE_CHECKING:
+    from asyncpg.pool import PoolConnectionProxy
+
+__all__ = ["MIGRATIONS", "PostgresStore", "display_url"]
+
+log = logging.getLogger("relay.store")
+
+T = TypeVar("T")
+Conn: TypeAlias = "PoolConnectionProxy[asyncpg.Record]"
+
+_MASK = "***"
+
+#: Forward-only schema migrations; index + 1 is the version each one produces.
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE events (
+        seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        event_id text NOT NULL UNIQUE,
+        source text NOT NULL,
+        recipient text NOT NULL,
+        user_id text,
+        status text,
+        requirements text,
+        body bytea NOT NULL,
+        has_token boolean NOT NULL,
+        received_at double precision NOT NULL
+    );
+    CREATE TABLE deliveries (
+        id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        event_seq bigint NOT NULL,
+        endpoint text NOT NULL,
+        user_id text,
+        ord bigint NOT NULL,
+        state text NOT NULL CHECK (state IN (
+            'waiting', 'pending', 'inflight', 'delivered', 'dead', 'superseded')),
+        attempts integer NOT NULL DEFAULT 0,
+        next_at double precision NOT NULL,
+        created_at double precision NOT NULL,
+        updated_at double precision NOT NULL,
+        last_status integer,
+        last_error text,
+        claimed_by text,
+        lease_until double precision
+    );
+    -- Hot paths read only these partial indexes, never the delivery history.
+    CREATE INDEX deliveries_due ON deliveries (endpoint, next_at, id) WHERE state = 'pending';
+    CREATE INDEX deliveries_leased ON deliveries (endpoint, lease_until)
+        WHERE state = 'inflight';
+    CREATE INDEX deliveries_lane ON deliveries (endpoint, user_id, ord, id)
+        INCLUDE (state, created_at) WHERE state IN ('waiting', 'pending', 'inflight');
+    CREATE INDEX deliveries_dead ON deliveries (endpoint, updated_at) WHERE state = 'dead';
+    CREATE INDEX deliveries_done ON deliveries (updated_at)
+        WHERE state IN ('delivered', 'superseded');
+    CREATE INDEX deliveries_user ON deliveries (user_id);
+    CREATE INDEX deliveries_event ON deliveries (event_seq);
+    CREATE TABLE attempts (
+        delivery_id bigint NOT NULL,
+        n integer NOT NULL,
+        at double precision NOT NULL,
+        status integer,
+        latency double precision NOT NULL,
+        error text,
+        excerpt text,
+        PRIMARY KEY (delivery_id, n)
+    );
+    CREATE TABLE user_state (
+        user_id text PRIMARY KEY,
+        status text,
+        requirements text,
+        event_id text,
+        source text NOT NULL,
+        updated_at double precision NOT NULL
+    );
+    -- One row per user, locked FOR UPDATE to serialise decisions about the user's lanes.
+    CREATE TABLE user_locks (user_id text PRIMARY KEY);
+    CREATE TABLE endpoint_health (
+        endpoint text PRIMARY KEY,
+        delivered_total bigint NOT NULL DEFAULT 0,
+        last_success_at double precision,
+        last_failure_at double precision,
+        last_error text
+    );
+    CREATE TABLE bad_frames (
+        id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        at double precision NOT NULL,
+        reason text NOT NULL,
+        text text NOT NULL
+    );
+    """,
+)
+
+_BOOKKEEPING = """
+    CREATE TABLE IF NOT EXISTS meta (key text PRIMARY KEY, value text NOT NULL);
+    CREATE TABLE IF NOT EXISTS schema_migrations (
+        version integer PRIMARY KEY,
+        applied_at timestamptz NOT NULL DEFAULT now(),
+        applied_by text NOT NULL
+    );
+"""
+
+#: Failures that mean "the store is not usable right now": the caller pauses and retries.
+_UNAVAILABLE: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.InterfaceError,  # connection closed under us, pool closing
+    asyncpg.PostgresConnectionError,  # class 08
+    asyncpg.InsufficientResourcesError,  # class 53: disk full, too many connections
+    asyncpg.OperatorInterventionError,  # class 57: shutdown, starting up, statement timeout
+    asyncpg.InvalidAuthorizationSpecificationError,  # class 28: credentials refused
+    asyncpg.InvalidCatalogNameError,  # the database does not exist (yet)
+    asyncpg.ReadOnlySQLTransactionError,  # connected to a standby after a failover
+    asyncpg.UndefinedTableError,  # the schema was dropped under us
+)
+_MAPPED: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+)
+#: Lost races between replicas; the transaction is simply run again.
+_CONFLICTS = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
+_TX_ATTEMPTS = 5
+
+_ACTIVE = "('waiting', 'pending', 'inflight')"
+_FINISHED = "('delivered', 'dead', 'superseded')"
+
+_DELIVERY_COLUMNS = """
+    d.id, d.endpoint, e.event_id, d.user_id, d.state, d.attempts, e.source, e.status,
+    d.next_at, d.created_at, d.updated_at, d.last_status, d.last_error
+"""
+
+_LOCK_USERS = (
+    "SELECT user_id FROM user_locks WHERE user_id = ANY($1::text[]) ORDER BY user_id FOR UPDATE"
+)
+
+_INSERT_EVENTS = """
+    INSERT INTO events (event_id, source, recipient, user_id, status, requirements, body,
+        has_token, received_at)
+    SELECT event_id, source, recipient, user_id, status, requirements, body, has_token, $9::float8
+    FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+        $7::bytea[], $8::bool[]) WITH ORDINALITY
+        AS e(event_id, source, recipient, user_id, status, requirements, body, has_token, i)
+    ORDER BY i
+    ON CONFLICT (event_id) DO NOTHING
+    RETURNING seq, event_id
+"""
+
+_UPSERT_USER_STATES = """
+    INSERT INTO user_state (user_id, status, requirements, event_id, source, updated_at)
+    SELECT user_id, status, requirements, event_id, source, $6::float8
+    FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[])
+        AS s(user_id, status, requirements, event_id, source)
+    ON CONFLICT (user_id) DO UPDATE SET status = excluded.status,
+        requirements = excluded.requirements, event_id = excluded.event_id,
+        source = excluded.source, updated_at = excluded.updated_at
+"""
+
+#: A new delivery waits behind any unfinished one of its (endpoint, user_id) lane. Each lane
+#: appears at most once per statement (the caller splits batches), so the snapshot suffices.
+_INSERT_DELIVERIES = f"""
+    INSERT INTO deliveries (event_seq, endpoint, user_id, ord, state, next_at, created_at,
+        updated_at)
+    SELECT n.seq, n.endpoint, n.user_id, n.seq,
+        CASE WHEN n.state = 'pending' AND n.user_id IS NOT NULL AND EXISTS (
+            SELECT 1 FROM deliveries x WHERE x.endpoint = n.endpoint AND x.user_id = n.user_id
+            AND x.state IN {_ACTIVE}
+        ) THEN 'waiting' ELSE n.state END,
+        n.next_at, $6::float8, $6::float8
+    FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::float8[]) WITH ORDINALITY
+        AS n(seq, endpoint, user_id, state, next_at, i)
+    ORDER BY n.i
+"""
+
+#: Two probes, each on its own small partial index: leases that ran out (a replica died
+#: mid-delivery), then due pending deliveries, oldest first.
+_CLAIM = """
+    WITH expired AS (
+        SELECT id FROM deliveries
+        WHERE endpoint = $1 AND state = 'inflight' AND lease_until <= $2
+        ORDER BY lease_until LIMIT $3 FOR UPDATE SKIP LOCKED
+    ), due AS (
+        SELECT id FROM deliveries
+        WHERE endpoint = $1 AND state = 'pending' AND next_at <= $2
+        ORDER BY next_at, id LIMIT $3 FOR UPDATE SKIP LOCKED
+    ), picked AS (
+        SELECT id FROM expired UNION ALL SELECT id FROM due LIMIT $3
+    ), claimed AS (
+        UPDATE deliveries d SET state = 'inflight', claimed_by = $4,
+            lease_until = $2::float8 + $5::float8, updated_at = $2
+        FROM picked WHERE d.id = picked.id
+        RETURNING d.id, d.event_seq, d.user_id, d.attempts, d.created_at
+    )
+    SELECT c.id, c.user_id, c.attempts, c.created_at, e.event_id, e.source, e.body, e.has_token
+    FROM claimed c JOIN events e ON e.seq = c.event_seq
+    ORDER BY c.id
+"""
+
+#: Verdicts with an attempt, in one statement: apply those still claimed by this replica,
+#: number their attempts, promote the next waiting delivery of each lane that finished, and
+#: fold the results into the per-endpoint health row (last, so its row lock is held briefly).
+_RECORD = f"""
+    WITH verdict AS (
+        SELECT * FROM unnest($2::bigint[], $3::text[], $4::float8[], $5::float8[], $6::int4[],
+            $7::float8[], $8::text[], $9::text[])
+            AS v(id, state, next_at, at, status, latency, error, excerpt)
+    ), applied AS (
+        UPDATE deliveries d SET state = v.state, attempts = d.attempts + 1,
+            next_at = v.next_at, updated_at = $10, last_status = v.status, last_error = v.error,
+            claimed_by = NULL, lease_until = NULL
+        FROM verdict v
+        WHERE d.id = v.id AND d.state = 'inflight' AND d.claimed_by = $1
+        RETURNING d.id, d.endpoint, d.user_id, v.state, v.at, v.status, v.error
+    ), logged AS (
+        INSERT INTO attempts (delivery_id, n, at, status, latency, error, excerpt)
+        SELECT v.id,
+            COALESCE((SELECT MAX(a.n) FROM attempts a WHERE a.delivery_id = v.id), 0) + 1,
+            v.at, v.status, v.latency, v.error, v.excerpt
+        FROM verdict v JOIN applied USING (id)
+    ), lanes AS (
+        SELECT DISTINCT endpoint, user_id FROM applied
+        WHERE state <> 'pending' AND user_id IS NOT NULL
+    ), next AS (
+        SELECT w.id FROM lanes CROSS JOIN LATERAL (
+            SELECT x.id FROM deliveries x
+            WHERE x.endpoint = lanes.endpoint AND x.user_id = lanes.user_id
+            AND x.state IN {_ACTIVE} AND x.state = 'waiting'
+            ORDER BY x.ord, x.id LIMIT 1
+        ) w
+    ), promoted AS (
+        UPDATE deliveries d SET state = 'pending', next_at = GREATEST(d.next_at, $10),
+            updated_at = $10
+        FROM next WHERE d.id = next.id
+        RETURNING d.id
+    ), health AS (
+        INSERT INTO endpoint_health AS h (endpoint, delivered_total, last_success_at,
+            last_failure_at, last_error)
+        SELECT endpoint,
+            count(*) FILTER (WHERE state = 'delivered'),
+            max(at) FILTER (WHERE state = 'delivered'),
+            max(at) FILTER (WHERE state <> 'delivered'),
+            (array_agg(COALESCE(NULLIF(error, ''), 'HTTP ' || status::text, 'failed')
+                ORDER BY at DESC, id DESC) FILTER (WHERE state <> 'delivered'))[1]
+        FROM applied GROUP BY endpoint ORDER BY endpoint
+        ON CONFLICT (endpoint) DO UPDATE SET
+            delivered_total = h.delivered_total + excluded.delivered_total,
+            last_success_at = GREATEST(h.last_success_at, excluded.last_success_at),
+            last_failure_at = GREATEST(h.last_failure_at, excluded.last_failure_at),
+            last_error = CASE WHEN excluded.last_failure_at IS NOT NULL AND (
+                h.last_failure_at IS NULL OR excluded.last_failure_at >= h.last_failure_at)
+                THEN excluded.last_error ELSE h.last_error END
+    )
+    SELECT (SELECT count(*) FROM applied) AS applied, (SELECT count(*) FROM promoted) AS promoted
+"""
+
+_RELEASE = """
+    UPDATE deliveries d SET state = 'pending', next_at = v.next_at, updated_at = $3,
+        claimed_by = NULL, lease_until = NULL
+    FROM unnest($1::bigint[], $2::float8[]) AS v(id, next_at)
+    WHERE d.id = v.id AND d.state = 'inflight' AND d.claimed_by = $4
+"""
+
+
+def display_url(url: str) -> str:
+    """``url`` with any password (user info or ``password`` parameter) masked."""
+    parts = urlsplit(url)
+    userinfo, at, host = parts.netloc.rpartition("@")
+    user, colon, _ = userinfo.partition(":")
+    netloc = f"{user}{':' + _MASK if colon else ''}{at}{host}"
+    pieces = []
+    for piece in parts.query.split("&") if parts.query else []:
+        name, eq, _ = piece.partition("=")
+        pieces.append(f"{name}={_MASK}" if eq and name.lower() == "password" else piece)
+    return urlunsplit((parts.scheme, netloc, parts.path, "&".join(pieces), parts.fragment))
+
+
+def _password(url: str) -> str | None:
+    try:
+        return urlsplit(url).password
+    except ValueError:
+        return None
+
+
+def _lock_key(namespace: str, name: str) -> int:
+    """A stable advisory-lock key (signed 64 bit) for ``name`` within one store's schema."""
+    digest = hashlib.blake2b(f"sfox-relay\0{namespace}\0{name}".encode(), digest_size=8)
+    return int.from_bytes(digest.digest(), "big", signed=True)
+
+
+def _quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _display_body(body: bytes) -> str:
+    """The stored body with a sealed token shown as such (as the SQLite store shows it)."""
+    message = loads(body)
+    payload = message.get("payload") if isinstance(message, dict) else None
+    if isinstance(payload, dict) and "user_token" in payload:
+        payload["user_token"] = "[sealed]"
+    return compact_json(message).decode()
+
+
+def _info(row: asyncpg.Record) -> DeliveryInfo:
+    state = public_state(row["state"])
+    return DeliveryInfo(
+        id=format_delivery_id(row["id"]),
+        endpoint=row["endpoint"],
+        event_id=row["event_id"],
+        user_id=row["user_id"],
+        state=state,
+        attempts=row["attempts"],
+        source=row["source"],
+        status=row["status"],
+        next_attempt_at=row["next_at"] if state == "pending" else None,
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        last_status=row["last_status"],
+        last_error=row["last_error"],
+    )
+
+
+class _Filters:
+    """WHERE terms with numbered parameters, as asyncpg wants them."""
+
+    def __init__(self) -> None:
+        self.terms: list[str] = []
+        self.args: list[Any] = []
+
+    def add(self, term: str, *values: Any) -> None:
+        """``term`` uses ``{}`` for each value, in order."""
+        marks = []
+        for value in values:
+            self.args.append(value)
+            marks.append(f"${len(self.args)}")
+        self.terms.append(term.format(*marks))
+
+    @classmethod
+    def of(cls, state: PublicState | None, endpoint: str | None, user_id: str | None) -> _Filters:
+        found = cls()
+        if state == "pending":
+            found.add(f"d.state IN {_ACTIVE}")
+        elif state is not None:
+            found.add("d.state = {}", state)
+        if endpoint is not None:
+            found.add("d.endpoint = {}", endpoint)
+        if user_id is not None:
+            found.add("d.user_id = {}", user_id)
+        return found
+
+    def where(self) -> str:
+        return f"WHERE {' AND '.join(self.terms)}" if self.terms else ""
+
+
+def _segments(events: Sequence[NewEvent]) -> list[list[NewEvent]]:
+    """Split a batch into runs in which each user appears at most once.
+
+    Within a run every statement can be set-based: no lane, user state or reconciliation
+    check depends on another event of the same run.
+    """
+    runs: list[list[NewEvent]] = [[]]
+    users: set[str] = set()
+    for event in events:
+        if event.user_id is not None:
+            if event.user_id in users:
+                runs.append([])
+                users = set()
+            users.add(event.user_id)
+        runs[-1].append(event)
+    return [run for run in runs if run]
+
+
+class PostgresStore:
+    """The PostgreSQL outbox (``RELAY_STORE=postgresql://...``), shared by replicas.
+
+    Args:
+        url: a ``postgresql://`` URL (asyncpg's DSN syntax).
+        lease: how long a claim lasts before another replica may take the delivery over.
+        replica: this process's name in claims; unique per running process (default:
+            host, pid and a random suffix, so a restarted process never reuses a claim).
+        schema: keep the store in this PostgreSQL schema (created if missing) instead of
+            the connection's ``search_path``.
+        pool_size: most connections a daemon opens (a CLI command opens two at most).
+        timeout: seconds for connecting, acquiring a connection and each statement.
+        liveness: seconds between checks of the wake-up listener's connection.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        lease: float = 60.0,
+        replica: str | None = None,
+        schema: str | None = None,
+        pool_size: int = 10,
+        timeout: float = 10.0,
+        liveness: float = 15.0,
+    ) -> None:
+        if lease <= 0:
+            raise ValueError("lease must be positive")
+        self._url = url
+        self.display = display_url(url)
+        self._secret = _password(url)
+        self.lease = lease
+        self.replica = replica or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        self.schema = schema
+        self._pool_size = max(2, pool_size)
+        self._timeout = timeout
+        self._liveness = liveness
+        self._pool: asyncpg.Pool[asyncpg.Record] | None = None
+        self._namespace = ""
+        self._channel = ""
+        self._callbacks: list[Callable[[], None]] = []
+        self._listener: asyncio.Task[None] | None = None
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    def _server_settings(self, role: str = "") -> dict[str, str]:
+        """Session settings; the application name tells replicas (and their roles) apart."""
+        name = f"sfox-relay {self.replica}{' ' + role if role else ''}"
+        settings = {"application_name": name[:63]}
+        if self.schema is not None:
+            settings["search_path"] = _quote_ident(self.schema)
+        return settings
+
+    def _error(self, exc: BaseException) -> StoreError:
+        """The store error for a driver or network failure, without any secret in it."""
+        text = str(exc) or type(exc).__name__
+        if self._secret:
+            text = text.replace(self._secret, _MASK)
+        message = f"{self.display}: {text}"
+        if isinstance(exc, asyncpg.ClientConfigurationError):
+            return StoreError(message)
+        if isinstance(exc, _UNAVAILABLE):
+            return StoreUnavailableError(message)
+        return StoreError(message)
+
+    def _require_pool(self) -> asyncpg.Pool[asyncpg.Record]:
+        if self._pool is None:
+            raise StoreError(f"{self.display}: store is not open")
+        return self._pool
+
+    async def _run(self, fn: Callable[[Conn], Awaitable[T]], *, tx: bool = True) -> T:
+        """Run ``fn`` on a pooled connection (in a transaction unless ``tx`` is False).
+
+        A transaction that lost a deadlock or serialization race to another replica is run
+        again; driver and network failures become store errors here, at the boundary.
+        """
+        pool = self._require_pool()
+        try:
+            for attempt in range(1, _TX_ATTEMPTS + 1):
+                try:
+                    async with pool.acquire(timeout=self._timeout) as conn:
+                        if not tx:
+                            return await fn(conn)
+                        async with conn.transaction():
+                            return await fn(conn)
+                except _CONFLICTS:
+                    if attempt == _TX_ATTEMPTS:
+                        raise
+                    await asyncio.sleep(random.uniform(0.0, 0.005 * attempt))
+            raise AssertionError("unreachable")  # pragma: no cover
+        except _MAPPED as exc:
+            raise self._error(exc) from exc
+
+    async def _connect(self, role: str) -> asyncpg.Connection[asyncpg.Record]:
+        """A connection outside the pool (``listen``, ``reconcile``)."""
+        try:
+            return await asyncpg.connect(
+                self._url,
+                timeout=self._timeout,
+                command_timeout=self._timeout,
+                server_settings=self._server_settings(role),
+            )
+        except _MAPPED as exc:
+            raise self._error(exc) from exc
+
+    async def _close_connection(self, conn: asyncpg.Connection[asyncpg.Record]) -> None:
+        try:
+            await asyncio.wait_for(conn.close(), self._timeout)
+        except BaseException:
+            conn.terminate()
+            raise
+
+    @staticmethod
+    async def _lock_users(conn: Conn, users: Sequence[str], *, create: bool) -> None:
+        """Lock the users' rows (sorted, so two transactions never wait on each other).
+
+        ``create`` first adds rows for users never seen; elsewhere they exist already, since
+        a delivery with a user id exists only after an append locked that user.
+        """
+        wanted = sorted(set(users))
+        if not wanted:
+            return
+        locked = await conn.fetch(_LOCK_USERS, wanted)
+        if create and len(locked) < len(wanted):
+            await conn.execute(
+                "INSERT INTO user_locks (user_id) SELECT u FROM unnest($1::text[]) AS u "
+                "ORDER BY u ON CONFLICT DO NOTHING",
+                wanted,
+            )
+            await conn.fetch(_LOCK_USERS, wanted)
+
+    async def _notify(self, conn: Conn) -> None:
+        """Wake the other replicas when this transaction commits."""
+        await conn.execute("SELECT pg_notify($1, $2)", self._channel, self.replica)
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    async def open(self, *, daemon: bool) -> None:
+        """Connect and migrate. No single-writer lock: replicas share the store."""
+        if self._pool is not None:
+            return
+        try:
+            pool = await asyncpg.create_pool(
+                self._url,
+                min_size=1,
+                max_size=self._pool_size if daemon else 2,
+                timeout=self._timeout,
+                command_timeout=self._timeout,
+                max_inactive_connection_lifetime=300.0,
+                server_settings=self._server_settings(),
+            )
+        except _MAPPED as exc:
+            raise self._error(exc) from exc
+        self._pool = pool
+        try:
+            self._namespace = await self._run(self._migrate)
+        except BaseException:
+            self._pool = None
+            await self._close_pool(pool)
+            raise
+        self._channel = f"relay_wakeup_{_lock_key(self._namespace, 'wakeup') & 0xFFFFFFFFFFFF:012x}"
+        if self._callbacks:
+            self._start_listener()
+
+    async def _migrate(self, conn: Conn) -> str:
+        """Apply what migrations are missing, once, however many replicas start together."""
+        namespace = self.schema
+        if namespace is None:
+            namespace = await conn.fetchval("SELECT current_schema()")
+            if namespace is None:
+                raise StoreError(
+                    f"{self.display}: no schema of the search_path exists; create one or name "
+                    "one with ?options=-csearch_path%3D<schema>"
+                )
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", _lock_key(namespace, "migrate"))
+        if self.schema is not None:
+            await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {_quote_ident(self.schema)}")
+        await conn.execute(_BOOKKEEPING)
+        value = await conn.fetchval("SELECT value FROM meta WHERE key = 'schema_version'")
+        version = int(value) if value is not None else 0
+        if version > len(MIGRATIONS):
+            raise StoreSchemaError(
+                f"{self.display} has schema version {version}, newer than this relay knows "
+                f"({len(MIGRATIONS)}); upgrade sfox-relay"
+            )
+        for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+            await conn.execute(script)
+            await conn.execute(
+                "INSERT INTO schema_migrations (version, applied_by) VALUES ($1, $2)",
+                number,
+                self.replica,
+            )
+            await conn.execute(
+                "INSERT INTO meta (key, value) VALUES ('schema_version', $1) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                str(number),
+            )
+            log.info(
+                "store migrated",
+                extra={"event": "store.migrated", "store": self.display, "version": number},
+            )
+        return str(namespace)
+
+    async def _close_pool(self, pool: asyncpg.Pool[asyncpg.Record]) -> None:
+        try:
+            await asyncio.wait_for(pool.close(), self._timeout)
+        except BaseException:
+            pool.terminate()
+            raise
+
+    async def close(self) -> None:
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await listener
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            with contextlib.suppress(*_MAPPED):
+                await self._close_pool(pool)
+
+    async def check_writable(self) -> None:
+        async def write(conn: Conn) -> None:
+            await conn.execute(
+                "INSERT INTO meta (key, value) VALUES ('heartbeat', '1') ON CONFLICT (key) "
+                "DO UPDATE SET value = (meta.value::bigint + 1)::text"
+            )
+
+        await self._run(write)
+
+    # -- ingest -----------------------------------------------------------------------------
+
+    async def append(
+        self, events: Sequence[NewEvent], targets: Sequence[Target], now: float
+    ) -> AppendResult:
+        if not events:
+            return AppendResult()
+        return await self._run(lambda c: self._append(c, events, targets, now))
+
+    async def _append(
+        self, conn: Conn, events: Sequence[NewEvent], targets: Sequence[Target], now: float
+    ) -> AppendResult:
+        users = [e.user_id for e in events if e.user_id is not None]
+        await self._lock_users(conn, users, create=True)
+        states: dict[str, tuple[str | None, str | None, str | None, str]] = {
+            row["user_id"]: (row["status"], row["requirements"], row["event_id"], row["source"])
+            for row in await conn.fetch(
+                "SELECT user_id, status, requirements, event_id, source FROM user_state "
+                "WHERE user_id = ANY($1::text[])",
+                sorted(set(users)),
+            )
+        }
+        stored: list[NewEvent] = []
+        superseded: dict[str, int] = {}
+        stale = duplicates = 0
+        due = False
+        for run in _segments(events):
+            fresh = [
+                e
+                for e in run
+                if e.source != "reconcile"
+                or e.user_id is None
+                or (states[e.user_id][2] if e.user_id in states else None) == e.after
+            ]
+            stale += len(run) - len(fresh)
+            if not fresh:
+                continue
+            rows = await conn.fetch(
+                _INSERT_EVENTS,
+                [e.event_id for e in fresh],
+                [e.source for e in fresh],
+                [e.recipient for e in fresh],
+                [e.user_id for e in fresh],
+                [e.status for e in fresh],
+                [e.requirements for e in fresh],
+                [e.body for e in fresh],
+                [e.has_token for e in fresh],
+                now,
+            )
+            seqs: dict[str, int] = {row["event_id"]: row["seq"] for row in rows}
+            new_states: list[tuple[str, str | None, str | None, str, str]] = []
+            deliveries: list[tuple[int, str, str | None, str, float]] = []
+            for event in fresh:
+                seq = seqs.pop(event.event_id, None)
+                if seq is None:
+                    duplicates += 1
+                    continue
+                stored.append(event)
+                before = states.get(event.user_id) if event.user_id is not None else None
+                is_superseded = (
+                    event.source == "feed"
+                    and before is not None
+                    and before[3] == "reconcile"
+                    and before[0] == event.status
+                    and before[1] == event.requirements
+                )
+                if event.user_id is not None:
+                    state = (event.status, event.requirements, event.event_id, event.source)
+                    states[event.user_id] = state
+                    new_states.append((event.user_id, *state))
+                for target in targets:
+                    if not ev.routes((target,), event):
+                        continue
+                    if is_superseded and not target.wants_token:
+                        superseded[target.name] = superseded.get(target.name, 0) + 1
+                        initial = "superseded"
+                    else:
+                        initial = "pending"
+                        due = True
+                    deliveries.append(
+                        (seq, target.name, event.user_id, initial, now + target.first_delay)
+                    )
+            if new_states:
+                await conn.execute(
+                    _UPSERT_USER_STATES,
+                    *(list(column) for column in zip(*new_states, strict=True)),
+                    now,
+                )
+            if deliveries:
+                await conn.execute(
+                    _INSERT_DELIVERIES,
+                    *(list(column) for column in zip(*deliveries, strict=True)),
+                    now,
+                )
+        if due:
+            await self._notify(conn)
+        return AppendResult(stored, duplicates, stale, superseded)
+
+    async def quarantine(self, frame: BadFrame, now: float) -> None:
+        async def insert(conn: Conn) -> None:
+            await conn.execute(
+                "INSERT INTO bad_frames (at, reason, text) VALUES ($1, $2, $3)",
+                now,
+                frame.reason,
+                frame.text,
+            )
+
+        await self._run(insert)
+
+    # -- dispatch ---------------------------------------------------------------------------
+
+    async def claim(self, endpoint: str, now: float, limit: int) -> list[Claim]:
+        if limit <= 0:
+            return []
+
+        async def claim(conn: Conn) -> list[Claim]:
+            rows = await conn.fetch(_CLAIM, endpoint, now, limit, self.replica, self.lease)
+            return [
+                Claim(
+                    delivery_id=row["id"],
+                    endpoint=endpoint,
+                    event_id=row["event_id"],
+                    user_id=row["user_id"],
+                    attempts=row["attempts"],
+                    source=row["source"],
+                    body=bytes(row["body"]),
+                    has_token=row["has_token"],
+                    created_at=row["created_at"],
+                )
+                for row in rows
+            ]
+
+        return await self._run(claim, tx=False)
+
+    async def next_due(self, endpoints: Sequence[str]) -> float | None:
+        """Also counts leases running out: a dead replica's deliveries become claimable."""
+        if not endpoints:
+            return None
+
+        async def query(conn: Conn) -> float | None:
+            value = await conn.fetchval(
+                "SELECT MIN(at) FROM unnest($1::text[]) AS e(name) CROSS JOIN LATERAL ("
+                "(SELECT next_at AS at FROM deliveries WHERE state = 'pending' "
+                "AND endpoint = e.name ORDER BY next_at LIMIT 1) UNION ALL "
+                "(SELECT lease_until FROM deliveries WHERE state = 'inflight' "
+                "AND endpoint = e.name ORDER BY lease_until LIMIT 1)) AS due",
+                list(endpoints),
+            )
+            return float(value) if value is not None else None
+
+        return await self._run(query, tx=False)
+
+    async def record(self, outcomes: Sequence[Outcome], now: float) -> None:
+        # Sequential semantics for a repeated id: the first verdict applies, the rest find the
+        # delivery no longer in flight.
+        first: dict[int, Outcome] = {}
+        for out in outcomes:
+            first.setdefault(out.delivery_id, out)
+        tried = [o for o in first.values() if o.state != "released" and o.attempt is not None]
+        released = [o for o in first.values() if o.state == "released" or o.attempt is None]
+        if not first:
+            return
+
+        async def record(conn: Conn) -> None:
+            finishing = [o.delivery_id for o in tried if o.state != "pending"]
+            if finishing:
+                await conn.fetch(
+                    "SELECT user_id FROM user_locks WHERE user_id IN (SELECT user_id FROM "
+                    "deliveries WHERE id = ANY($1::bigint[]) AND user_id IS NOT NULL) "
+                    "ORDER BY user_id FOR UPDATE",
+                    finishing,
+                )
+            promoted = 0
+            if tried:
+                attempts = [o.attempt for o in tried if o.attempt is not None]
+                row = await conn.fetchrow(
+                    _RECORD,
+                    self.replica,
+                    [o.delivery_id for o in tried],
+                    [o.state for o in tried],
+                    [o.next_at for o in tried],
+                    [a.at for a in attempts],
+                    [a.status for a in attempts],
+                    [a.latency for a in attempts],
+                    [a.error for a in attempts],
+                    [a.excerpt for a in attempts],
+                    now,
+                )
+                promoted = row["promoted"] if row is not None else 0
+            back = "UPDATE 0"
+            if released:
+                back = await conn.execute(
+                    _RELEASE,
+                    [o.delivery_id for o in released],
+                    [o.next_at for o in released],
+                    now,
+                    self.replica,
+                )
+            if promoted or back != "UPDATE 0":
+                await self._notify(conn)
+
+        await self._run(record)
+
+    # -- inspection and replay --------------------------------------------------------------
+
+    async def list_deliveries(
+        self,
+        *,
+        state: PublicState | None = None,
+        endpoint: str | None = None,
+        user_id: str | None = None,
+        limit: int = 50,
+        before: int | None = None,
+    ) -> list[DeliveryInfo]:
+        found = _Filters.of(state, endpoint, user_id)
+        if before is not None:
+            found.add("d.id < {}", before)
+        found.args.append(limit)
+        sql = (
+            f"SELECT {_DELIVERY_COLUMNS} FROM deliveries d JOIN events e ON e.seq = d.event_seq "
+            f"{found.where()} ORDER BY d.id DESC LIMIT ${len(found.args)}"
+        )
+        rows = await self._run(lambda c: c.fetch(sql, *found.args), tx=False)
+        return [_info(row) for row in rows]
+
+    async def get_delivery(self, delivery_id: int) -> DeliveryDetail | None:
+        async def query(conn: Conn) -> DeliveryDetail | None:
+            row = await conn.fetchrow(
+                f"SELECT {_DELIVERY_COLUMNS}, e.body FROM deliveries d "
+                "JOIN events e ON e.seq = d.event_seq WHERE d.id = $1",
+                delivery_id,
+            )
+            if row is None:
+                return None
+            attempts = [
+                Attempt(a["at"], a["status"], a["latency"], a["error"], a["excerpt"])
+                for a in await conn.fetch(
+                    "SELECT at, status, latency, error, excerpt FROM attempts "
+                    "WHERE delivery_id = $1 ORDER BY n",
+                    delivery_id,
+                )
+            ]
+            return DeliveryDetail(_info(row), _display_body(bytes(row["body"])), attempts)
+
+        return await self._run(query, tx=False)
+
+    async def replay(
+        self,
+        *,
+        ids: Sequence[int] | None = None,
+        state: PublicState | None = None,
+        endpoint: str | None = None,
+        user_id: str | None = None,
+        now: float,
+    ) -> int:
+        found = _Filters.of(state, endpoint, user_id)
+        found.add(f"d.state IN {_FINISHED}")
+        if ids is not None:
+            if not ids:
+                return 0
+            found.add("d.id = ANY({}::bigint[])", list(ids))
+
+        async def replay(conn: Conn) -> int:
+            candidates = await conn.fetch(
+                f"SELECT d.id, d.user_id FROM deliveries d {found.where()}", *found.args
+            )
+            if not candidates:
+                return 0
+            users = [row["user_id"] for row in candidates if row["user_id"] is not None]
+            await self._lock_users(conn, users, create=False)
+            # Again under the locks, in lane order: another replay may have taken some.
+            rows = await conn.fetch(
+                f"SELECT id, endpoint, user_id FROM deliveries WHERE id = ANY($1::bigint[]) "
+                f"AND state IN {_FINISHED} ORDER BY ord, id FOR UPDATE",
+                [row["id"] for row in candidates],
+            )
+            if not rows:
+                return 0
+            busy = {
+                (row["endpoint"], row["user_id"])
+                for row in await conn.fetch(
+                    "SELECT DISTINCT d.endpoint, d.user_id FROM unnest($1::text[], $2::text[]) "
+                    "AS l(endpoint, user_id) JOIN deliveries d ON d.endpoint = l.endpoint "
+                    f"AND d.user_id = l.user_id AND d.state IN {_ACTIVE}",
+                    [row["endpoint"] for row in rows],
+                    [row["user_id"] for row in rows],
+                )
+            }
+            # Replayed deliveries go after everything stored so far: fresh positions from the
+            # events' own sequence, which later events continue.
+            positions = sorted(
+                r[0]
+                for r in await conn.fetch(
+                    "SELECT nextval(pg_get_serial_sequence('events', 'seq')) "
+                    "FROM generate_series(1, $1)",
+                    len(rows),
+                )
+            )
+            states: list[str] = []
+            for row in rows:
+                lane = (row["endpoint"], row["user_id"])
+                if row["user_id"] is not None and lane in busy:
+                    states.append("waiting")
+                else:
+                    states.append("pending")
+                    if row["user_id"] is not None:
+                        busy.add(lane)
+            await conn.execute(
+                "UPDATE deliveries d SET state = r.state, attempts = 0, next_at = $4, "
+                "updated_at = $4, ord = r.ord, claimed_by = NULL, lease_until = NULL "
+                "FROM unnest($1::bigint[], $2::text[], $3::bigint[]) AS r(id, state, ord) "
+                "WHERE d.id = r.id",
+                [row["id"] for row in rows],
+                states,
+                positions,
+                now,
+            )
+            if "pending" in states:
+                await self._notify(conn)
+            return len(rows)
+
+        return await self._run(replay)
+
+    async def endpoint_stats(self) -> list[EndpointStats]:
+        async def query(conn: Conn) -> list[EndpointStats]:
+            # Every query here is served by a small index: a status page refreshing every few
+            # seconds must not scan the delivery history.
+            stats: dict[str, dict[str, Any]] = {}
+            for endpoint, (count, oldest) in (await self._pending(conn)).items():
+                stats[endpoint] = {
+                    "endpoint": endpoint,
+                    "pending": count,
+                    "oldest_pending_at": oldest,
+                }
+            for row in await conn.fetch(
+                "SELECT endpoint, COUNT(*) AS dead FROM deliveries WHERE state = 'dead' "
+                "GROUP BY endpoint"
+            ):
+                stats.setdefault(row["endpoint"], {"endpoint": row["endpoint"]})["dead"] = row[
+                    "dead"
+                ]
+            for row in await conn.fetch(
+                "SELECT endpoint, delivered_total, last_success_at, last_failure_at, last_error "
+                "FROM endpoint_health"
+            ):
+                stats.setdefault(row["endpoint"], {"endpoint": row["endpoint"]}).update(
+                    delivered=row["delivered_total"],
+                    last_success_at=row["last_success_at"],
+                    last_failure_at=row["last_failure_at"],
+                    last_error=row["last_error"],
+                )
+            return [EndpointStats(**entry) for entry in stats.values()]
+
+        return await self._run(query, tx=False)
+
+    async def pending_stats(self) -> dict[str, tuple[int, float]]:
+        return await self._run(self._pending, tx=False)
+
+    @staticmethod
+    async def _pending(conn: Conn) -> dict[str, tuple[int, float]]:
+        return {
+            row["endpoint"]: (row["count"], row["oldest"])
+            for row in await conn.fetch(
+                "SELECT endpoint, COUNT(*) AS count, MIN(created_at) AS oldest FROM deliveries "
+                f"WHERE state IN {_ACTIVE} GROUP BY endpoint"
+            )
+        }
+
+    # -- reconciliation ---------------------------------------------------------------------
+
+    async def user_states(self) -> dict[str, UserState]:
+        async def query(conn: Conn) -> dict[str, UserState]:
+            return {
+                row["user_id"]: UserState(
+                    row["user_id"],
+                    row["status"],
+                    row["requirements"],
+                    row["event_id"],
+                    row["source"],
+                )
+                for row in await conn.fetch(
+                    "SELECT user_id, status, requirements, event_id, source FROM user_state"
+                )
+            }
+
+        return await self._run(query, tx=False)
+
+    async def record_baseline(self, states: Sequence[UserState], now: float) -> int:
+        async def insert(conn: Conn) -> int:
+            await conn.execute(
+                "INSERT INTO meta (key, value) VALUES ('reconcile_baseline', $1) "
+                "ON CONFLICT (key) DO NOTHING",
+                repr(now),
+            )
+            if not states:
+                return 0
+            status = await conn.execute(
+                "INSERT INTO user_state (user_id, status, requirements, event_id, source, "
+                "updated_at) SELECT *, $6::float8 FROM unnest($1::text[], $2::text[], $3::text[], "
+                "$4::text[], $5::text[]) ON CONFLICT (user_id) DO NOTHING",
+                [s.user_id for s in states],
+                [s.status for s in states],
+                [s.requirements for s in states],
+                [s.event_id for s in states],
+                [s.source for s in states],
+                now,
+            )
+            return int(status.rsplit(" ", 1)[-1])
+
+        return await self._run(insert)
+
+    async def has_baseline(self) -> bool:
+        async def query(conn: Conn) -> bool:
+            found = await conn.fetchval("SELECT 1 FROM meta WHERE key = 'reconcile_baseline'")
+            return found is not None
+
+        return await self._run(query, tx=False)
+
+    def on_wakeup(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` when another replica commits work that is due.
+
+        A dedicated connection LISTENs (started now if the store is open, else by ``open``).
+        Each time it starts listening (first, and after reconnecting) it calls back once, for
+        anything committed while it was not.
+        """
+        self._callbacks.append(callback)
+        if self._pool is not None and self._listener is None:
+            self._start_listener()
+
+    def _start_listener(self) -> None:
+        self._listener = asyncio.get_running_loop().create_task(
+            self._listen(), name="relay-store-listener"
+        )
+
+    def _notified(
+        self,
+        conn: asyncpg.Connection[Any] | PoolConnectionProxy[Any],
+        pid: int,
+        channel: str,
+        payload: object,
+    ) -> None:
+        if payload != self.replica:  # our own commits wake our dispatcher directly
+            self._wake()
+
+    def _wake(self) -> None:
+        for callback in self._callbacks:
+            try:
+                callback()
+            except Exception:
+                log.exception("wake-up callback failed", extra={"event": "store.wakeup_error"})
+
+    async def _listen(self) -> None:
+        delay = 0.5
+        while True:
+            try:
+                conn = await self._connect("listen")
+            except StoreError as exc:
+                log.warning(
+                    "store listener cannot connect; retrying",
+                    extra={"event": "store.listener_down", "error": str(exc), "retry_s": delay},
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+                continue
+            lost = asyncio.Event()
+            conn.add_termination_listener(lambda _conn, lost=lost: lost.set())
+            try:
+                await conn.add_listener(self._channel, self._notified)
+                delay = 0.5
+                # Whatever was committed before we listened (or while we were cut off) may be
+                # due: wake once. This also tells a caller the listener is up.
+                self._wake()
+                while True:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(lost.wait(), self._liveness)
+                    if lost.is_set():
+                        break
+                    await conn.execute("SELECT 1")
+            except _MAPPED as exc:
+                log.warning(
+                    "store listener lost its connection; reconnecting",
+                    extra={"event": "store.listener_down", "error": str(self._error(exc))},
+                )
+            finally:
+                conn.terminate()
+
+    @contextlib.asynccontextmanager
+    async def reconcile_lock(self) -> AsyncIterator[bool]:
+        """A session advisory lock on a dedicated connection; False if another replica has it.
+
+        Closing the connection releases the lock, also when this process dies.
+        """
+        self._require_pool()
+        conn = await self._connect("reconcile")
+        try:
+            try:
+                mine = await conn.fetchval(
+                    "SELECT pg_try_advisory_lock($1)", _lock_key(self._namespace, "reconcile")
+                )
+            except _MAPPED as exc:
+                raise self._error(exc) from exc
+            yield bool(mine)
+        finally:
+            with contextlib.suppress(*_MAPPED):
+                await self._close_connection(conn)
+
+    # -- retention --------------------------------------------------------------------------
+
+    async def purge(self, *, delivered_before: float, dead_before: float, batch: int) -> int:
+        async def purge(conn: Conn) -> int:
+            # One purge at a time across replicas, so an event shared by two deliveries
+            # purged concurrently is never left behind by both.
+            await conn.execute(
+                "SELECT pg_advisory_xact_lock($1)", _lock_key(self._namespace, "purge")
+            )
+            value = await conn.fetchval(
+                """
+                WITH doomed AS (
+                    SELECT id, event_seq FROM deliveries WHERE id IN (
+                        (SELECT id FROM deliveries WHERE state IN ('delivered', 'superseded')
+                            AND updated_at < $1 LIMIT $3)
+                        UNION ALL
+                        (SELECT id FROM deliveries WHERE state = 'dead' AND updated_at < $2
+                            LIMIT $3)
+                    ) AND ((state IN ('delivered', 'superseded') AND updated_at < $1)
+                        OR (state = 'dead' AND updated_at < $2))
+                    LIMIT $3 FOR UPDATE SKIP LOCKED
+                ), gone_attempts AS (
+                    DELETE FROM attempts WHERE delivery_id IN (SELECT id FROM doomed)
+                ), gone AS (
+                    DELETE FROM deliveries WHERE id IN (SELECT id FROM doomed) RETURNING id
+                ), gone_events AS (
+                    DELETE FROM events e WHERE e.seq IN (SELECT event_seq FROM doomed)
+                    AND NOT EXISTS (
+                        SELECT 1 FROM deliveries d WHERE d.event_seq = e.seq
+                        AND d.id NOT IN (SELECT id FROM doomed)
+                    )
+                )
+                SELECT count(*) FROM gone
+                """,
+                delivered_before,
+                dead_before,
+                batch,
+            )
+            return int(value)
+
+        return await self._run(purge)
