@@ -157,6 +157,48 @@ def cmd_deliveries(args: argparse.Namespace) -> int:
     return asyncio.run(run())
 
 
+def cmd_reconcile(args: argparse.Namespace) -> int:
+    from relay.app import Ingest, targets_of
+    from relay.metrics import Metrics
+    from relay.reconcile import Reconciler
+    from relay.store import open_store
+
+    settings = _settings(for_run=True)
+    _logging(settings)
+    store = open_store(settings.store.get_secret_value())
+    metrics = Metrics()
+    seal = settings.token_key.get_secret_value() if settings.token_key else None
+    ingest = Ingest(store, targets_of(settings), metrics, seal, on_stored=lambda: None)
+    api_key = settings.api_key.get_secret_value() if settings.api_key else ""
+    reconciler = Reconciler(
+        store, ingest.append, metrics, api_url=settings.api_url, api_key=api_key, interval=None
+    )
+
+    async def run() -> int:
+        await store.open(daemon=False)
+        try:
+            report = await reconciler.run_once(emit_all=args.emit_all, dry_run=args.dry_run)
+        finally:
+            await reconciler.close()
+            await store.close()
+        for change in report.changes:
+            print(f"{change.user_id}  {change.before or '(new)'} -> {change.after}")
+        verb = "would emit" if args.dry_run else "emitted"
+        if report.outcome == "baseline":
+            print(f"baseline recorded for {report.baseline} users (nothing emitted)")
+        elif report.outcome == "success":
+            count = len(report.changes) if args.dry_run else report.emitted
+            print(f"{report.users} users, {len(report.changes)} changed, {verb} {count} events")
+        elif report.outcome == "skipped":
+            print("another replica is reconciling; nothing done")
+        else:
+            print(f"relay: reconciliation failed: {report.error}", file=sys.stderr)
+            return 1
+        return 0
+
+    return asyncio.run(run())
+
+
 # -- parser ---------------------------------------------------------------------------------
 
 
@@ -198,6 +240,11 @@ def _parser() -> argparse.ArgumentParser:
     replay = actions.add_parser("replay", parents=[filters], help="re-queue deliveries")
     replay.add_argument("ids", nargs="*", help="delivery ids (else: every match of the filters)")
     deliveries.set_defaults(fn=cmd_deliveries)
+
+    reconcile = sub.add_parser("reconcile", help="compare with sFOX's REST users list now")
+    reconcile.add_argument("--emit-all", action="store_true", help="emit every user's state")
+    reconcile.add_argument("--dry-run", action="store_true", help="show, store nothing")
+    reconcile.set_defaults(fn=cmd_reconcile)
     return parser
 
 

@@ -146,7 +146,7 @@ def create_app(
                 401, "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"}
             )
 
-    api = APIRouter(prefix="/api", dependencies=[Depends(authorize)])
+    api = APIRouter(prefix="/api", dependencies=[Depends(authorize)], responses=_AUTH_ERRORS)
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> dict[str, str]:

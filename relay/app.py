@@ -23,6 +23,7 @@ from relay.errors import StoreUnavailableError
 from relay.events import BadFrame, Message, NewEvent
 from relay.feed import FeedClient, FeedOptions, FeedState
 from relay.metrics import Metrics
+from relay.reconcile import Reconciler
 from relay.store import Store, open_store
 from relay.store.base import Target
 from relay.transport import AiohttpSender, Sender
@@ -161,6 +162,16 @@ class Relay:
             self.metrics,
         )
         self._stats_interval = stats_interval
+        self.reconciler = Reconciler(
+            self.store,
+            self.ingest.append,
+            self.metrics,
+            api_url=settings.api_url,
+            api_key=api_key,
+            interval=settings.reconcile_interval,
+            clock=clock,
+        )
+        self.ingest.when_subscribed(self.reconciler.trigger)
         self.admin = AdminServer(
             create_app(
                 store=self.store,
@@ -200,6 +211,7 @@ class Relay:
             finally:
                 await self.admin.stop()
         finally:
+            await self.reconciler.close()
             await self.sender.close()
             await self.store.close()
 
@@ -207,6 +219,7 @@ class Relay:
         feed = asyncio.create_task(self.feed.run(), name="relay-feed")
         dispatch = asyncio.create_task(self.dispatcher.run(), name="relay-dispatch")
         stats = asyncio.create_task(self._stats_loop(), name="relay-stats")
+        reconcile = asyncio.create_task(self.reconciler.run(), name="relay-reconcile")
         log.info(
             "relay started",
             extra={
@@ -228,9 +241,10 @@ class Relay:
             await feed
         await self.dispatcher.shutdown(self.settings.shutdown_grace)
         await dispatch
-        stats.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await stats
+        for background in (stats, reconcile):
+            background.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await background
         stop.cancel()
         log.info("relay stopped", extra={"event": "relay.stopped"})
 

@@ -60,7 +60,8 @@ def format_delivery_id(number: int) -> str:
 
 def parse_delivery_id(text: str) -> int | None:
     """The store's key for an opaque id, or None if it is not one of ours."""
-    if not text.startswith("dlv_") or not text[4:].isdigit():
+    digits = text[4:]
+    if not text.startswith("dlv_") or not (digits.isascii() and digits.isdigit()):
         return None
     return int(text[4:])
 
@@ -240,7 +241,13 @@ class Store(Protocol):
     async def user_states(self) -> dict[str, UserState]: ...
 
     async def record_baseline(self, states: Sequence[UserState], now: float) -> int:
-        """Remember users' states without emitting anything (first reconciliation)."""
+        """Remember users' states without emitting anything (first reconciliation).
+
+        Existing states (from the feed) are kept; the store remembers that a baseline exists.
+        """
+
+    async def has_baseline(self) -> bool:
+        """Whether a reconciliation baseline was ever recorded in this store."""
 
     async def purge(self, *, delivered_before: float, dead_before: float, batch: int) -> int:
         """Delete one batch of old finished deliveries (and orphaned events); returns rows."""

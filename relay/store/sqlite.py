@@ -734,6 +734,11 @@ class SQLiteStore:
     async def record_baseline(self, states: Sequence[UserState], now: float) -> int:
         def insert(conn: sqlite3.Connection) -> int:
             with self._tx(conn):
+                conn.execute(
+                    "INSERT INTO meta (key, value) VALUES ('reconcile_baseline', ?) "
+                    "ON CONFLICT (key) DO NOTHING",
+                    (str(now),),
+                )
                 cur = conn.executemany(
                     "INSERT OR IGNORE INTO user_state (user_id, status, requirements, event_id, "
                     "source, updated_at) VALUES (?,?,?,?,?,?)",
@@ -754,6 +759,13 @@ class SQLiteStore:
         """One daemon per file; a concurrent `relay reconcile` is safe anyway, since a
         reconciled event is appended only while the user's state is the one it replaces."""
         yield True
+
+    async def has_baseline(self) -> bool:
+        def query(conn: sqlite3.Connection) -> bool:
+            row = conn.execute("SELECT 1 FROM meta WHERE key = 'reconcile_baseline'").fetchone()
+            return row is not None
+
+        return await self._run(query)
 
     # -- retention --------------------------------------------------------------------------
 

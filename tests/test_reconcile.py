@@ -1,0 +1,298 @@
+"""Reconciliation: the REST users list closes the gaps sFOX's feed never replays."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import httpx
+import pytest
+from conftest import EnvBuilder, eventually, run_relay
+
+from relay.codec import canonical_json
+from relay.events import USERS_FEED, reconcile_event_id
+from relay.metrics import Metrics
+from relay.receiver import Receiver
+from relay.reconcile import Reconciler, diff
+from relay.simulator import Faults, Simulator
+from relay.store.base import Target, UserState
+from relay.store.sqlite import SQLiteStore
+
+
+def user(uid: str, status: str, sms: bool = False) -> dict[str, Any]:
+    return {
+        "account_type": "individual",
+        "account_role": "Client",
+        "user_id": uid,
+        "advisor_user_id": None,
+        "email": f"{uid}@example.com",
+        "first_name": "A",
+        "last_name": "B",
+        "phone_number": "+1",
+        "status": status,
+        "requirements": {"sms": sms, "email": sms},
+    }
+
+
+def state(uid: str, status: str, sms: bool, event_id: str | None = "evt_x") -> UserState:
+    req = canonical_json({"sms": sms, "email": sms}).decode()
+    return UserState(uid, status, req, event_id, "feed")
+
+
+# -- the pure diff ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("stored", "rest", "changed"),
+    [
+        (None, ("VERIFIED", False), True),  # unknown user
+        (("PENDING", True), ("VERIFIED", False), True),  # status changed
+        (("PENDING", True), ("PENDING", False), True),  # requirements changed
+        (("VERIFIED", False), ("VERIFIED", False), False),  # same
+    ],
+)
+def test_diff_table(stored: tuple[str, bool] | None, rest: tuple[str, bool], changed: bool) -> None:
+    states = {"u1": state("u1", *stored)} if stored else {}
+    changes = diff([user("u1", *rest)], states, now_ns=1)
+    assert bool(changes) is changed
+    if changed:
+        event = changes[0].event
+        body = json.loads(event.body)
+        assert body["sequence"] is None
+        assert body["recipient"] == USERS_FEED
+        assert body["timestamp"] == 1
+        assert body["payload"] == user("u1", *rest)
+        assert "user_token" not in body["payload"]
+        assert event.source == "reconcile"
+        assert event.event_id == reconcile_event_id(
+            "u1", rest[0], {"sms": rest[1], "email": rest[1]}, "evt_x" if stored else None
+        )
+
+
+def test_diff_emit_all_includes_unchanged_users() -> None:
+    states = {"u1": state("u1", "VERIFIED", False)}
+    assert len(diff([user("u1", "VERIFIED")], states, now_ns=1, emit_all=True)) == 1
+
+
+# -- REST behaviour -----------------------------------------------------------------------
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.sleeps: list[float] = []
+
+    async def __call__(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+
+
+@pytest.fixture
+async def store(tmp_path: Any) -> Any:
+    s = SQLiteStore(tmp_path / "relay.db")
+    await s.open(daemon=True)
+    yield s
+    await s.close()
+
+
+def reconciler(store: SQLiteStore, handler: Any, sleep: Recorder, metrics: Metrics) -> Reconciler:
+    async def append(events: Any) -> int:
+        result = await store.append(events, [Target("ep")], 1.0)
+        return len(result.stored)
+
+    return Reconciler(
+        store,
+        append,
+        metrics,
+        api_url="http://sfox.test",
+        api_key="the-api-key-123456",
+        interval=None,
+        transport=httpx.MockTransport(handler),
+        sleep=sleep,
+    )
+
+
+async def test_rate_limited_rest_waits_at_least_60s_then_succeeds(store: SQLiteStore) -> None:
+    answers = iter([httpx.Response(429, headers={"retry-after": "5"}), None])
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        answer = next(answers)
+        return answer or httpx.Response(200, json={"data": [user("u1", "PENDING", True)]})
+
+    sleep, metrics = Recorder(), Metrics()
+    report = await reconciler(store, handler, sleep, metrics).run_once()
+    assert report.outcome == "baseline"
+    assert sleep.sleeps == [60.0]  # sFOX: after a 429, wait 60 s
+    assert seen[0].headers["authorization"] == "Bearer the-api-key-123456"
+    assert seen[0].url.path == "/v1/enterprise/users"
+    assert (
+        metrics.registry.get_sample_value("relay_reconcile_runs_total", {"outcome": "baseline"})
+        == 1.0
+    )
+
+
+async def test_rest_down_is_an_error_outcome_never_an_exception(store: SQLiteStore) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("refused")
+
+    sleep, metrics = Recorder(), Metrics()
+    report = await reconciler(store, handler, sleep, metrics).run_once()
+    assert report.outcome == "error"
+    assert "the-api-key" not in (report.error or "")
+    assert len(sleep.sleeps) == 2  # three attempts
+    assert (
+        metrics.registry.get_sample_value("relay_reconcile_runs_total", {"outcome": "error"}) == 1.0
+    )
+    assert (
+        metrics.registry.get_sample_value("relay_reconcile_last_success_timestamp_seconds") == 0.0
+    )
+
+
+@pytest.mark.parametrize(
+    "response",
+    [
+        httpx.Response(401, json={"error": "no"}),
+        httpx.Response(200, text="not json"),
+        httpx.Response(200, json={"users": []}),
+    ],
+)
+async def test_bad_rest_answers_are_errors(store: SQLiteStore, response: httpx.Response) -> None:
+    report = await reconciler(store, lambda r: response, Recorder(), Metrics()).run_once()
+    assert report.outcome == "error"
+
+
+async def test_first_run_is_a_baseline_then_changes_are_emitted_once(
+    store: SQLiteStore,
+) -> None:
+    users = [user("u1", "PENDING", True), user("u2", "PENDING", True)]
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json={"data": users})
+
+    metrics = Metrics()
+    rec = reconciler(store, handler, Recorder(), metrics)
+    assert (await rec.run_once()).baseline == 2
+    assert await store.list_deliveries() == []
+    users[0] = user("u1", "VERIFIED", False)
+    report = await rec.run_once()
+    assert (report.outcome, report.emitted) == ("success", 1)
+    assert [(c.user_id, c.before, c.after) for c in report.changes] == [
+        ("u1", "PENDING", "VERIFIED")
+    ]
+    assert (await rec.run_once()).emitted == 0  # nothing new: nothing twice
+    assert metrics.registry.get_sample_value("relay_reconcile_events_total") == 1.0
+    dry = await rec.run_once(emit_all=True, dry_run=True)
+    assert len(dry.changes) == 2 and dry.emitted == 0
+
+
+# -- end to end: the hidden gap -----------------------------------------------------------
+
+
+def latest_by_user(receiver: Receiver) -> dict[str, tuple[str, Any]]:
+    latest: dict[str, tuple[str, Any]] = {}
+    for item in receiver.received:
+        payload = item.json["payload"]
+        latest[payload["user_id"]] = (payload["status"], payload["requirements"])
+    return latest
+
+
+@pytest.mark.parametrize(
+    "sim",
+    [{"count": None, "users": 12, "rate": 400.0, "faults": Faults(lose_while_disconnected=True)}],
+    indirect=True,
+)
+async def test_changes_made_while_disconnected_arrive_after_reconnect(
+    sim: Simulator, receiver: Receiver, relay_env: EnvBuilder
+) -> None:
+    env = relay_env(RELAY_RECONCILE_INTERVAL="1h")
+    sim.pause()  # sFOX already has users when the relay is first deployed: the baseline
+    before = {uid: (u["status"], u["requirements"]) for uid, u in sim.users.items()}
+    async with run_relay(env) as relay:
+        runs = relay.metrics.registry.get_sample_value
+        await eventually(lambda: runs("relay_reconcile_runs_total", {"outcome": "baseline"}))
+        sim.resume()
+        await asyncio.sleep(0.3)
+        sim.pause()
+        await eventually(lambda: receiver.count >= len(sim.sent) > 0)
+    # The relay is down: sFOX goes on, and what it sends now is lost to us.
+    seen_before = len(sim.sent)
+    sim.resume()
+    await asyncio.sleep(0.3)
+    sim.pause()
+    assert len(sim.sent) == seen_before  # nobody was subscribed: those messages are gone
+    rest = {
+        uid: (u["status"], u["requirements"])
+        for uid, u in sim.users.items()
+        if before.get(uid) != (u["status"], u["requirements"])
+    }  # every user that changed since the relay was deployed
+    assert latest_by_user(receiver) != rest  # the gap is real
+    async with run_relay(env) as relay:
+        runs = relay.metrics.registry.get_sample_value
+        await eventually(lambda: runs("relay_reconcile_runs_total", {"outcome": "success"}))
+        await eventually(
+            lambda: latest_by_user(receiver) == rest,
+            message=lambda: f"{latest_by_user(receiver)} != {rest}",
+        )
+    recovered = [r for r in receiver.received if r.source == "reconcile"]
+    assert recovered
+    assert all(r.verified for r in receiver.received)
+    assert all("user_token" not in r.json["payload"] for r in recovered)
+    assert all(r.json["sequence"] is None for r in recovered)
+
+
+async def test_a_change_seen_both_ways_is_delivered_once(
+    sim: Simulator, make_receiver: Any, relay_env: EnvBuilder, signing_secret: str
+) -> None:
+    """Reconciliation emitted VERIFIED first; the feed's VERIFIED is then superseded for a
+    strip endpoint, while a forward endpoint still gets it for its user token."""
+    strip_rx, forward_rx = await make_receiver(), await make_receiver()
+    endpoints = json.dumps(
+        [
+            {"name": "strip", "url": strip_rx.url + "/a"},
+            {"name": "forward", "url": forward_rx.url + "/b", "user_token": "forward"},
+        ]
+    )
+    env = relay_env(
+        RELAY_ENDPOINTS=endpoints,
+        RELAY_TOKEN_KEY="AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=",
+        RELAY_RECONCILE_INTERVAL="1h",
+    )
+    uid = "client_seen-both-ways"
+    base: dict[str, Any] = {"sequence": 1000, "recipient": USERS_FEED}
+    pending = user(uid, "PENDING", True)
+    verified = user(uid, "VERIFIED", False)
+    token = {"token": "ab" * 32, "expires": "2999-01-01T00:00:00.000Z", "partner_user_id": uid}
+    async with run_relay(env) as relay:
+        runs = relay.metrics.registry.get_sample_value
+        await eventually(lambda: runs("relay_reconcile_runs_total", {"outcome": "baseline"}))
+        await asyncio.wait_for(sim.finished.wait(), 5)
+        await eventually(lambda: strip_rx.count >= 40 and forward_rx.count >= 40)
+        await sim.publish({**base, "timestamp": 1, "payload": {**pending, "user_token": token}})
+        await eventually(lambda: strip_rx.count >= 41 and forward_rx.count >= 41)
+    # While the relay is down the user is verified; sFOX's REST knows, the feed message is
+    # not seen yet.
+    sim.users  # noqa: B018 (the REST view follows publish)
+    await sim.publish({**base, "timestamp": 2, "payload": {**verified, "user_token": token}})
+    async with run_relay(env) as relay:
+        runs = relay.metrics.registry.get_sample_value
+        await eventually(lambda: runs("relay_reconcile_runs_total", {"outcome": "success"}))
+        await eventually(lambda: strip_rx.count >= 42 and forward_rx.count >= 42)
+        # Now the feed message itself arrives (a resend, or a late frame).
+        await sim.publish({**base, "timestamp": 3, "payload": {**verified, "user_token": token}})
+        await eventually(lambda: forward_rx.count >= 43)
+        await eventually(
+            lambda: runs("relay_deliveries_total", {"endpoint": "strip", "outcome": "superseded"})
+        )
+    strip_mine = [r for r in strip_rx.received if r.json["payload"]["user_id"] == uid]
+    forward_mine = [r for r in forward_rx.received if r.json["payload"]["user_id"] == uid]
+    assert [(r.source, r.json["payload"]["status"]) for r in strip_mine] == [
+        ("feed", "PENDING"),
+        ("reconcile", "VERIFIED"),
+    ]
+    assert [(r.source, r.json["payload"]["status"]) for r in forward_mine] == [
+        ("feed", "PENDING"),
+        ("reconcile", "VERIFIED"),
+        ("feed", "VERIFIED"),
+    ]
+    assert forward_mine[-1].json["payload"]["user_token"] == token
