@@ -141,6 +141,10 @@ def cmd_deliveries(args: argparse.Namespace) -> int:
                     return 1
                 print(json.dumps(service.detail_json(detail), indent=2))
                 return 0
+            if args.action == "purge":
+                removed = await service.purge(store, retention=args.older_than, now=time.time())
+                print(f"purged {removed} deliveries and events")
+                return 0
             count = await service.replay(
                 store,
                 ids=args.ids or None,
@@ -199,6 +203,15 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     return asyncio.run(run())
 
 
+def _duration(text: str) -> float:
+    from relay.config import parse_duration
+
+    try:
+        return parse_duration(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (e.g. 250ms, 5s, 3d)") from None
+
+
 # -- parser ---------------------------------------------------------------------------------
 
 
@@ -239,6 +252,12 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("id")
     replay = actions.add_parser("replay", parents=[filters], help="re-queue deliveries")
     replay.add_argument("ids", nargs="*", help="delivery ids (else: every match of the filters)")
+    purge = actions.add_parser(
+        "purge", help="delete delivered deliveries (and dead ones twice as old) now"
+    )
+    purge.add_argument(
+        "--older-than", type=_duration, required=True, help="e.g. 3d (dead ones: twice that)"
+    )
     deliveries.set_defaults(fn=cmd_deliveries)
 
     reconcile = sub.add_parser("reconcile", help="compare with sFOX's REST users list now")

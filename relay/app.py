@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from relay import events
+from relay import events, service
 from relay.admin import AdminServer, create_app
 from relay.config import Settings
 from relay.dispatch import Dispatcher
@@ -220,6 +220,7 @@ class Relay:
         dispatch = asyncio.create_task(self.dispatcher.run(), name="relay-dispatch")
         stats = asyncio.create_task(self._stats_loop(), name="relay-stats")
         reconcile = asyncio.create_task(self.reconciler.run(), name="relay-reconcile")
+        retention = asyncio.create_task(self._retention_loop(), name="relay-retention")
         log.info(
             "relay started",
             extra={
@@ -241,12 +242,26 @@ class Relay:
             await feed
         await self.dispatcher.shutdown(self.settings.shutdown_grace)
         await dispatch
-        for background in (stats, reconcile):
+        for background in (stats, reconcile, retention):
             background.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await background
         stop.cancel()
         log.info("relay stopped", extra={"event": "relay.stopped"})
+
+    async def _retention_loop(self) -> None:
+        """Purge what retention allows, a little and often (every tenth of it, at most 1 min)."""
+        every = min(60.0, max(0.05, self.settings.retention / 10))
+        while True:
+            await asyncio.sleep(every)
+            try:
+                removed = await service.purge(
+                    self.store, retention=self.settings.retention, now=self.clock()
+                )
+            except StoreUnavailableError:
+                continue
+            if removed:
+                log.info("retention purged", extra={"event": "store.purged", "rows": removed})
 
     async def _stats_loop(self) -> None:
         configured = {ep.name for ep in self.settings.endpoints}

@@ -6,6 +6,7 @@ endpoints by name, bodies with the user token at most as ``[sealed]``.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -29,6 +30,7 @@ __all__ = [
     "get_delivery",
     "info_json",
     "list_deliveries",
+    "purge",
     "replay",
 ]
 
@@ -81,6 +83,23 @@ async def replay(
     if ids is not None:
         numbers = [n for n in (parse_delivery_id(i) for i in ids) if n is not None]
     return await store.replay(ids=numbers, state=state, endpoint=endpoint, user_id=user_id, now=now)
+
+
+async def purge(
+    store: Store, *, retention: float, now: float, batch: int = 500, pause: float = 0.0
+) -> int:
+    """Delete delivered deliveries older than ``retention`` and dead ones older than twice
+    that, with the events only they referred to, in small transactions so the dispatcher's
+    own store calls run in between. Returns how many rows went."""
+    total = 0
+    while True:
+        removed = await store.purge(
+            delivered_before=now - retention, dead_before=now - 2 * retention, batch=batch
+        )
+        total += removed
+        if removed == 0:
+            return total
+        await asyncio.sleep(pause)
 
 
 async def endpoints(store: Store, settings: Settings) -> list[dict[str, Any]]:

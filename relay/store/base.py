@@ -250,7 +250,8 @@ class Store(Protocol):
         """Whether a reconciliation baseline was ever recorded in this store."""
 
     async def purge(self, *, delivered_before: float, dead_before: float, batch: int) -> int:
-        """Delete one batch of old finished deliveries (and orphaned events); returns rows."""
+        """Delete up to ``batch`` old finished deliveries, and up to ``batch`` old events no
+        delivery refers to any more; returns how many deliveries and events were deleted."""
 
     def on_wakeup(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` when another process made work due (PostgreSQL: LISTEN/NOTIFY).
