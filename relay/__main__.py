@@ -115,6 +115,7 @@ def _store_for_cli() -> tuple[Settings, Any]:
 
 def cmd_deliveries(args: argparse.Namespace) -> int:
     from relay import service
+    from relay.store.base import parse_delivery_id
 
     settings, store = _store_for_cli()
 
@@ -122,6 +123,9 @@ def cmd_deliveries(args: argparse.Namespace) -> int:
         await store.open(daemon=False)
         try:
             if args.action == "list":
+                if args.before and parse_delivery_id(args.before) is None:
+                    print(f"relay: --before: not a delivery id: {args.before!r}", file=sys.stderr)
+                    return 2
                 page = await service.list_deliveries(
                     store,
                     state=args.state,

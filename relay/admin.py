@@ -193,14 +193,17 @@ def create_app(
         before: str | None = None,
     ) -> DeliveryPage:
         """Deliveries, newest first, filtered like `relay deliveries list`."""
-        page = await service.list_deliveries(
-            store,
-            state=state,
-            endpoint=endpoint,
-            user_id=user_id,
-            limit=limit,
-            before=before,
-        )
+        try:
+            page = await service.list_deliveries(
+                store,
+                state=state,
+                endpoint=endpoint,
+                user_id=user_id,
+                limit=limit,
+                before=before,
+            )
+        except ValueError as exc:
+            raise HTTPException(422, str(exc)) from None
         return DeliveryPage(
             items=[Delivery(**service.info_json(i)) for i in page.items],
             next_cursor=page.next_cursor,

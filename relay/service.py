@@ -52,9 +52,11 @@ async def list_deliveries(
     limit: int = 50,
     before: str | None = None,
 ) -> Page:
-    """A page of deliveries matching the filters."""
+    """A page of deliveries matching the filters; ValueError for a malformed ``before``."""
     limit = max(1, min(limit, 500))
     cursor = parse_delivery_id(before) if before else None
+    if before and cursor is None:
+        raise ValueError(f"not a delivery cursor: {before[:40]!r}")
     items = await store.list_deliveries(
         state=state, endpoint=endpoint, user_id=user_id, limit=limit + 1, before=cursor
     )

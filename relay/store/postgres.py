@@ -87,6 +87,7 @@ MIGRATIONS: tuple[str, ...] = (
         has_token boolean NOT NULL,
         received_at double precision NOT NULL
     );
+    CREATE INDEX events_received ON events (received_at);
     CREATE TABLE deliveries (
         id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
         event_seq bigint NOT NULL,
@@ -102,15 +103,19 @@ MIGRATIONS: tuple[str, ...] = (
         last_status integer,
         last_error text,
         claimed_by text,
-        lease_until double precision
-    );
+        lease_until double precision,
+        -- Only claims set claimed_by and every way out of flight clears it, so verdicts can
+        -- find their deliveries by primary key and claimed_by alone.
+        CHECK ((state = 'inflight') = (claimed_by IS NOT NULL AND lease_until IS NOT NULL))
+    ) WITH (autovacuum_vacuum_scale_factor = 0.02, autovacuum_analyze_scale_factor = 0.02);
     -- Hot paths read only these partial indexes, never the delivery history.
     CREATE INDEX deliveries_due ON deliveries (endpoint, next_at, id) WHERE state = 'pending';
     CREATE INDEX deliveries_leased ON deliveries (endpoint, lease_until)
         WHERE state = 'inflight';
     CREATE INDEX deliveries_lane ON deliveries (endpoint, user_id, ord, id)
         INCLUDE (state, created_at) WHERE state IN ('waiting', 'pending', 'inflight');
-    CREATE INDEX deliveries_dead ON deliveries (endpoint, updated_at) WHERE state = 'dead';
+    CREATE INDEX deliveries_dead ON deliveries (updated_at) INCLUDE (endpoint)
+        WHERE state = 'dead';
     CREATE INDEX deliveries_done ON deliveries (updated_at)
         WHERE state IN ('delivered', 'superseded');
     CREATE INDEX deliveries_user ON deliveries (user_id);
@@ -165,6 +170,7 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
     OSError,
     TimeoutError,
     asyncpg.InterfaceError,  # connection closed under us, pool closing
+    asyncpg.InternalClientError,  # a connection the server cut while it sat in the pool
     asyncpg.PostgresConnectionError,  # class 08
     asyncpg.InsufficientResourcesError,  # class 53: disk full, too many connections
     asyncpg.OperatorInterventionError,  # class 57: shutdown, starting up, statement timeout
@@ -178,6 +184,7 @@ _MAPPED: tuple[type[BaseException], ...] = (
     TimeoutError,
     asyncpg.PostgresError,
     asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
 )
 #: Lost races between replicas; the transaction is simply run again.
 _CONFLICTS = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
@@ -257,7 +264,9 @@ _CLAIM = """
     ORDER BY c.id
 """
 
-#: Verdicts with an attempt, in one statement: apply those still claimed by this replica,
+#: Verdicts with an attempt, in one statement: apply those still claimed by this replica
+#: (``claimed_by`` is set exactly while in flight; testing it alone keeps the planner on the
+#: primary key rather than the in-flight index, whose dead entries pile up between vacuums),
 #: number their attempts, promote the next waiting delivery of each lane that finished, and
 #: fold the results into the per-endpoint health row (last, so its row lock is held briefly).
 _RECORD = f"""
@@ -270,7 +279,7 @@ _RECORD = f"""
             next_at = v.next_at, updated_at = $10, last_status = v.status, last_error = v.error,
             claimed_by = NULL, lease_until = NULL
         FROM verdict v
-        WHERE d.id = v.id AND d.state = 'inflight' AND d.claimed_by = $1
+        WHERE d.id = v.id AND d.claimed_by = $1
         RETURNING d.id, d.endpoint, d.user_id, v.state, v.at, v.status, v.error
     ), logged AS (
         INSERT INTO attempts (delivery_id, n, at, status, latency, error, excerpt)
@@ -314,12 +323,36 @@ _RECORD = f"""
     SELECT (SELECT count(*) FROM applied) AS applied, (SELECT count(*) FROM promoted) AS promoted
 """
 
+#: Up to ``$3`` finished deliveries past their cutoff, each found on its own partial index.
+_PURGE_DELIVERIES = """
+    WITH doomed AS (
+        SELECT id FROM deliveries WHERE id IN (
+            (SELECT id FROM deliveries WHERE state IN ('delivered', 'superseded')
+                AND updated_at < $1 LIMIT $3)
+            UNION ALL
+            (SELECT id FROM deliveries WHERE state = 'dead' AND updated_at < $2 LIMIT $3)
+        ) AND ((state IN ('delivered', 'superseded') AND updated_at < $1)
+            OR (state = 'dead' AND updated_at < $2))
+        LIMIT $3 FOR UPDATE SKIP LOCKED
+    ), gone_attempts AS (
+        DELETE FROM attempts WHERE delivery_id IN (SELECT id FROM doomed)
+    ), gone AS (
+        DELETE FROM deliveries WHERE id IN (SELECT id FROM doomed) RETURNING id
+    )
+    SELECT count(*) FROM gone
+"""
+
 _RELEASE = """
     UPDATE deliveries d SET state = 'pending', next_at = v.next_at, updated_at = $3,
         claimed_by = NULL, lease_until = NULL
     FROM unnest($1::bigint[], $2::float8[]) AS v(id, next_at)
-    WHERE d.id = v.id AND d.state = 'inflight' AND d.claimed_by = $4
+    WHERE d.id = v.id AND d.claimed_by = $4
 """
+
+
+async def _keep_session(conn: asyncpg.Connection[asyncpg.Record]) -> None:
+    """Pool connections keep no session state (only SET LOCAL and transaction locks), so a
+    returned connection needs no reset beyond the rollback asyncpg does anyway."""
 
 
 def display_url(url: str) -> str:
@@ -500,8 +533,14 @@ class PostgresStore:
             raise StoreError(f"{self.display}: store is not open")
         return self._pool
 
-    async def _run(self, fn: Callable[[Conn], Awaitable[T]], *, tx: bool = True) -> T:
+    async def _run(
+        self, fn: Callable[[Conn], Awaitable[T]], *, tx: bool = True, durable: bool = True
+    ) -> T:
         """Run ``fn`` on a pooled connection (in a transaction unless ``tx`` is False).
+
+        ``durable`` commits wait for the WAL flush (new events, replays, everything an
+        operator did). Claims and verdicts do not: a server crash may forget the last few,
+        which at worst re-sends a delivery, as at-least-once allows (SQLite does the same).
 
         A transaction that lost a deadlock or serialization race to another replica is run
         again; driver and network failures become store errors here, at the boundary.
@@ -514,6 +553,8 @@ class PostgresStore:
                         if not tx:
                             return await fn(conn)
                         async with conn.transaction():
+                            if not durable:
+                                await conn.execute("SET LOCAL synchronous_commit TO off")
                             return await fn(conn)
                 except _CONFLICTS:
                     if attempt == _TX_ATTEMPTS:
@@ -580,6 +621,7 @@ class PostgresStore:
                 command_timeout=self._timeout,
                 max_inactive_connection_lifetime=300.0,
                 server_settings=self._server_settings(),
+                reset=_keep_session,
             )
         except _MAPPED as exc:
             raise self._error(exc) from exc
@@ -792,7 +834,7 @@ class PostgresStore:
                 for row in rows
             ]
 
-        return await self._run(claim, tx=False)
+        return await self._run(claim, durable=False)
 
     async def next_due(self, endpoints: Sequence[str]) -> float | None:
         """Also counts leases running out: a dead replica's deliveries become claimable."""
@@ -861,7 +903,7 @@ class PostgresStore:
             if promoted or back != "UPDATE 0":
                 await self._notify(conn)
 
-        await self._run(record)
+        await self._run(record, durable=False)
 
     # -- inspection and replay --------------------------------------------------------------
 
@@ -1170,40 +1212,29 @@ class PostgresStore:
 
     async def purge(self, *, delivered_before: float, dead_before: float, batch: int) -> int:
         async def purge(conn: Conn) -> int:
-            # One purge at a time across replicas, so an event shared by two deliveries
-            # purged concurrently is never left behind by both.
+            # Replicas purge one at a time: the same rows, never two transactions' worth of
+            # lock waits over them.
             await conn.execute(
                 "SELECT pg_advisory_xact_lock($1)", _lock_key(self._namespace, "purge")
             )
-            value = await conn.fetchval(
-                """
-                WITH doomed AS (
-                    SELECT id, event_seq FROM deliveries WHERE id IN (
-                        (SELECT id FROM deliveries WHERE state IN ('delivered', 'superseded')
-                            AND updated_at < $1 LIMIT $3)
-                        UNION ALL
-                        (SELECT id FROM deliveries WHERE state = 'dead' AND updated_at < $2
-                            LIMIT $3)
-                    ) AND ((state IN ('delivered', 'superseded') AND updated_at < $1)
-                        OR (state = 'dead' AND updated_at < $2))
-                    LIMIT $3 FOR UPDATE SKIP LOCKED
-                ), gone_attempts AS (
-                    DELETE FROM attempts WHERE delivery_id IN (SELECT id FROM doomed)
-                ), gone AS (
-                    DELETE FROM deliveries WHERE id IN (SELECT id FROM doomed) RETURNING id
-                ), gone_events AS (
-                    DELETE FROM events e WHERE e.seq IN (SELECT event_seq FROM doomed)
-                    AND NOT EXISTS (
-                        SELECT 1 FROM deliveries d WHERE d.event_seq = e.seq
-                        AND d.id NOT IN (SELECT id FROM doomed)
-                    )
-                )
-                SELECT count(*) FROM gone
-                """,
+            deliveries = await conn.fetchval(
+                _PURGE_DELIVERIES, delivered_before, dead_before, batch
+            )
+            # Events no delivery refers to any more (or that matched no endpoint); their ids
+            # stop deduplicating now, long after sFOX could resend them.
+            events = await conn.execute(
+                "DELETE FROM events WHERE seq IN (SELECT e.seq FROM events e "
+                "WHERE e.received_at < $1 AND NOT EXISTS (SELECT 1 FROM deliveries d "
+                "WHERE d.event_seq = e.seq) LIMIT $2)",
                 delivered_before,
+                batch,
+            )
+            await conn.execute(
+                "DELETE FROM bad_frames WHERE id IN (SELECT id FROM bad_frames WHERE at < $1 "
+                "LIMIT $2)",
                 dead_before,
                 batch,
             )
-            return int(value)
+            return int(deliveries) + int(events.rsplit(" ", 1)[-1])
 
         return await self._run(purge)
