@@ -74,8 +74,36 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     settings = _settings(for_run=True)
-    print(json.dumps(describe(settings), indent=2, sort_keys=False))
+    report: dict[str, Any] = describe(settings)
+    report["store_state"] = asyncio.run(_store_state(settings))
+    print(json.dumps(report, indent=2, sort_keys=False))
     return 0
+
+
+async def _store_state(settings: Settings) -> dict[str, Any]:
+    """What the store holds for endpoints no longer configured (their work is kept, unsent)."""
+    from relay import service
+    from relay.store import open_store
+
+    url = settings.store.get_secret_value()
+    if url.startswith("sqlite:///") and not os.path.exists(url.removeprefix("sqlite:///")):
+        return {"status": "not created yet"}
+    store = open_store(url)
+    try:
+        await store.open(daemon=False)
+        listed = await service.endpoints(store, settings)
+    except RelayError as exc:
+        return {"status": f"unavailable: {exc}"}
+    finally:
+        await store.close()
+    removed = [e for e in listed if not e["configured"]]
+    return {
+        "status": "ok",
+        "pending": {e["name"]: e["pending"] for e in listed if e["pending"]},
+        "removed_endpoints_with_work": [
+            {"name": e["name"], "pending": e["pending"], "dead": e["dead"]} for e in removed
+        ],
+    }
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

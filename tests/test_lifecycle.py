@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 import subprocess
 import sys
@@ -155,3 +156,30 @@ async def test_purge_on_demand_from_the_cli(tmp_path: Path) -> None:
         timeout=30,
     )
     assert bad.returncode == 2
+
+
+async def test_relay_check_reports_removed_endpoints_that_still_hold_work(tmp_path: Path) -> None:
+    path = tmp_path / "relay.db"
+    store = SQLiteStore(path)
+    await store.open(daemon=True)
+    message = parse_frame(FRAME)
+    await store.append([prepare(message, seal_key=None)], [Target("gone")], time.time())  # type: ignore[arg-type]
+    await store.close()
+    env = {
+        "RELAY_API_KEY": "check-api-key-123456",
+        "RELAY_STORE": f"sqlite:///{path}",
+        "RELAY_ENDPOINTS": "http://127.0.0.1:9/still-here",
+        "RELAY_ALLOW_UNSIGNED": "true",
+        "PATH": "/usr/bin:/bin",
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "relay", "check"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 0, done.stderr
+    state = json.loads(done.stdout)["store_state"]
+    assert state["removed_endpoints_with_work"] == [{"name": "gone", "pending": 1, "dead": 0}]
+    assert "check-api-key-123456" not in done.stdout + done.stderr
