@@ -154,6 +154,11 @@ class TestPostgresStore(StoreContract):
     crash_recovery_after = SUITE_LEASE
 
 
+def application_name(store: PostgresStore, role: str = "") -> str:
+    """How a store's connections (pool, ``listen``, ``reconcile``) show in pg_stat_activity."""
+    return f"sfox-relay {store.replica}{' ' + role if role else ''}"[:63]
+
+
 async def wait_for(event: asyncio.Event, timeout: float = 5.0) -> None:
     await asyncio.wait_for(event.wait(), timeout)
 
@@ -398,7 +403,7 @@ async def test_store_recovers_when_its_connections_are_cut(
     await store.append([user_event(USER_A, 1)], [CRM], NOW)
     cut = await db.fetch(
         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
-        f"sfox-relay {store.replica}",
+        application_name(store),
     )
     assert cut
 
@@ -475,7 +480,7 @@ async def test_listener_reconnects_after_losing_its_connection(
 
     cut = await db.fetch(
         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
-        f"sfox-relay {reader.replica} listen",
+        application_name(reader, "listen"),
     )
     assert cut
     await wait_for(woke)  # back, and woken for whatever it may have missed
@@ -508,7 +513,7 @@ async def test_reconcile_lock_is_released_when_its_holder_dies(
         assert mine
         await db.execute(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
-            f"sfox-relay {first.replica} reconcile",
+            application_name(first, "reconcile"),
         )
         for _ in range(50):
             async with second.reconcile_lock() as theirs:
@@ -552,14 +557,21 @@ async def test_hot_paths_read_partial_indexes_not_the_history(
         db, pg._RECORD, "r", [1], ["delivered"], [NOW], [NOW], [200], [0.1], [None], [None], NOW
     )
     assert "deliveries_lane" in record
+    locks = await plan(db, pg._LOCK_USERS_OF, [1, 2])
+    assert "user_locks_pkey" in locks
     pending = await plan(
         db,
         "SELECT endpoint, COUNT(*), MIN(created_at) FROM deliveries "
         "WHERE state IN ('waiting', 'pending', 'inflight') GROUP BY endpoint",
     )
     assert "deliveries_lane" in pending
-    for text in (claim, record, pending):
-        assert "Seq Scan on deliveries" not in text
+    purge = await plan(db, pg._PURGE_DELIVERIES, NOW, NOW, 100)
+    assert "deliveries_done" in purge
+    assert "deliveries_dead" in purge
+    orphans = await plan(db, pg._PURGE_EVENTS, NOW, 100)
+    assert "events_received" in orphans
+    for text in (claim, record, locks, pending, purge, orphans):
+        assert "Seq Scan" not in text, text
 
 
 # -- wiring -----------------------------------------------------------------------------------

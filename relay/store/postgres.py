@@ -202,6 +202,13 @@ _LOCK_USERS = (
     "SELECT user_id FROM user_locks WHERE user_id = ANY($1::text[]) ORDER BY user_id FOR UPDATE"
 )
 
+#: The users of these deliveries, locked as :data:`_LOCK_USERS` does.
+_LOCK_USERS_OF = """
+    SELECT user_id FROM user_locks WHERE user_id IN (
+        SELECT user_id FROM deliveries WHERE id = ANY($1::bigint[]) AND user_id IS NOT NULL
+    ) ORDER BY user_id FOR UPDATE
+"""
+
 _INSERT_EVENTS = """
     INSERT INTO events (event_id, source, recipient, user_id, status, requirements, body,
         has_token, received_at)
@@ -340,6 +347,15 @@ _PURGE_DELIVERIES = """
         DELETE FROM deliveries WHERE id IN (SELECT id FROM doomed) RETURNING id
     )
     SELECT count(*) FROM gone
+"""
+
+#: Old events no delivery refers to any more (or that matched no endpoint).
+_PURGE_EVENTS = """
+    DELETE FROM events WHERE seq IN (
+        SELECT e.seq FROM events e WHERE e.received_at < $1
+        AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_seq = e.seq)
+        LIMIT $2
+    )
 """
 
 _RELEASE = """
@@ -868,12 +884,7 @@ class PostgresStore:
         async def record(conn: Conn) -> None:
             finishing = [o.delivery_id for o in tried if o.state != "pending"]
             if finishing:
-                await conn.fetch(
-                    "SELECT user_id FROM user_locks WHERE user_id IN (SELECT user_id FROM "
-                    "deliveries WHERE id = ANY($1::bigint[]) AND user_id IS NOT NULL) "
-                    "ORDER BY user_id FOR UPDATE",
-                    finishing,
-                )
+                await conn.fetch(_LOCK_USERS_OF, finishing)
             promoted = 0
             if tried:
                 attempts = [o.attempt for o in tried if o.attempt is not None]
@@ -1222,13 +1233,7 @@ class PostgresStore:
             )
             # Events no delivery refers to any more (or that matched no endpoint); their ids
             # stop deduplicating now, long after sFOX could resend them.
-            events = await conn.execute(
-                "DELETE FROM events WHERE seq IN (SELECT e.seq FROM events e "
-                "WHERE e.received_at < $1 AND NOT EXISTS (SELECT 1 FROM deliveries d "
-                "WHERE d.event_seq = e.seq) LIMIT $2)",
-                delivered_before,
-                batch,
-            )
+            events = await conn.execute(_PURGE_EVENTS, delivered_before, batch)
             await conn.execute(
                 "DELETE FROM bad_frames WHERE id IN (SELECT id FROM bad_frames WHERE at < $1 "
                 "LIMIT $2)",
