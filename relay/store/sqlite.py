@@ -136,6 +136,18 @@ _INSERT_DELIVERY = """
         ?5, ?6, ?6)
 """
 
+#: Let a lane's next delivery go. Run when the lane's one pending-or-in-flight delivery
+#: finished, so by the lane invariant nothing else of the lane is active. The repeated
+#: ``state IN (...)`` term lets SQLite use the partial lane index.
+_PROMOTE = """
+    UPDATE deliveries SET state = 'pending', next_at = MAX(next_at, ?1), updated_at = ?1
+    WHERE id = (
+        SELECT id FROM deliveries WHERE endpoint = ?2 AND user_id = ?3
+        AND state IN ('waiting', 'pending', 'inflight') AND state = 'waiting'
+        ORDER BY ord, id LIMIT 1
+    )
+"""
+
 #: Repeated verbatim so SQLite can use the partial index ``deliveries_finished``.
 _FINISHED = "state IN ('delivered', 'superseded', 'dead')"
 
@@ -508,54 +520,65 @@ class SQLiteStore:
         await self._run(lambda c: self._record(c, outcomes, now))
 
     def _record(self, conn: sqlite3.Connection, outcomes: Sequence[Outcome], now: float) -> None:
+        # Set-wise with executemany: this runs for every delivery, so per-row Python work
+        # here competes with the event loop for the GIL.
+        released = [
+            (out.next_at, now, out.delivery_id)
+            for out in outcomes
+            if out.state == "released" or out.attempt is None
+        ]
+        tried = [out for out in outcomes if out.state != "released" and out.attempt is not None]
         health: dict[str, dict[str, Any]] = {}
         with self._tx(conn, durable=False):
-            for out in outcomes:
-                attempt = out.attempt
-                if out.state == "released" or attempt is None:
-                    conn.execute(
-                        "UPDATE deliveries SET state = 'pending', next_at = ?, updated_at = ? "
-                        "WHERE id = ? AND state = 'inflight'",
-                        (out.next_at, now, out.delivery_id),
-                    )
-                    continue
-                row = conn.execute(
-                    "UPDATE deliveries SET state = ?, attempts = attempts + 1, next_at = ?, "
-                    "updated_at = ?, last_status = ?, last_error = ? WHERE id = ? "
-                    "RETURNING attempts, endpoint, user_id",
-                    (
-                        out.state,
-                        out.next_at,
-                        now,
-                        attempt.status,
-                        attempt.error,
-                        out.delivery_id,
-                    ),
-                ).fetchone()
-                if row is None:  # purged meanwhile
-                    continue
-                conn.execute(
-                    "INSERT INTO attempts (delivery_id, n, at, status, latency, error, excerpt) "
-                    "VALUES (?1, (SELECT COALESCE(MAX(n), 0) + 1 FROM attempts "
-                    "WHERE delivery_id = ?1), ?2, ?3, ?4, ?5, ?6)",
-                    (
-                        out.delivery_id,
-                        attempt.at,
-                        attempt.status,
-                        attempt.latency,
-                        attempt.error,
-                        attempt.excerpt,
-                    ),
+            if released:
+                conn.executemany(
+                    "UPDATE deliveries SET state = 'pending', next_at = ?, updated_at = ? "
+                    "WHERE id = ? AND state = 'inflight'",
+                    released,
                 )
-                entry = health.setdefault(row["endpoint"], {"delivered": 0})
+            if not tried:
+                return
+            lanes: dict[int, tuple[str, str | None]] = {
+                row[0]: (row[1], row[2])
+                for row in conn.execute(
+                    "SELECT id, endpoint, user_id FROM deliveries "
+                    f"WHERE id IN ({','.join('?' * len(tried))})",
+                    [out.delivery_id for out in tried],
+                )
+            }
+            tried = [out for out in tried if out.delivery_id in lanes]  # not purged meanwhile
+            attempts = [(out, out.attempt) for out in tried if out.attempt is not None]
+            conn.executemany(
+                "UPDATE deliveries SET state = ?, attempts = attempts + 1, next_at = ?, "
+                "updated_at = ?, last_status = ?, last_error = ? WHERE id = ?",
+                [
+                    (out.state, out.next_at, now, a.status, a.error, out.delivery_id)
+                    for out, a in attempts
+                ],
+            )
+            conn.executemany(
+                "INSERT INTO attempts (delivery_id, n, at, status, latency, error, excerpt) "
+                "VALUES (?1, (SELECT COALESCE(MAX(n), 0) + 1 FROM attempts "
+                "WHERE delivery_id = ?1), ?2, ?3, ?4, ?5, ?6)",
+                [
+                    (out.delivery_id, a.at, a.status, a.latency, a.error, a.excerpt)
+                    for out, a in attempts
+                ],
+            )
+            finished = [
+                (now, *lanes[out.delivery_id])
+                for out in tried
+                if out.state != "pending" and lanes[out.delivery_id][1] is not None
+            ]
+            conn.executemany(_PROMOTE, finished)
+            for out, a in attempts:
+                entry = health.setdefault(lanes[out.delivery_id][0], {"delivered": 0})
                 if out.state == "delivered":
                     entry["delivered"] += 1
-                    entry["last_success_at"] = attempt.at
+                    entry["last_success_at"] = a.at
                 else:
-                    entry["last_failure_at"] = attempt.at
-                    entry["last_error"] = attempt.error or f"HTTP {attempt.status}"
-                if out.state != "pending" and row["user_id"] is not None:
-                    self._promote(conn, row["endpoint"], row["user_id"], now)
+                    entry["last_failure_at"] = a.at
+                    entry["last_error"] = a.error or f"HTTP {a.status}"
             for endpoint, entry in health.items():
                 conn.execute(
                     "INSERT INTO endpoint_health (endpoint, delivered_total, last_success_at, "
@@ -573,22 +596,6 @@ class SQLiteStore:
                         entry["delivered"],
                     ),
                 )
-
-    @staticmethod
-    def _promote(conn: sqlite3.Connection, endpoint: str, user_id: str, now: float) -> None:
-        """Let the lane's next delivery go.
-
-        Called when the lane's one pending-or-in-flight delivery finished, so by the lane
-        invariant nothing else of the lane is active. The repeated ``state IN (...)`` term
-        lets SQLite use the partial lane index.
-        """
-        conn.execute(
-            "UPDATE deliveries SET state = 'pending', next_at = MAX(next_at, ?1), updated_at = ?1 "
-            "WHERE id = (SELECT id FROM deliveries WHERE endpoint = ?2 AND user_id = ?3 "
-            "AND state IN ('waiting', 'pending', 'inflight') AND state = 'waiting' "
-            "ORDER BY ord, id LIMIT 1)",
-            (now, endpoint, user_id),
-        )
 
     # -- inspection and replay --------------------------------------------------------------
 
