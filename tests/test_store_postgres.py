@@ -187,6 +187,7 @@ async def test_replicas_appending_the_same_batch_store_each_event_once(
 async def test_replicas_never_leave_two_active_deliveries_in_a_lane(
     replicas: Replicas, db: asyncpg.Connection[asyncpg.Record]
 ) -> None:
+    rounds = 30
     stores = [await replicas.open() for _ in range(3)]
     users = [USER_A, USER_B, USER_C]
     numbers = itertools.count(1)
@@ -228,9 +229,9 @@ async def test_replicas_never_leave_two_active_deliveries_in_a_lane(
 
     watcher = asyncio.create_task(watch())
     try:
-        for step in range(40):
+        for step in range(rounds):
             await asyncio.gather(*(work(s, NOW + step, True) for s in stores))
-        for step in range(40, 200):  # drain
+        for step in range(rounds, rounds + 200):  # drain
             await asyncio.gather(*(work(s, NOW + step, False) for s in stores))
             if not await everything(stores[0], state="pending"):
                 break
@@ -240,7 +241,7 @@ async def test_replicas_never_leave_two_active_deliveries_in_a_lane(
 
     assert violations == []
     infos = await everything(stores[0])
-    assert len(infos) == 40 * 3 * 3 * 2
+    assert len(infos) == rounds * 3 * 3 * 2  # rounds, replicas, events, endpoints
     assert {i.state for i in infos} == {"delivered"}
     # Each lane's deliveries started in the order the store received their events.
     seq = {r["event_id"]: r["seq"] for r in await db.fetch("SELECT event_id, seq FROM events")}
