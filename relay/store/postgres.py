@@ -601,7 +601,7 @@ class PostgresStore:
 
     @staticmethod
     async def _lock_users(conn: Conn, users: Sequence[str], *, create: bool) -> None:
-        """Lock the users' rows (sorted, so two transactions never wait on each other).
+        """Lock the users' rows in user_id order, so lock waits never form a cycle.
 
         ``create`` first adds rows for users never seen; elsewhere they exist already, since
         a delivery with a user id exists only after an append locked that user.
