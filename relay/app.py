@@ -126,7 +126,7 @@ class Relay:
         self.settings = settings
         self.clock = clock
         self.metrics = metrics or Metrics(clock)
-        self.store = store or open_store(settings.store.get_secret_value())
+        self.store = store or open_store(settings.store.get_secret_value(), lease=settings.lease)
         self.sender = sender or AiohttpSender()
         seal_key = (
             settings.token_key.get_secret_value()
@@ -204,6 +204,7 @@ class Relay:
     async def run(self) -> None:
         """Run until :meth:`request_stop`, then shut down in phases."""
         await self.store.open(daemon=True)
+        self.store.on_wakeup(self.dispatcher.wake)  # other replicas' new work (PostgreSQL)
         try:
             await self.admin.start()
             try:
