@@ -1,0 +1,163 @@
+"""Several `relay run` replicas on one PostgreSQL store (CONTRACT.md section 7).
+
+Real processes, a real simulator and receiver, a fresh database per test. Skipped when the
+server at ``RELAY_TEST_PG`` does not answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from collections import Counter, defaultdict
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+from conftest import eventually, expected_event_id
+
+from relay.receiver import Receiver, Response
+from relay.simulator import Simulator
+
+PG_URL = os.environ.get("RELAY_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
+pytestmark = [pytest.mark.postgres, pytest.mark.slow]
+
+
+@pytest.fixture
+async def database() -> AsyncIterator[str]:
+    """A fresh database for this test; its URL."""
+    try:
+        admin = await asyncpg.connect(PG_URL, timeout=3)
+    except (OSError, asyncpg.PostgresError) as exc:
+        pytest.skip(f"PostgreSQL unreachable ({type(exc).__name__}); set RELAY_TEST_PG")
+    name = f"relay_replicas_{uuid.uuid4().hex[:10]}"
+    await admin.execute(f"CREATE DATABASE {name}")
+    base, _, _ = PG_URL.rpartition("/")
+    try:
+        yield f"{base}/{name}"
+    finally:
+        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        await admin.close()
+
+
+def replica_env(
+    sim: Simulator, receiver: Receiver, db: str, n: int, **extra: str
+) -> dict[str, str]:
+    return {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "RELAY_API_KEY": sim.api_key,
+        "RELAY_WS_URL": sim.ws_url,
+        "RELAY_API_URL": sim.api_url,
+        "RELAY_ENDPOINTS": receiver.url + "/hook",
+        "RELAY_ALLOW_UNSIGNED": "true",
+        "RELAY_STORE": db,
+        "RELAY_ADMIN_ADDR": "127.0.0.1:0",
+        "RELAY_REPLICAS": "3",
+        "RELAY_RECONCILE_INTERVAL": "off",
+        "RELAY_LOG_LEVEL": "WARNING",
+        "RELAY_LOG_FORMAT": "console",
+        **extra,
+    }
+
+
+@pytest.fixture
+def replicas(tmp_path: Path) -> Iterator[list[subprocess.Popen[bytes]]]:
+    procs: list[subprocess.Popen[bytes]] = []
+    yield procs
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=10)
+
+
+def start(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    with log.open("wb") as stderr:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(
+            [sys.executable, "-m", "relay", "run"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
+
+
+async def audit(sim: Simulator, receiver: Receiver, db: str) -> tuple[set[str], Counter[str]]:
+    """Every simulator message delivered; per user, first deliveries in store order.
+
+    Store order, not the simulator's: with several replicas, two events of one user sent a
+    few milliseconds apart can be committed by different replicas in either order (see the
+    README's note on replicas); the contract orders by what the store received first.
+    """
+    sent = [m for m in sim.sent if m.get("recipient") == "private.enterprise.users"]
+    expected = {expected_event_id(m) for m in sent}
+    arrivals = Counter(r.webhook_id for r in receiver.received)
+    missing = expected - set(arrivals)
+    first: dict[str, list[str]] = defaultdict(list)
+    for item in receiver.received:
+        lane = first[item.json["payload"]["user_id"]]
+        if item.webhook_id not in lane:
+            lane.append(item.webhook_id)
+    conn = await asyncpg.connect(db)
+    try:
+        rows = await conn.fetch(
+            "SELECT d.user_id, e.event_id FROM deliveries d JOIN events e ON e.seq = d.event_seq "
+            "ORDER BY d.ord, d.id"
+        )
+    finally:
+        await conn.close()
+    stored: dict[str, list[str]] = defaultdict(list)
+    for row in rows:
+        stored[row["user_id"]].append(row["event_id"])
+    for user_id, ids in stored.items():
+        got = first[user_id]
+        assert got == ids[: len(got)], f"store order broken for {user_id}"
+    return missing, arrivals
+
+
+async def test_three_replicas_deliver_every_event_once_in_order(
+    make_sim, make_receiver, database: str, replicas: list[subprocess.Popen[bytes]], tmp_path: Path
+) -> None:
+    sim = await make_sim(count=600, users=40, rate=300.0)
+    receiver = await make_receiver()
+    for n in range(3):
+        replicas.append(start(replica_env(sim, receiver, database, n), tmp_path / f"r{n}.log"))
+    await eventually(lambda: len({r.webhook_id for r in receiver.received}) >= 600, timeout=30)
+    await asyncio.sleep(0.5)  # anything extra would show up now
+    missing, arrivals = await audit(sim, receiver, database)
+    assert not missing
+    assert max(arrivals.values()) == 1  # each event stored once, delivered once
+    assert sim.subscribed == 3  # every replica holds its own subscription
+    for proc in replicas:
+        proc.send_signal(signal.SIGTERM)
+    assert [proc.wait(timeout=20) for proc in replicas] == [0, 0, 0]
+
+
+async def test_a_killed_replicas_claims_are_taken_over_within_the_lease(
+    make_sim, make_receiver, database: str, replicas: list[subprocess.Popen[bytes]], tmp_path: Path
+) -> None:
+    sim = await make_sim(count=400, users=40, rate=200.0)
+
+    async def slow(_: object) -> Response:
+        return Response(204, delay=0.2)  # keep deliveries in flight when the kill comes
+
+    receiver = await make_receiver(behaviour=slow)
+    extra = {"RELAY_LEASE": "3s", "RELAY_DELIVERY_TIMEOUT": "1s"}
+    for n in range(3):
+        replicas.append(
+            start(replica_env(sim, receiver, database, n, **extra), tmp_path / f"r{n}.log")
+        )
+    await eventually(lambda: receiver.count >= 100, timeout=30)
+    replicas[0].kill()  # SIGKILL: its claims stay in flight in the store until the lease ends
+    replicas[0].wait(timeout=10)
+    await eventually(lambda: len({r.webhook_id for r in receiver.received}) >= 400, timeout=30)
+    missing, arrivals = await audit(sim, receiver, database)
+    assert not missing
+    duplicates = [event_id for event_id, n in arrivals.items() if n > 1]
+    # Only what the killed replica had in flight may arrive twice (max_in_flight is 64).
+    assert len(duplicates) <= 64
+    for proc in replicas[1:]:
+        proc.send_signal(signal.SIGTERM)
+    assert [proc.wait(timeout=20) for proc in replicas[1:]] == [0, 0]
