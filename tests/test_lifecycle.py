@@ -97,11 +97,16 @@ async def test_the_store_stops_growing_once_retention_applies(
     async with run_relay(env):
         await eventually(lambda: receiver.count > 500)
         await asyncio.sleep(2.0)  # retention reaches a steady state
-        early, received_early = page_count(db), receiver.count
-        await asyncio.sleep(3.0)
-        late, received_late = page_count(db), receiver.count
-    assert received_late - received_early > 1000  # the feed kept flowing meanwhile
-    assert late <= early * 1.3, (early, late)
+        received_early = receiver.count
+        sizes = []
+        for _ in range(12):
+            sizes.append(page_count(db))
+            await asyncio.sleep(0.5)
+        received_late = receiver.count
+    assert received_late - received_early > 1500  # the feed kept flowing meanwhile
+    early, late = max(sizes[:4]), max(sizes[-4:])
+    # Without retention the same run doubles the store in this window (checked by hand).
+    assert late <= early * 1.5, sizes
     conn = sqlite3.connect(db)
     rows = conn.execute("SELECT COUNT(*) FROM deliveries").fetchone()[0]
     conn.close()
