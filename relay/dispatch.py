@@ -15,6 +15,7 @@ import random
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from relay import __version__, retry, signing, tokens
 from relay.config import EndpointConfig
@@ -28,6 +29,7 @@ __all__ = ["Dispatcher", "build_request"]
 log = logging.getLogger("relay.dispatch")
 
 _USER_AGENT = f"sfox-relay/{__version__}"
+_OUTCOMES = {"delivered": "success", "pending": "retry", "dead": "dead"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +108,7 @@ class Dispatcher:
         self._stopping = asyncio.Event()
         self._closing = False
         self.store_ok = True
+        self._metric_series: dict[str, tuple[dict[str, Any], Any]] = {}
 
     @property
     def in_flight(self) -> int:
@@ -237,9 +240,12 @@ class Dispatcher:
             now - result.latency, result.status, result.latency, result.error, result.excerpt
         )
         self._push(Outcome(claim.delivery_id, decision.state, decision.next_at, attempt))
-        outcome = {"delivered": "success", "pending": "retry", "dead": "dead"}[decision.state]
-        self._metrics.deliveries.labels(endpoint=endpoint.name, outcome=outcome).inc()
-        self._metrics.delivery_duration.labels(endpoint=endpoint.name).observe(result.latency)
+        outcome = _OUTCOMES[decision.state]
+        counters, duration = self._series(endpoint.name)
+        counters[outcome].inc()
+        duration.observe(result.latency)
+        if decision.state == "delivered" and not log.isEnabledFor(logging.DEBUG):
+            return  # the hot path: nothing to log
         fields = {
             "event": f"delivery.{outcome}",
             "event_id": claim.event_id,
@@ -259,6 +265,18 @@ class Dispatcher:
             fields["error"] = result.error
             fields["reason"] = decision.reason
             log.warning("delivery dead", extra=fields)
+
+    def _series(self, endpoint: str) -> tuple[dict[str, Any], Any]:
+        """The endpoint's labelled metric children, looked up once (labels() is not free)."""
+        series = self._metric_series.get(endpoint)
+        if series is None:
+            counters = {
+                outcome: self._metrics.deliveries.labels(endpoint=endpoint, outcome=outcome)
+                for outcome in _OUTCOMES.values()
+            }
+            series = (counters, self._metrics.delivery_duration.labels(endpoint=endpoint))
+            self._metric_series[endpoint] = series
+        return series
 
     def _push(self, outcome: Outcome) -> None:
         self._outcomes.append(outcome)

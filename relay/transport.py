@@ -96,7 +96,7 @@ class AiohttpSender:
             async with self._client().post(
                 url,
                 data=body,
-                headers=dict(headers),
+                headers=headers,
                 allow_redirects=False,
                 proxy=proxy,
                 proxy_auth=proxy_auth,
