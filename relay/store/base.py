@@ -18,8 +18,9 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
+from relay.codec import compact_json, loads
 from relay.events import BadFrame, NewEvent
 
 __all__ = [
@@ -35,6 +36,8 @@ __all__ = [
     "Store",
     "Target",
     "UserState",
+    "delivery_info",
+    "display_body",
     "format_delivery_id",
     "parse_delivery_id",
     "public_state",
@@ -51,6 +54,35 @@ def public_state(state: str) -> PublicState:
     if state in ("delivered", "dead", "superseded"):
         return state  # type: ignore[return-value]
     raise ValueError(f"unknown delivery state {state!r}")
+
+
+def delivery_info(row: Any) -> DeliveryInfo:
+    """A delivery row (sqlite3.Row or asyncpg.Record, same column names) as users see it."""
+    state = public_state(row["state"])
+    return DeliveryInfo(
+        id=format_delivery_id(row["id"]),
+        endpoint=row["endpoint"],
+        event_id=row["event_id"],
+        user_id=row["user_id"],
+        state=state,
+        attempts=row["attempts"],
+        source=row["source"],
+        status=row["status"],
+        next_attempt_at=row["next_at"] if state == "pending" else None,
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        last_status=row["last_status"],
+        last_error=row["last_error"],
+    )
+
+
+def display_body(body: bytes) -> str:
+    """The stored body with a sealed token shown as such (its ciphertext is of no use here)."""
+    message = loads(body)
+    payload = message.get("payload") if isinstance(message, dict) else None
+    if isinstance(payload, dict) and "user_token" in payload:
+        payload["user_token"] = "[sealed]"
+    return compact_json(message).decode()
 
 
 def format_delivery_id(number: int) -> str:

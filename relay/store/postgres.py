@@ -42,7 +42,6 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 
 from relay import events as ev
-from relay.codec import compact_json, loads
 from relay.errors import StoreError, StoreSchemaError, StoreUnavailableError
 from relay.events import BadFrame, NewEvent
 from relay.store.base import (
@@ -56,8 +55,8 @@ from relay.store.base import (
     PublicState,
     Target,
     UserState,
-    format_delivery_id,
-    public_state,
+    delivery_info,
+    display_body,
 )
 
 if TYPE_CHECKING:
@@ -399,34 +398,6 @@ def _lock_key(namespace: str, name: str) -> int:
 
 def _quote_ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
-
-
-def _display_body(body: bytes) -> str:
-    """The stored body with a sealed token shown as such (as the SQLite store shows it)."""
-    message = loads(body)
-    payload = message.get("payload") if isinstance(message, dict) else None
-    if isinstance(payload, dict) and "user_token" in payload:
-        payload["user_token"] = "[sealed]"
-    return compact_json(message).decode()
-
-
-def _info(row: asyncpg.Record) -> DeliveryInfo:
-    state = public_state(row["state"])
-    return DeliveryInfo(
-        id=format_delivery_id(row["id"]),
-        endpoint=row["endpoint"],
-        event_id=row["event_id"],
-        user_id=row["user_id"],
-        state=state,
-        attempts=row["attempts"],
-        source=row["source"],
-        status=row["status"],
-        next_attempt_at=row["next_at"] if state == "pending" else None,
-        created_at=row["created_at"],
-        updated_at=row["updated_at"],
-        last_status=row["last_status"],
-        last_error=row["last_error"],
-    )
 
 
 class _Filters:
@@ -936,7 +907,7 @@ class PostgresStore:
             f"{found.where()} ORDER BY d.id DESC LIMIT ${len(found.args)}"
         )
         rows = await self._run(lambda c: c.fetch(sql, *found.args), tx=False)
-        return [_info(row) for row in rows]
+        return [delivery_info(row) for row in rows]
 
     async def get_delivery(self, delivery_id: int) -> DeliveryDetail | None:
         async def query(conn: Conn) -> DeliveryDetail | None:
@@ -955,7 +926,7 @@ class PostgresStore:
                     delivery_id,
                 )
             ]
-            return DeliveryDetail(_info(row), _display_body(bytes(row["body"])), attempts)
+            return DeliveryDetail(delivery_info(row), display_body(bytes(row["body"])), attempts)
 
         return await self._run(query, tx=False)
 

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from relay import events as ev
-from relay.codec import compact_json, loads
 from relay.errors import StoreError, StoreLockedError, StoreSchemaError, StoreUnavailableError
 from relay.events import BadFrame, NewEvent
 from relay.store.base import (
@@ -32,8 +31,8 @@ from relay.store.base import (
     PublicState,
     Target,
     UserState,
-    format_delivery_id,
-    public_state,
+    delivery_info,
+    display_body,
 )
 
 __all__ = ["MIGRATIONS", "SQLiteStore"]
@@ -155,34 +154,6 @@ _DELIVERY_COLUMNS = """
     d.id, d.endpoint, e.event_id, d.user_id, d.state, d.attempts, e.source, e.status,
     d.next_at, d.created_at, d.updated_at, d.last_status, d.last_error
 """
-
-
-def _info(row: sqlite3.Row) -> DeliveryInfo:
-    state = public_state(row["state"])
-    return DeliveryInfo(
-        id=format_delivery_id(row["id"]),
-        endpoint=row["endpoint"],
-        event_id=row["event_id"],
-        user_id=row["user_id"],
-        state=state,
-        attempts=row["attempts"],
-        source=row["source"],
-        status=row["status"],
-        next_attempt_at=row["next_at"] if state == "pending" else None,
-        created_at=row["created_at"],
-        updated_at=row["updated_at"],
-        last_status=row["last_status"],
-        last_error=row["last_error"],
-    )
-
-
-def _display_body(body: bytes) -> str:
-    """The stored body with a sealed token shown as such (its ciphertext is of no use here)."""
-    message = loads(body)
-    payload = message.get("payload") if isinstance(message, dict) else None
-    if isinstance(payload, dict) and "user_token" in payload:
-        payload["user_token"] = "[sealed]"
-    return compact_json(message).decode()
 
 
 def _filters(
@@ -618,7 +589,7 @@ class SQLiteStore:
         )
         args.append(limit)
         rows = await self._run(lambda c: c.execute(sql, args).fetchall())
-        return [_info(row) for row in rows]
+        return [delivery_info(row) for row in rows]
 
     async def get_delivery(self, delivery_id: int) -> DeliveryDetail | None:
         def query(conn: sqlite3.Connection) -> DeliveryDetail | None:
@@ -637,7 +608,7 @@ class SQLiteStore:
                     (delivery_id,),
                 )
             ]
-            return DeliveryDetail(_info(row), _display_body(bytes(row["body"])), attempts)
+            return DeliveryDetail(delivery_info(row), display_body(bytes(row["body"])), attempts)
 
         return await self._run(query)
 
