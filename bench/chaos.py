@@ -512,6 +512,9 @@ def fast_feed(sim: Any, **overrides: Any) -> FeedOptions:
 # -- 1. crash loop -------------------------------------------------------------------------------
 
 
+KILL_MODES = ["kill", "term, then kill", "term, term"]
+
+
 async def crash_loop(
     workdir: Path,
     *,
@@ -521,8 +524,9 @@ async def crash_loop(
     users: int = 50,
     seed: int = 1,
 ) -> Outcome:
-    """kill -9 the daemon at random points under a steady feed, restart it on the same store
-    each time; at the end stop the feed, let the last daemon drain, audit."""
+    """kill -9 the daemon at random points under a steady feed (some during the phased
+    shutdown SIGTERM starts, some by a second SIGTERM, which exits at once), restart it on the
+    same store each time; at the end stop the feed, let the last daemon drain, audit."""
     rng = random.Random(seed)
     secret = new_whsec()
     async with contextlib.AsyncExitStack() as stack:
@@ -537,16 +541,35 @@ async def crash_loop(
         committed: set[str] = set()
         outputs: list[str] = []
         killed_while_subscribed = 0
+        modes: dict[str, int] = {}
+        early_terms = 0
         for n in range(kills):
             proc = await RelayProcess.start(env, workdir / f"crash-{n}.log")
             # A random point: start-up, the handshake, or anywhere in the steady state.
             await asyncio.sleep(rng.uniform(0.3, 3.0))
             killed_while_subscribed += sim.subscribed > 0
-            proc.kill()
+            mode = KILL_MODES[n] if n < len(KILL_MODES) else rng.choice(KILL_MODES * 2 + ["kill"])
+            modes[mode] = modes.get(mode, 0) + 1
+            if mode == "kill":
+                proc.kill()
+                allowed = {-signal.SIGKILL}
+            elif mode == "term, then kill":  # kill -9 during the phased shutdown
+                proc.terminate()
+                await asyncio.sleep(rng.uniform(0.05, 0.5))
+                proc.kill()
+                allowed = {0, -signal.SIGKILL, -signal.SIGTERM}
+            else:  # a second signal exits at once
+                proc.terminate()
+                await asyncio.sleep(rng.uniform(0.01, 0.2))
+                proc.terminate()
+                allowed = {0, 1, -signal.SIGTERM}
             code = await proc.wait()
             outputs.append(proc.output())
-            if code != -signal.SIGKILL:
-                raise AssertionError(f"relay run exited {code} before the kill:\n{outputs[-1]}")
+            # Python's default action: SIGTERM before the relay installed its handlers (still
+            # importing; nothing open yet).
+            early_terms += code == -signal.SIGTERM
+            if code not in allowed:
+                raise AssertionError(f"relay run exited {code} ({mode}):\n{outputs[-1]}")
             if db.exists():
                 crashed |= in_flight(db)
                 committed |= {r[0] for r in rows(db, "SELECT event_id FROM events")}
@@ -561,7 +584,7 @@ async def crash_loop(
 
         deliveries, events = sqlite_deliveries(db)
         report = audit(
-            f"crash loop: kill -9 x{kills} at {rate:g} events/s",
+            f"crash loop: {kills} kills at {rate:g} events/s",
             deliveries,
             fast.arrivals + slow.arrivals,
             endpoints=[fast.name, slow.name],
@@ -578,6 +601,8 @@ async def crash_loop(
                 break
         per_minute = sim.max_connections_per_minute()
         report.notes.append(
+            f"kills by kind {modes} ({early_terms} SIGTERMs landed during start-up, before "
+            "the handlers, and ended the process with Python's default action); "
             f"{len(crashed)} deliveries in flight at the kills; {killed_while_subscribed} kills "
             f"while subscribed; {sim.connections} feed connections, at most {per_minute} in a "
             "minute (each restart is a new process with a fresh limiter)"
@@ -588,6 +613,7 @@ async def crash_loop(
                 "exit_code": code,
                 "in_flight_at_kills": len(crashed),
                 "killed_while_subscribed": killed_while_subscribed,
+                "modes": modes,
                 "connections_per_minute": per_minute,
             },
         )
@@ -604,6 +630,8 @@ async def feed_faults(
     every well-formed message the simulator sent was stored and delivered."""
     secret = new_whsec()
     facts: dict[str, Any] = {}
+    # Long runs reach sFOX's 20 connections a minute: the relay then waits up to a minute.
+    wait = 15 if phase < 3 else 75
     async with contextlib.AsyncExitStack() as stack:
         sim = await _sim(
             stack, rate=rate, users=40, count=None, seed=seed, faults=Faults(reject_auth=2)
@@ -621,7 +649,7 @@ async def feed_faults(
         async with in_process(env, feed_options=options) as running:
             mark("started")
             # Rejected twice: each retry waits auth_retry_after; then subscribed.
-            await wait_until(lambda: sim.subscribed > 0, 15, "subscribed after two rejections")
+            await wait_until(lambda: sim.subscribed > 0, wait, "subscribed after two rejections")
             times = sim.connection_times
             facts["auth_gaps"] = [round(times[i + 1] - times[i], 2) for i in range(2)]
             facts["auth_retry_after"] = options.auth_retry_after
@@ -636,24 +664,24 @@ async def feed_faults(
             before = sim.connections
             mark("drops done")
             sim.faults.handshake_delay = options.handshake_timeout * 1.5
-            await wait_until(lambda: sim.connections >= before + 2, 15, "handshake timeouts")
+            await wait_until(lambda: sim.connections >= before + 2, wait, "handshake timeouts")
             mark("handshake timeouts seen")
             sim.faults.handshake_delay = options.handshake_timeout / 4
-            await wait_until(lambda: sim.subscribed > 0, 15, "subscribed after slow handshakes")
+            await wait_until(lambda: sim.subscribed > 0, wait, "subscribed after slow handshakes")
             await asyncio.sleep(phase / 2)
 
             mark("slow handshakes done")
             # A stall: the server stops sending and answering pings; keepalive must notice.
             sim.faults.drop_every = None
-            await wait_until(lambda: sim.subscribed > 0, 15, "subscribed before the stall")
+            await wait_until(lambda: sim.subscribed > 0, wait, "subscribed before the stall")
             before = sim.connections
             sim.faults.stall_after = 1
             await wait_until(lambda: sim.subscribed == 0, 5, "the connection stalled")
             stalled_at = time.monotonic()
-            await wait_until(lambda: sim.connections > before, 15, "a reconnection after a stall")
+            await wait_until(lambda: sim.connections > before, wait, "a reconnection after a stall")
             sim.faults.stall_after = None
             facts["stall_detected_s"] = round(time.monotonic() - stalled_at, 2)
-            await wait_until(lambda: sim.subscribed > 0, 15, "subscribed after the stall")
+            await wait_until(lambda: sim.subscribed > 0, wait, "subscribed after the stall")
             await asyncio.sleep(phase / 2)
 
             mark("stall done")
@@ -1393,7 +1421,7 @@ def build_frame(spec: dict[str, Any], rng: random.Random) -> Frame:
     uid = f"client_{uuid.UUID(int=rng.getrandbits(128), version=4)}"
     token = f"{rng.getrandbits(256):064x}"
     user_token = {"token": token, "expires": "2099-01-01T00:00:00.000Z", "partner_user_id": uid}
-    big = rng.random() < 0.01
+    big = rng.random() < 0.004
     kind = spec["kind"]
     if kind == "good":
         extra = dict(spec["extra"])
@@ -1863,14 +1891,41 @@ async def admin_tricks(workdir: Path) -> Outcome:
 # -- 6. leak audit -------------------------------------------------------------------------------
 
 
-async def leak_audit(workdir: Path, *, log_format: str, echo: bool = False) -> Outcome:
+def fresh_message(rng: random.Random, sequence: int) -> dict[str, Any]:
+    """A users-feed message like sFOX's, with a new user and a new token."""
+    uid = f"client_{uuid.UUID(int=rng.getrandbits(128), version=4)}"
+    token = {"token": f"{rng.getrandbits(256):064x}", "expires": "2099-01-01T00:00:00.000Z"}
+    payload = {
+        "user_id": uid,
+        "first_name": "Leak",
+        "last_name": "Probe",
+        "email": f"leak.probe.{rng.randrange(10**6)}@example.com",
+        "phone_number": f"+1555{rng.randrange(10**7):07d}",
+        "account_role": "Client",
+        "account_type": "individual",
+        "status": "PENDING",
+        "user_token": {**token, "partner_user_id": uid},
+        "requirements": {"sms": True, "email": True},
+    }
+    return {
+        "sequence": sequence,
+        "recipient": USERS_FEED,
+        "timestamp": time.time_ns(),
+        "payload": payload,
+    }
+
+
+async def leak_audit(
+    workdir: Path, *, log_format: str, echo: bool = False, daemon: bool = True
+) -> Outcome:
     """The whole pipeline with known secrets at DEBUG: auth failures, bad frames carrying a
     token, endpoints answering 500 with bodies; then grep every log line, /metrics, every /api
     response, `relay check` and `relay deliveries list|show` for each secret, and the store
     files for plaintext user tokens.
 
     ``echo``: the failing endpoint's 500 body echoes the request it got (headers and body),
-    as debugging error pages do.
+    as debugging error pages do. ``daemon``: also run ``relay run`` itself at DEBUG for a few
+    more events and search its whole stderr. Logs must also never show an email or a phone.
     """
     password = "pw-" + base64.b32encode(os.urandom(10)).decode().rstrip("=")
     header_value = "hdr-" + base64.b32encode(os.urandom(10)).decode().rstrip("=")
@@ -1957,6 +2012,19 @@ async def leak_audit(workdir: Path, *, log_format: str, echo: bool = False) -> O
             root.removeHandler(handler)
             root.setLevel(level)
         outputs["log"] = stream.getvalue()
+        if daemon:
+            proc = await RelayProcess.start(env, workdir / "leak-daemon.log")
+            try:
+                await wait_until(lambda: sim.subscribed > 0, 20, proc.output)
+                before = count(db, "SELECT COUNT(*) FROM events")
+                for n in range(6):
+                    await sim.publish(fresh_message(rng, 10_000 + n))
+                await wait_until(lambda: count(db, "SELECT COUNT(*) FROM events") >= before + 6, 10)
+                await settle(sqlite_probe(sim, db), timeout=30)
+            finally:
+                proc.terminate()
+                await proc.wait()
+            outputs["relay run (stderr)"] = proc.output()
         commands = [
             ("check",),
             ("deliveries", "list", "--limit", "500"),
@@ -1990,6 +2058,14 @@ async def leak_audit(workdir: Path, *, log_format: str, echo: bool = False) -> O
     }
     secrets |= {f"user token {t[:8]}": t for t in tokens}
     leaks = find_leaks(secrets, outputs)
+    personal = {}
+    for message in sim.sent:
+        payload = message["payload"]
+        for key in ("email", "phone_number"):
+            if isinstance(payload.get(key), str):
+                personal[f"{key} of {payload['user_id'][:15]}"] = payload[key]
+    logs = {k: v for k, v in outputs.items() if k in ("log", "relay run (stderr)")}
+    leaks += find_leaks(personal, logs)
     report = audit(
         f"leak audit ({log_format} logs{', endpoint echoes requests' if echo else ''})",
         deliveries,
@@ -2001,7 +2077,7 @@ async def leak_audit(workdir: Path, *, log_format: str, echo: bool = False) -> O
         dead_ok=lambda d: d.endpoint == crm.name and d.attempts >= SCHEDULE_STEPS,
         leaks=leaks,
     )
-    log_lines = outputs["log"].count("\n")
+    log_lines = sum(str(text).count("\n") for text in logs.values())
     report.notes.append(
         f"{len(secrets)} secrets (incl. {len(tokens)} user tokens) searched in {log_lines} "
         f"log lines and {len(outputs) - 1} other outputs"
