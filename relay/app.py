@@ -18,11 +18,12 @@ from dataclasses import dataclass, field
 
 from relay import events, service
 from relay.admin import AdminServer, create_app
-from relay.config import Settings
+from relay.config import Settings, secret_values
 from relay.dispatch import Dispatcher
 from relay.errors import StoreUnavailableError
 from relay.events import BadFrame, Message, NewEvent
 from relay.feed import FeedClient, FeedOptions, FeedState
+from relay.logs import Redactor
 from relay.metrics import Metrics
 from relay.reconcile import Reconciler
 from relay.store import Store, open_store
@@ -141,6 +142,7 @@ class Relay:
             self.metrics,
             seal_key=seal_key,
             clock=clock,
+            redact=Redactor(secret_values(settings)),
         )
         self.ingest = Ingest(
             self.store,

@@ -86,11 +86,13 @@ class Dispatcher:
         seal_key: bytes | None = None,
         clock: Callable[[], float] = time.time,
         rand: Callable[[], float] = random.random,
+        redact: Callable[[str], str] = lambda text: text,
         page: int = 256,
         idle_poll: float = 5.0,
         store_retry: float = 1.0,
     ) -> None:
         self._store = store
+        self._redact = redact
         self._endpoints: Mapping[str, EndpointConfig] = {ep.name: ep for ep in endpoints}
         self._sender = sender
         self._metrics = metrics
@@ -236,8 +238,14 @@ class Dispatcher:
             retry_after=result.retry_after,
             rand=self._rand,
         )
+        # What an endpoint answers is stored and shown: one that echoes the request must not
+        # put a header secret or the forwarded token on disk or in the API.
         attempt = Attempt(
-            now - result.latency, result.status, result.latency, result.error, result.excerpt
+            now - result.latency,
+            result.status,
+            result.latency,
+            self._redact(result.error) if result.error else None,
+            self._redact(result.excerpt) if result.excerpt else None,
         )
         self._push(Outcome(claim.delivery_id, decision.state, decision.next_at, attempt))
         outcome = _OUTCOMES[decision.state]

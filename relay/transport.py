@@ -54,7 +54,11 @@ def _ssl_context() -> ssl.SSLContext:
 
 
 def _excerpt(data: bytes) -> str | None:
-    return data[:EXCERPT_BYTES].decode("utf-8", "replace") if data else None
+    """At most :data:`EXCERPT_BYTES` of UTF-8, whatever the body's encoding."""
+    if not data:
+        return None
+    text = data[:EXCERPT_BYTES].decode("utf-8", "replace")
+    return text.encode()[:EXCERPT_BYTES].decode("utf-8", "ignore")
 
 
 class AiohttpSender:
