@@ -277,20 +277,24 @@ def expected_event_id(message: Mapping[str, Any]) -> str:
 
 
 def find_leaks(
-    secrets: Mapping[str, str], outputs: Mapping[str, str | bytes], *, min_length: int = 6
+    secrets: Mapping[str, str | bytes],
+    outputs: Mapping[str, str | bytes],
+    *,
+    min_length: int = 6,
 ) -> list[str]:
-    """Every (secret, place) where a secret's text shows up, e.g. ``"admin token in /metrics"``.
+    """Every (secret, place) where a secret shows up, e.g. ``"admin token in /metrics"``.
 
     Args:
-        secrets: what must never appear, by a name to report (values shorter than
-            ``min_length`` are skipped: they would match by chance).
+        secrets: what must never appear, by a name to report: text (searched as UTF-8) or raw
+            bytes; values shorter than ``min_length`` are skipped (they would match by chance).
         outputs: everything captured, by where it came from (text, or raw bytes of a file).
     """
     found = []
     for where, text in outputs.items():
         blob = text if isinstance(text, bytes) else text.encode("utf-8", "replace")
         for name, secret in secrets.items():
-            if len(secret) >= min_length and secret.encode() in blob:
+            needle = secret if isinstance(secret, bytes) else secret.encode()
+            if len(needle) >= min_length and needle in blob:
                 found.append(f"{name} in {where}")
     return found
 
