@@ -29,6 +29,7 @@ __all__ = ["Dispatcher", "build_request"]
 log = logging.getLogger("relay.dispatch")
 
 _USER_AGENT = f"sfox-relay/{__version__}"
+_FALLBACK_RETRY = 60.0
 _OUTCOMES = {"delivered": "success", "pending": "retry", "dead": "dead"}
 
 
@@ -230,14 +231,21 @@ class Dispatcher:
             )
             result = SendResult(None, 0.0, error=f"internal error: {type(exc).__name__}")
         now = self._clock()
-        decision = retry.decide(
-            status=result.status,
-            attempt=attempt_no,
-            schedule=endpoint.retry_schedule,
-            now=now,
-            retry_after=result.retry_after,
-            rand=self._rand,
-        )
+        try:
+            decision = retry.decide(
+                status=result.status,
+                attempt=attempt_no,
+                schedule=endpoint.retry_schedule,
+                now=now,
+                retry_after=result.retry_after,
+                rand=self._rand,
+            )
+        except Exception:  # a claim must never be left unrecorded (its lane would wedge)
+            log.exception(
+                "retry decision failed; retrying later",
+                extra={"event": "dispatch.error", "endpoint": endpoint.name},
+            )
+            decision = retry.Decision("pending", now + _FALLBACK_RETRY, "internal error")
         # What an endpoint answers is stored and shown: one that echoes the request must not
         # put a header secret or the forwarded token on disk or in the API.
         attempt = Attempt(

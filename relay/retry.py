@@ -44,7 +44,7 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
         return float(value)
     try:
         when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # e.g. a year no calendar holds
         return None
     if when.tzinfo is None:
         return None

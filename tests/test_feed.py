@@ -149,17 +149,18 @@ async def test_group_commit_and_back_pressure() -> None:
     metrics, handler = Metrics(), Recorder()
     gate = handler.gate = asyncio.Event()
     async with Simulator(api_key=KEY) as sim:
-        client = fast(sim, handler, metrics, max_batch=50)
+        # Keepalive as in production: the handler blocks for as long as a loaded box needs.
+        client = fast(sim, handler, metrics, max_batch=50, ping_interval=10.0, dead_after=30.0)
         async with running(client):
             try:
                 await wait_until(lambda: len(handler.batches) == 1)
                 # Blocked in the handler: nothing more is taken, whatever is buffered, and the
                 # back-pressure reaches the server, whose generator stops.
                 generated = -1
-                async with asyncio.timeout(5):
+                async with asyncio.timeout(20):  # a loaded machine fills buffers slowly
                     while sim.generated != generated:
                         generated = sim.generated
-                        await asyncio.sleep(0.15)
+                        await asyncio.sleep(0.3)
                 assert len(handler.batches) == 1
             finally:
                 gate.set()

@@ -88,23 +88,23 @@ def page_count(db: Path) -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sim", [{"count": None, "users": 200, "rate": 500.0}], indirect=True)
+@pytest.mark.parametrize("sim", [{"count": None, "users": 200, "rate": 300.0}], indirect=True)
 async def test_the_store_stops_growing_once_retention_applies(
     sim: Simulator, receiver: Receiver, relay_env: EnvBuilder, tmp_path: Path
 ) -> None:
     env = relay_env(RELAY_RETENTION="1s")
     db = tmp_path / "relay.db"
     async with run_relay(env):
-        await eventually(lambda: receiver.count > 500)
-        await asyncio.sleep(2.0)  # retention reaches a steady state
+        await eventually(lambda: receiver.count > 300)
+        await asyncio.sleep(3.0)  # retention reaches a steady state (slower on a loaded box)
         received_early = receiver.count
         sizes = []
-        for _ in range(12):
+        for _ in range(16):
             sizes.append(page_count(db))
             await asyncio.sleep(0.5)
         received_late = receiver.count
-    assert received_late - received_early > 1500  # the feed kept flowing meanwhile
-    early, late = max(sizes[:4]), max(sizes[-4:])
+    assert received_late - received_early > 1200  # the feed kept flowing meanwhile
+    early, late = max(sizes[:5]), max(sizes[-5:])
     # Without retention the same run doubles the store in this window (checked by hand).
     assert late <= early * 1.5, sizes
     conn = sqlite3.connect(db)
