@@ -517,6 +517,92 @@ def fast_feed(sim: Any, **overrides: Any) -> FeedOptions:
 # -- 1. crash loop -------------------------------------------------------------------------------
 
 
+class SqliteView:
+    """What the crash loop reads of a SQLite store between and after the daemons."""
+
+    def __init__(self, db: Path) -> None:
+        self.db = db
+        self.url = f"sqlite:///{db}"
+        self.name = "SQLite"
+
+    async def in_flight(self) -> set[tuple[str, str]]:
+        return in_flight(self.db) if self.db.exists() else set()
+
+    async def event_ids(self) -> set[str]:
+        if not self.db.exists():
+            return set()
+        return {r[0] for r in rows(self.db, "SELECT event_id FROM events")}
+
+    async def counts(self) -> tuple[int, int]:
+        return count(self.db, "SELECT COUNT(*) FROM events"), count(self.db, UNFINISHED)
+
+    async def deliveries(self) -> tuple[list[Any], set[str]]:
+        return sqlite_deliveries(self.db)
+
+    async def close(self) -> None:
+        return None
+
+
+class PostgresView:
+    """The same for a PostgreSQL store in a schema of its own (dropped at close)."""
+
+    def __init__(self, schema: str) -> None:
+        self.schema = schema
+        joiner = "&" if "?" in PG_URL else "?"
+        self.url = f"{PG_URL}{joiner}options=-csearch_path%3D{schema}"
+        self.name = "PostgreSQL"
+
+    async def _fetch(self, sql: str) -> list[Any]:
+        import asyncpg
+
+        conn = await asyncpg.connect(
+            PG_URL, timeout=10, server_settings={"search_path": self.schema}
+        )
+        try:
+            return list(await conn.fetch(sql))
+        except asyncpg.UndefinedTableError:  # not migrated yet
+            return []
+        finally:
+            await conn.close()
+
+    async def create(self) -> None:
+        import asyncpg
+
+        conn = await asyncpg.connect(PG_URL, timeout=10)
+        try:
+            await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
+        finally:
+            await conn.close()
+
+    async def in_flight(self) -> set[tuple[str, str]]:
+        found = await self._fetch(
+            "SELECT d.endpoint, e.event_id FROM deliveries d JOIN events e "
+            "ON e.seq = d.event_seq WHERE d.state = 'inflight'"
+        )
+        return {(r[0], r[1]) for r in found}
+
+    async def event_ids(self) -> set[str]:
+        return {r[0] for r in await self._fetch("SELECT event_id FROM events")}
+
+    async def counts(self) -> tuple[int, int]:
+        events = await self._fetch("SELECT COUNT(*) FROM events")
+        active = await self._fetch(UNFINISHED)
+        return (events[0][0] if events else 0), (active[0][0] if active else 0)
+
+    async def deliveries(self) -> tuple[list[Any], set[str]]:
+        return await postgres_deliveries(PG_URL, self.schema)
+
+    async def close(self) -> None:
+        import asyncpg
+
+        with contextlib.suppress(Exception):
+            conn = await asyncpg.connect(PG_URL, timeout=5)
+            try:
+                await conn.execute(f'DROP SCHEMA IF EXISTS "{self.schema}" CASCADE')
+            finally:
+                await conn.close()
+
+
 KILL_MODES = ["kill", "term, then kill", "term, term"]
 
 
@@ -528,20 +614,34 @@ async def crash_loop(
     tail: float = 1.0,
     users: int = 50,
     seed: int = 1,
+    postgres: bool = False,
 ) -> Outcome:
     """kill -9 the daemon at random points under a steady feed (some during the phased
     shutdown SIGTERM starts, some by a second SIGTERM, which exits at once), restart it on the
-    same store each time; at the end stop the feed, let the last daemon drain, audit."""
+    same store each time; at the end stop the feed, let the last daemon drain, audit.
+
+    ``postgres``: the same on a PostgreSQL store, with a 3 s lease (a killed daemon's claims
+    wait for it before the next one takes them over).
+    """
     rng = random.Random(seed)
     secret = new_whsec()
+    view: SqliteView | PostgresView
+    if postgres:
+        reason = await postgres_available()
+        if reason is not None:
+            raise ScenarioSkipped(reason)
+        view = PostgresView(f"relay_chaos_{uuid.uuid4().hex[:10]}")
+        await view.create()
+    else:
+        view = SqliteView(workdir / "crash.db")
     async with contextlib.AsyncExitStack() as stack:
+        stack.push_async_callback(view.close)
         sim = await _sim(stack, rate=rate, users=users, count=None, seed=seed)
         fast = await _endpoint(stack, "fast", [secret])
         slow = await _endpoint(
             stack, "slow", [secret], lambda r: Response(204, delay=rng.uniform(0.0, 0.08))
         )
-        db = workdir / "crash.db"
-        env = relay_env(sim, [fast, slow], secret, f"sqlite:///{db}")
+        env = relay_env(sim, [fast, slow], secret, view.url, RELAY_LEASE="3s")
         crashed: set[tuple[str, str]] = set()
         committed: set[str] = set()
         outputs: list[str] = []
@@ -582,21 +682,24 @@ async def crash_loop(
             early_terms += code == -signal.SIGTERM
             if code not in allowed:
                 raise AssertionError(f"relay run exited {code} ({mode}):\n{outputs[-1]}")
-            if db.exists():
-                crashed |= in_flight(db)
-                committed |= {r[0] for r in rows(db, "SELECT event_id FROM events")}
+            crashed |= await view.in_flight()
+            committed |= await view.event_ids()
         last = await RelayProcess.start(env, workdir / "crash-final.log")
         await wait_until(lambda: sim.subscribed > 0, 20, last.output)
         await asyncio.sleep(tail)
         sim.pause()
-        await settle(sqlite_probe(sim, db), timeout=60)
+
+        async def probe() -> tuple[int, int, int]:
+            return (len(sim.sent), *await view.counts())
+
+        await settle(probe, timeout=60)
         last.terminate()
         code = await last.wait()
         outputs.append(last.output())
 
-        deliveries, events = sqlite_deliveries(db)
+        deliveries, events = await view.deliveries()
         report = audit(
-            f"crash loop: {kills} kills at {rate:g} events/s",
+            f"crash loop ({view.name}): {kills} kills at {rate:g} events/s",
             deliveries,
             fast.arrivals + slow.arrivals,
             endpoints=[fast.name, slow.name],
@@ -2279,6 +2382,9 @@ def scenarios(sizes: Sizes, *, real_timings: bool) -> dict[str, Callable[[Path],
     s = sizes
     plan: dict[str, Callable[[Path], Awaitable[Any]]] = {
         "crash": lambda w: crash_loop(w, kills=s.kills, rate=s.crash_rate, tail=s.crash_tail),
+        "crash-postgres": lambda w: crash_loop(
+            w, kills=s.kills, rate=s.crash_rate, tail=s.crash_tail, postgres=True
+        ),
         "feed": lambda w: feed_faults(w, phase=s.feed_phase, drops=s.feed_drops),
         "endpoints": lambda w: endpoint_faults(w, events=s.endpoint_events, rate=s.endpoint_rate),
         "excerpt": excerpt_size,
