@@ -13,8 +13,9 @@ import contextlib
 import gc
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from relay import events, service
 from relay.admin import AdminServer, create_app
@@ -33,6 +34,7 @@ from relay.transport import AiohttpSender, Sender
 __all__ = ["Ingest", "Relay", "targets_of"]
 
 log = logging.getLogger("relay.app")
+T = TypeVar("T")
 
 
 def targets_of(settings: Settings) -> list[Target]:
@@ -72,19 +74,9 @@ class Ingest:
 
     async def append(self, new: Sequence[NewEvent]) -> int:
         """Store events (retrying while the store is down); returns how many were new."""
-        while True:
-            try:
-                result = await self.store.append(new, self.targets, self.clock())
-            except StoreUnavailableError as exc:
-                self.store_ok = False
-                log.error(
-                    "store unavailable; feed paused until it returns",
-                    extra={"event": "store.down", "error": str(exc)},
-                )
-                await asyncio.sleep(self.retry_delay)
-                continue
-            break
-        self.store_ok = True
+        result = await self._until_stored(
+            lambda: self.store.append(new, self.targets, self.clock())
+        )
         self.metrics.events_stored.inc(len(result.stored))
         self.metrics.events_duplicate.inc(result.duplicates)
         for endpoint, count in result.superseded.items():
@@ -94,13 +86,23 @@ class Ingest:
         return len(result.stored)
 
     async def on_bad_frame(self, frame: BadFrame) -> None:
-        try:
-            await self.store.quarantine(frame, self.clock())
-        except StoreUnavailableError:
-            log.error(
-                "store unavailable; bad frame not quarantined",
-                extra={"event": "feed.bad_frame_lost", "reason": frame.reason},
-            )
+        """Quarantine a malformed frame; like events, it waits for the store to return."""
+        await self._until_stored(lambda: self.store.quarantine(frame, self.clock()))
+
+    async def _until_stored(self, write: Callable[[], Awaitable[T]]) -> T:
+        while True:
+            try:
+                result = await write()
+            except StoreUnavailableError as exc:
+                self.store_ok = False
+                log.error(
+                    "store unavailable; feed paused until it returns",
+                    extra={"event": "store.down", "error": str(exc)},
+                )
+                await asyncio.sleep(self.retry_delay)
+                continue
+            self.store_ok = True
+            return result
 
     async def on_subscribed(self) -> None:
         for hook in self._subscribed_hooks:

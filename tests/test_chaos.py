@@ -174,15 +174,6 @@ async def test_sqlite_disk_full_holds_the_feed_and_resumes(tmp_path: Path) -> No
     assert facts["taken_growth_in_second_half"] == 0  # the feed is held
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG: relay/app.py:96-103 Ingest.on_bad_frame gives up on StoreUnavailableError "
-    "(logs feed.bad_frame_lost): a malformed frame arriving while the store is down is "
-    "counted but never kept, against CONTRACT.md section 5 (Feed: 'logged, counted, kept, "
-    "and skipped'); fix: retry the quarantine while the store is unavailable, as append() "
-    "does (store_ok = False, sleep retry_delay, loop), so the feed is held instead",
-)
 async def test_a_bad_frame_during_a_store_outage_is_still_kept(tmp_path: Path) -> None:
     outcome = await skip_unless_possible(chaos.quarantine_while_down(tmp_path))
     assert_clean(outcome)
