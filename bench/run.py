@@ -14,6 +14,10 @@ Scenarios, each with its own processes (simulator, receiver, relay or baseline, 
   timestamp, p50/p95/p99/max.
 - ``reconnect``: the simulator aborts the connection after 300 messages; time from the drop to
   subscribed again (``relay_feed_connected`` polled every 10 ms); the baseline just exits.
+- ``pg``: only with ``RELAY_BENCH_PG`` set to a PostgreSQL URL (it creates and drops its own
+  databases there): the live feed through 1 and through 3 replicas (RELAY_REPLICAS=3, distinct
+  webhook-ids and duplicates counted at the receiver), and p99 latency at 200 events/s with 1
+  replica, next to the SQLite figures of the same run; skipped with a note otherwise.
 
 Exit status: 0 when the harness worked (targets missed or not), 1 when it failed (a process
 crashed, nothing arrived, a bounded wait ran out), 130 when interrupted.
@@ -79,7 +83,7 @@ API_KEY = "bench-" + secrets.token_hex(8)
 SIGNING_SECRET = "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
 #: Stored while the endpoint is down: retried every second for two minutes, then drained.
 DRAIN_SCHEDULE = ",".join(["0s"] + ["1s"] * 120)
-SCENARIOS = ("wrk", "idle", "ingest", "drain", "live", "latency", "reconnect")
+SCENARIOS = ("wrk", "idle", "ingest", "drain", "live", "latency", "reconnect", "pg")
 LATENCY_RATE = 200
 DROP_EVERY = 300
 MB = 2**20
@@ -272,38 +276,76 @@ def start_relay(
     sim_port: int,
     endpoint_url: str,
     schedule: str,
-    store: Path,
+    store: Path | str,
 ) -> RelayHandle:
     """``relay run`` signing every delivery, with its admin port polled for readiness."""
-    admin = free_port()
-    env = child_env(
-        {
-            "RELAY_API_KEY": API_KEY,
-            "RELAY_WS_URL": f"ws://{LOOPBACK}:{sim_port}/ws",
-            "RELAY_API_URL": f"http://{LOOPBACK}:{sim_port}",
-            "RELAY_ENDPOINTS": json.dumps([{"name": "bench", "url": endpoint_url}]),
-            "RELAY_SIGNING_SECRET": SIGNING_SECRET,
-            "RELAY_ALLOW_UNSIGNED": "false",
-            "RELAY_STORE": f"sqlite:///{store}",
-            "RELAY_ADMIN_ADDR": f"{LOOPBACK}:{admin}",
-            "RELAY_RECONCILE_INTERVAL": "off",
-            "RELAY_RETRY_SCHEDULE": schedule,
-            "RELAY_SHUTDOWN_GRACE": "5s",
-        }
-    )
-    started = time.monotonic()
-    proc = procs.start(name, [PY, "-m", "relay", "run"], env)
-    rss = RssSampler(proc.pid)
-    wait_until(
-        lambda: http_get(admin, "/readyz")[0] == 200,
-        timeout=60,
-        what=f"{name} to be ready (/readyz 200)",
-        procs=procs,
-        interval=0.02,
-    )
-    ready = time.monotonic() - started
-    bench.ready_times.append(ready)
-    return RelayHandle(proc, admin, rss, ready)
+    return start_relays(
+        bench,
+        procs,
+        names=[name],
+        sim_port=sim_port,
+        endpoint_url=endpoint_url,
+        schedule=schedule,
+        store=store,
+    )[0]
+
+
+def start_relays(
+    bench: Bench,
+    procs: Procs,
+    *,
+    names: list[str],
+    sim_port: int,
+    endpoint_url: str,
+    schedule: str,
+    store: Path | str,
+) -> list[RelayHandle]:
+    """One ``relay run`` per name on one store, all started before any is waited for.
+
+    ``store`` is a SQLite file or a PostgreSQL URL; with several names, RELAY_REPLICAS is
+    their number and each has its own admin port. Only SQLite starts count in the start-up
+    figure.
+    """
+    launched: list[tuple[str, Proc, int, float]] = []
+    for name in names:
+        admin = free_port()
+        env = child_env(
+            {
+                "RELAY_API_KEY": API_KEY,
+                "RELAY_WS_URL": f"ws://{LOOPBACK}:{sim_port}/ws",
+                "RELAY_API_URL": f"http://{LOOPBACK}:{sim_port}",
+                "RELAY_ENDPOINTS": json.dumps([{"name": "bench", "url": endpoint_url}]),
+                "RELAY_SIGNING_SECRET": SIGNING_SECRET,
+                "RELAY_ALLOW_UNSIGNED": "false",
+                "RELAY_STORE": store if isinstance(store, str) else f"sqlite:///{store}",
+                "RELAY_REPLICAS": str(len(names)),
+                "RELAY_ADMIN_ADDR": f"{LOOPBACK}:{admin}",
+                "RELAY_RECONCILE_INTERVAL": "off",
+                "RELAY_RETRY_SCHEDULE": schedule,
+                "RELAY_SHUTDOWN_GRACE": "5s",
+            }
+        )
+        started = time.monotonic()
+        launched.append((name, procs.start(name, [PY, "-m", "relay", "run"], env), admin, started))
+    handles: list[RelayHandle] = []
+    for name, proc, admin, started in launched:
+        rss = RssSampler(proc.pid)
+        wait_until(
+            _ready_check(admin),
+            timeout=60,
+            what=f"{name} to be ready (/readyz 200)",
+            procs=procs,
+            interval=0.02,
+        )
+        ready = time.monotonic() - started
+        if not isinstance(store, str):
+            bench.ready_times.append(ready)
+        handles.append(RelayHandle(proc, admin, rss, ready))
+    return handles
+
+
+def _ready_check(admin: int) -> Callable[[], bool]:
+    return lambda: http_get(admin, "/readyz")[0] == 200
 
 
 def start_naive(procs: Procs, sim_port: int, url: str, name: str = "naive") -> Proc:
@@ -781,6 +823,138 @@ def scenario_reconnect(bench: Bench) -> None:
     }
 
 
+PG_ENV = "RELAY_BENCH_PG"
+LIVE_SCHEDULE = "0s,5s,5m,30m,2h,5h,10h,10h"
+
+
+@contextlib.contextmanager
+def pg_database(admin_url: str, label: str) -> Iterator[str]:
+    """A fresh PostgreSQL database next to ``admin_url``'s, dropped afterwards; its URL."""
+    import asyncio
+
+    import asyncpg
+
+    name = f"relay_bench_{label}_{secrets.token_hex(5)}"
+
+    async def execute(sql: str) -> None:
+        conn = await asyncpg.connect(admin_url, timeout=10)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    try:
+        asyncio.run(execute(f"CREATE DATABASE {name}"))
+    except (OSError, asyncpg.PostgresError) as exc:
+        raise HarnessError(f"cannot create a database at {PG_ENV}: {exc!r}") from None
+    base, _, rest = admin_url.partition("?")
+    url = base.rpartition("/")[0] + f"/{name}" + (f"?{rest}" if rest else "")
+    try:
+        yield url
+    finally:
+        with contextlib.suppress(Exception):
+            asyncio.run(execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+
+
+def _pg_run(
+    bench: Bench,
+    label: str,
+    store: str,
+    *,
+    n: int,
+    replicas: int,
+    rate: float | None,
+    timeout: float,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The simulator's ``n`` events through ``replicas`` relays on ``store`` to one receiver."""
+    with bench.procs(f"pg-{label}") as procs:
+        receiver = start_receiver(procs)
+        sim = start_simulator(bench, procs, count=n, rate=rate)
+        relays = start_relays(
+            bench,
+            procs,
+            names=[f"relay-{i + 1}" for i in range(replicas)],
+            sim_port=sim,
+            endpoint_url=receiver.url,
+            schedule=LIVE_SCHEDULE,
+            store=store,
+        )
+        for relay in relays:
+            relay.rss.mark("run")
+        result: dict[str, Any] = {"events": n, "replicas": replicas}
+        what = f"{n:,} events through {replicas} replica(s) on PostgreSQL ({label})"
+        try:
+            wait_delivered(receiver, n, timeout=timeout, procs=procs, what=what)
+        except Incomplete as exc:
+            result["incomplete"] = str(exc)
+            bench.notes.append(f"pg {label} incomplete: {exc}")
+        if replicas > 1:
+            time.sleep(1.0)  # late duplicates, if any, still count
+        per_replica = [
+            metric(r.metrics(), "relay_deliveries_total", outcome="success") for r in relays
+        ]
+        for relay in relays:
+            relay.rss.stop()
+        data = receiver.finish()
+        result.update(
+            {
+                "delivered": data["unique"],
+                "requests": data["count"],
+                "duplicates": data["count"] - data["unique"],
+                "signed": data["signed"],
+                "events_per_s": rate_of(data["arrivals_ns"]),
+                "successes_per_replica": per_replica,
+                "rss_peak": max((r.rss.peak("run") or 0) for r in relays) or None,
+            }
+        )
+        if not data["unique"]:
+            raise HarnessError(f"nothing was delivered ({label})")
+        return result, data
+
+
+def scenario_pg(bench: Bench) -> None:
+    admin_url = os.environ.get(PG_ENV, "").strip()
+    if not admin_url:
+        bench.results["pg"] = {"skipped": f"{PG_ENV} is not set"}
+        bench.notes.append(
+            f"pg: skipped; set {PG_ENV} to a PostgreSQL URL (e.g. "
+            "postgresql://postgres@127.0.0.1:5432/test) whose server lets it create and drop "
+            "databases."
+        )
+        return
+    n = bench.sizes.live
+    seconds = bench.sizes.latency_seconds
+    results: dict[str, Any] = {}
+    bench.results["pg"] = results
+    for label, replicas in (("live-1", 1), ("live-3", 3)):
+        with pg_database(admin_url, label.replace("-", "")) as store:
+            result, data = _pg_run(
+                bench, label, store, n=n, replicas=replicas, rate=None, timeout=60 + n / 100
+            )
+        results[label] = result
+        bench.series.setdefault("throughput", {})[f"relay on PostgreSQL, {replicas} replica(s)"] = (
+            data["arrivals_ns"]
+        )
+    with pg_database(admin_url, "latency") as store:
+        m = LATENCY_RATE * seconds
+        result, data = _pg_run(
+            bench, "latency", store, n=m, replicas=1, rate=LATENCY_RATE, timeout=seconds + 60
+        )
+    ordered = sorted(data["latencies_ns"])
+    result.update(
+        {
+            "rate": LATENCY_RATE,
+            "seconds": seconds,
+            "p50_ns": percentile(ordered, 50),
+            "p95_ns": percentile(ordered, 95),
+            "p99_ns": percentile(ordered, 99),
+            "max_ns": ordered[-1] if ordered else None,
+        }
+    )
+    results["latency"] = result
+    bench.series.setdefault("latency", {})["relay on PostgreSQL"] = data["latencies_ns"]
+
+
 # -- py-spy (optional) ------------------------------------------------------------------------
 
 
@@ -976,6 +1150,9 @@ def build_rows(bench: Bench) -> list[Row]:
                 )
             )
 
+    if "pg" in r:
+        rows += _pg_rows(bench, live_relay)
+
     idle = _get(r, "idle", "rss_idle")
     rss_rows = [
         ("RSS idle (subscribed, no traffic)", idle, None),
@@ -1029,6 +1206,52 @@ def build_rows(bench: Bench) -> list[Row]:
                 naive,
                 target=f"< {TARGET_RESUBSCRIBE:g} s",
                 verdict=_verdict(None if worst is None else worst < TARGET_RESUBSCRIBE),
+            )
+        )
+    return rows
+
+
+def _pg_rows(bench: Bench, live_sqlite: float | None) -> list[Row]:
+    """PostgreSQL figures next to the SQLite ones of the same run (ratio = PostgreSQL/SQLite)."""
+    pg = bench.results["pg"]
+    if "skipped" in pg:
+        return [Row("Delivery on PostgreSQL", f"skipped ({pg['skipped']})", verdict="skipped")]
+    rows: list[Row] = []
+    for key, replicas in (("live-1", 1), ("live-3", 3)):
+        result = pg.get(key)
+        if result is None:
+            continue
+        rate = result.get("events_per_s")
+        label = f"Delivery on PostgreSQL, {replicas} replica{'s' if replicas > 1 else ''}"
+        label += f", {result['events']:,} events (events/s)"
+        target, ok = "-", None
+        if replicas > 1:
+            dups = result.get("duplicates", 0)
+            label += f"; {result.get('delivered', 0):,} distinct, {dups:,} duplicates"
+            target = "each event once"
+            ok = dups == 0 and result.get("delivered") == result["events"]
+        rows.append(
+            Row(
+                label,
+                fmt_rate(rate),
+                ratio=fmt_ratio(rate, live_sqlite, "SQLite live"),
+                target=target,
+                verdict=_verdict(ok),
+            )
+        )
+    latency = pg.get("latency")
+    if latency is not None:
+        p99 = latency.get("p99_ns")
+        if isinstance(p99, float) and math.isnan(p99):
+            p99 = None
+        rows.append(
+            Row(
+                f"Latency p99 on PostgreSQL, 1 replica, at {LATENCY_RATE} events/s for "
+                f"{latency['seconds']} s",
+                fmt_ms(p99),
+                ratio=fmt_ratio(p99, _get(bench.results, "latency_relay", "p99_ns"), "SQLite"),
+                target=f"< {TARGET_P99_NS / 1e6:g} ms",
+                verdict=_verdict(None if p99 is None else p99 < TARGET_P99_NS),
             )
         )
     return rows
@@ -1139,6 +1362,16 @@ def _notes(bench: Bench) -> list[str]:
             f"{reconnect.get('naive_exit_code')} after relaying "
             f"{reconnect.get('naive_delivered_before_exit', 0)} messages."
         )
+    pg = r.get("pg", {})
+    if "live-1" in pg or "live-3" in pg or "latency" in pg:
+        three = pg.get("live-3", {})
+        split = ", ".join(f"{x:,.0f}" for x in three.get("successes_per_replica", []))
+        notes.append(
+            f"pg: each PostgreSQL figure used a fresh database from {PG_ENV}, the same "
+            "simulator feed, receiver and signing as the SQLite rows; the replicas start "
+            "together and share one endpoint; ratios are PostgreSQL / SQLite of this run"
+            + (f"; successful deliveries per replica (3 replicas): {split}." if split else ".")
+        )
     return notes + bench.notes
 
 
@@ -1200,6 +1433,7 @@ RUNNERS: dict[str, Callable[[Bench], None]] = {
     "live": scenario_live,
     "latency": scenario_latency,
     "reconnect": scenario_reconnect,
+    "pg": scenario_pg,
 }
 
 
