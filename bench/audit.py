@@ -54,6 +54,7 @@ class StoredDelivery:
     """Internal state: waiting, pending, inflight, delivered, dead, superseded."""
     attempts: int
     last_status: int | None
+    last_error: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,7 +194,7 @@ def audit(
                 report.lost += 1
                 report.problem(
                     f"{d.event_id} dead at {d.endpoint} after {d.attempts} attempts "
-                    f"(last status {d.last_status})"
+                    f"(last status {d.last_status}, last error {d.last_error})"
                 )
         else:
             report.lost += 1
@@ -302,7 +303,8 @@ def find_leaks(
 # -- reading the store ------------------------------------------------------------------------
 
 _DELIVERIES_SQL = """
-    SELECT e.event_id, d.endpoint, d.user_id, d.ord, d.state, d.attempts, d.last_status
+    SELECT e.event_id, d.endpoint, d.user_id, d.ord, d.state, d.attempts, d.last_status,
+        d.last_error
     FROM deliveries d JOIN events e ON e.seq = d.event_seq ORDER BY d.ord, d.id
 """
 
@@ -316,6 +318,7 @@ def _row(row: Sequence[Any]) -> StoredDelivery:
         state=row[4],
         attempts=int(row[5]),
         last_status=row[6],
+        last_error=row[7],
     )
 
 

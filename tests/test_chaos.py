@@ -106,8 +106,13 @@ def test_find_leaks_names_secret_and_place() -> None:
 
 @pytest.mark.slow
 async def test_crash_loop_loses_nothing_committed(tmp_path: Path) -> None:
+    sizes = chaos.CI
     outcome = await chaos.crash_loop(
-        tmp_path, kills=chaos.CI.kills, rate=chaos.CI.crash_rate, tail=chaos.CI.crash_tail
+        tmp_path,
+        kills=sizes.kills,
+        rate=sizes.crash_rate,
+        tail=sizes.crash_tail,
+        dwell=sizes.crash_dwell,
     )
     assert_clean(outcome)
     assert outcome.report.stored > 300
@@ -120,13 +125,14 @@ async def test_crash_loop_loses_nothing_committed(tmp_path: Path) -> None:
 async def test_feed_faults_keep_every_well_formed_event_within_sfox_limits(
     tmp_path: Path,
 ) -> None:
+    sizes = chaos.CI
     outcome = await chaos.feed_faults(
-        tmp_path, phase=chaos.CI.feed_phase, drops=chaos.CI.feed_drops
+        tmp_path, phase=sizes.feed_phase, drops=sizes.feed_drops, rejections=sizes.feed_rejections
     )
     assert_clean(outcome)
     facts = outcome.facts
     assert facts["alive"]
-    assert facts["connections"] >= 5  # rejected twice, dropped, timed out, stalled
+    assert facts["connections"] >= 5  # rejected, dropped, timed out, stalled
     assert facts["connections_per_minute"] <= 20
     assert min(facts["auth_gaps"]) >= facts["auth_retry_after"] - 0.05
     assert facts["bad_frames_counted"] == facts["bad_frames_quarantined"] > 0
@@ -157,6 +163,20 @@ async def test_excerpt_of_a_non_utf8_body_fits_in_1_kib(tmp_path: Path) -> None:
 
 async def test_a_retry_after_beyond_any_calendar_never_wedges_a_delivery(tmp_path: Path) -> None:
     outcome = await chaos.hostile_retry_after(tmp_path, patience=2.0)
+    assert_clean(outcome)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="BUG: relay/transport.py:102 AiohttpSender.post passes the body as raw bytes, and "
+    "aiohttp (payload.py BytesPayload) warns ResourceWarning for any body over 1 MiB; under "
+    "warnings-as-errors (this project's pytest config, or PYTHONWARNINGS=error) _deliver "
+    "records 'internal error: ResourceWarning' on every attempt and the event dies; fix: "
+    "send large bodies as io.BytesIO(body) (the same bytes, still the ones signed)",
+)
+async def test_an_event_over_1_mib_is_delivered_without_warnings(tmp_path: Path) -> None:
+    outcome = await chaos.large_event(tmp_path)
     assert_clean(outcome)
 
 
@@ -220,7 +240,7 @@ async def test_admin_api_answers_no_data_without_the_token(tmp_path: Path) -> No
 async def test_no_secret_in_logs_metrics_api_cli_or_store(tmp_path: Path, log_format: str) -> None:
     # In-process through relay.logs.setup_logging, as `relay run` does; the full run also
     # searches a real daemon's stderr.
-    outcome = await chaos.leak_audit(tmp_path, log_format=log_format, daemon=False, events=72)
+    outcome = await chaos.leak_audit(tmp_path, log_format=log_format, daemon=False, events=60)
     assert_clean(outcome)
     assert outcome.facts["leaks"] == []
     assert outcome.facts["log_lines"] > 100  # DEBUG really was on
