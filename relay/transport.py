@@ -11,6 +11,7 @@ name the failure, never the URL (it may carry credentials).
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import ssl
 import time
@@ -26,6 +27,7 @@ from yarl import URL
 __all__ = ["EXCERPT_BYTES", "AiohttpSender", "HttpxSender", "SendResult", "Sender"]
 
 EXCERPT_BYTES = 1024
+_RAW_BODY_LIMIT = 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,7 +101,9 @@ class AiohttpSender:
         try:
             async with self._client().post(
                 url,
-                data=body,
+                # aiohttp warns (and, with warnings as errors, fails) on raw bytes over 1 MiB;
+                # a BytesIO sends the same bytes, the ones signed, with a Content-Length.
+                data=body if len(body) <= _RAW_BODY_LIMIT else io.BytesIO(body),
                 headers=headers,
                 allow_redirects=False,
                 proxy=proxy,

@@ -166,15 +166,6 @@ async def test_a_retry_after_beyond_any_calendar_never_wedges_a_delivery(tmp_pat
     assert_clean(outcome)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG: relay/transport.py:102 AiohttpSender.post passes the body as raw bytes, and "
-    "aiohttp (payload.py BytesPayload) warns ResourceWarning for any body over 1 MiB; under "
-    "warnings-as-errors (this project's pytest config, or PYTHONWARNINGS=error) _deliver "
-    "records 'internal error: ResourceWarning' on every attempt and the event dies; fix: "
-    "send large bodies as io.BytesIO(body) (the same bytes, still the ones signed)",
-)
 async def test_an_event_over_1_mib_is_delivered_without_warnings(tmp_path: Path) -> None:
     outcome = await chaos.large_event(tmp_path)
     assert_clean(outcome)
