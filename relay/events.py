@@ -9,7 +9,7 @@ import hashlib
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, TypeGuard
 
 from relay import tokens
 from relay.codec import canonical_json, compact_json, loads
@@ -69,7 +69,8 @@ class BadFrame:
     text: str
 
 
-def _is_int(value: object) -> bool:
+def _is_int(value: object) -> TypeGuard[int]:
+    """An integer, and not a bool (which Python counts as one)."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -116,7 +117,7 @@ def _message(obj: dict[str, Any], data: str | bytes) -> Message | BadFrame:
         return bad("recipient missing or not a string")
     if not isinstance(payload, dict):
         return bad("payload missing or not an object")
-    if not isinstance(timestamp, int) or isinstance(timestamp, bool):
+    if not _is_int(timestamp):
         return bad("timestamp missing or not an integer")
     if sequence is not None and not _is_int(sequence):
         return bad("sequence not an integer")
