@@ -247,11 +247,24 @@ class Relay:
         for task in done - {stop}:
             task.result()  # a crashed component ends the run with its exception
         log.info("shutting down", extra={"event": "relay.stopping"})
+        deadline = asyncio.get_running_loop().time() + self.settings.shutdown_grace
         await self.admin.stop()
-        await self.feed.stop()
+        try:
+            async with asyncio.timeout_at(deadline):
+                await self.feed.stop()  # commits what was received, if the store takes it
+        except TimeoutError:
+            # The store is down and the batch in hand cannot be committed: it was never
+            # acknowledged, and reconciliation after the next start recovers it.
+            log.warning(
+                "store unavailable at shutdown; frames not yet committed were dropped "
+                "(reconciliation on the next start recovers them)",
+                extra={"event": "relay.stop_uncommitted"},
+            )
+            feed.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await feed
-        await self.dispatcher.shutdown(self.settings.shutdown_grace)
+        remaining = max(0.0, deadline - asyncio.get_running_loop().time())
+        await self.dispatcher.shutdown(remaining)
         await dispatch
         for background in (stats, reconcile, retention):
             background.cancel()
