@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -195,6 +195,32 @@ async def test_writes_raise_unavailable_while_the_file_cannot_be_written(tmp_pat
         await store.check_writable()  # the store is back
         result = await store.append([user_event(USER_A, 1)], [], NOW)
         assert (len(result.stored), result.duplicates) == (1, 0)  # the failed one rolled back
+
+
+async def test_after_a_full_disk_the_wal_is_emptied_before_the_next_write(tmp_path: Path) -> None:
+    path, wal = tmp_path / "relay.db", tmp_path / "relay.db-wal"
+    async with open_store(path, daemon=True) as store:
+        for n in range(1, 41):  # one commit each, as a feed at a low rate makes them
+            await store.append([user_event(USER_A, n)], [CRM], NOW)
+        grown = wal.stat().st_size
+
+        def cap(pages: int | None) -> Callable[[sqlite3.Connection], None]:
+            # SQLite's own SQLITE_FULL, as from a full disk: the file may not grow.
+            def run(conn: sqlite3.Connection) -> None:
+                limit = pages or conn.execute("PRAGMA page_count").fetchone()[0]
+                conn.execute(f"PRAGMA max_page_count = {limit}")
+
+            return run
+
+        await store._run(cap(None))
+        with pytest.raises(StoreUnavailableError, match="full"):
+            await store.append([user_event(f"user-{n}", 1) for n in range(2000)], [CRM], NOW)
+        await store._run(cap(1 << 30))  # space returns
+
+        result = await store.append([user_event(USER_A, 41)], [CRM], NOW)
+        assert len(result.stored) == 1
+        assert wal.stat().st_size < grown / 4, (grown, wal.stat().st_size)
+        assert len(await store.list_deliveries()) == 41  # nothing lost on the way
 
 
 async def test_failed_open_releases_the_daemon_lock(tmp_path: Path) -> None:

@@ -232,6 +232,7 @@ class SQLiteStore:
         self._closed = False
         self._durable = True
         self._checkpointer: _Checkpointer | None = None
+        self._disk_was_full = False
 
     # -- plumbing ---------------------------------------------------------------------------
 
@@ -242,6 +243,8 @@ class SQLiteStore:
     def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         if self._conn is None:
             raise StoreError("store is not open")
+        if self._disk_was_full:
+            self._reclaim_wal(self._conn)
         try:
             return fn(self._conn)
         except sqlite3.OperationalError as exc:
@@ -249,6 +252,8 @@ class SQLiteStore:
                 with contextlib.suppress(sqlite3.Error):
                     self._conn.rollback()
             text = str(exc).lower()
+            if "disk is full" in text:
+                self._disk_was_full = True
             if any(marker in text for marker in _UNAVAILABLE):
                 raise StoreUnavailableError(f"{self.display}: {exc}") from exc
             raise StoreError(f"{self.display}: {exc}") from exc
@@ -257,6 +262,23 @@ class SQLiteStore:
                 with contextlib.suppress(sqlite3.Error):
                     self._conn.rollback()
             raise StoreError(f"{self.display}: {exc}") from exc
+
+    def _reclaim_wal(self, conn: sqlite3.Connection) -> None:
+        """After a full disk, empty the WAL before writing again.
+
+        The WAL then holds committed frames that could not be copied into the database file
+        (it could not grow), and new commits only append to it: once space returns, the
+        backlog the feed and the dispatcher had held would refill the disk before the next
+        periodic checkpoint. A TRUNCATE checkpoint copies the frames and gives the WAL's
+        space back first; until it completes, writes keep failing as unavailable.
+        """
+        try:
+            busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        except sqlite3.Error:
+            return
+        if not busy:
+            self._disk_was_full = False
+            log.info("WAL emptied after the disk filled", extra={"event": "store.wal"})
 
     @contextlib.contextmanager
     def _tx(
