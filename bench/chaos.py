@@ -482,11 +482,16 @@ async def in_process(
         try:
             async with asyncio.timeout(timeout):
                 await task
-        except TimeoutError:
+        except TimeoutError as exc:
+            stacks = io.StringIO()
+            for stuck in asyncio.all_tasks():
+                stuck.print_stack(file=stacks)
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-            raise AssertionError(f"relay did not stop within {timeout:g}s") from None
+            raise AssertionError(
+                f"relay did not stop within {timeout:g}s; its tasks:\n{stacks.getvalue()}"
+            ) from exc  # whatever the scenario raised shows as the timeout's context
 
 
 async def readyz(http: httpx.AsyncClient) -> tuple[int, dict[str, str]]:
