@@ -13,12 +13,13 @@ import base64
 import binascii
 import os
 from datetime import datetime
-from typing import Any, Literal
-
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from functools import cache
+from typing import TYPE_CHECKING, Any, Literal
 
 from relay.codec import compact_json, loads
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 __all__ = ["Policy", "decrypt", "encrypt", "is_expired", "render", "seal", "unseal"]
 
@@ -26,6 +27,15 @@ Policy = Literal["strip", "forward", "encrypt"]
 
 _SEALED = "$sealed"
 _AT_REST_AAD = b"sfox-relay/user_token/v1"
+
+
+@cache
+def _aead() -> type[AESGCM]:
+    """AES-GCM, imported on first use: most relays strip tokens and never need it, and
+    cryptography's bindings are ~7 MB of resident memory."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    return AESGCM
 
 
 def _b64(data: bytes) -> str:
@@ -36,7 +46,7 @@ def seal(token: Any, key: bytes, *, nonce: bytes | None = None) -> dict[str, str
     """The at-rest form of a token: AES-GCM of its compact JSON under ``RELAY_TOKEN_KEY``."""
     nonce = nonce or os.urandom(12)
     plain = compact_json(token)
-    return {_SEALED: _b64(nonce + AESGCM(key).encrypt(nonce, plain, _AT_REST_AAD))}
+    return {_SEALED: _b64(nonce + _aead()(key).encrypt(nonce, plain, _AT_REST_AAD))}
 
 
 def unseal(sealed: Any, key: bytes) -> Any:
@@ -45,10 +55,19 @@ def unseal(sealed: Any, key: bytes) -> Any:
         raise ValueError("not a sealed token")
     try:
         blob = base64.b64decode(sealed[_SEALED], validate=True)
-        plain = AESGCM(key).decrypt(blob[:12], blob[12:], _AT_REST_AAD)
-    except (binascii.Error, InvalidTag, ValueError) as exc:
+        plain = _open_sealed(key, blob)
+    except (binascii.Error, ValueError) as exc:
         raise ValueError("sealed token does not open with this key") from exc
     return loads(plain)
+
+
+def _open_sealed(key: bytes, blob: bytes) -> bytes:
+    from cryptography.exceptions import InvalidTag
+
+    try:
+        return _aead()(key).decrypt(blob[:12], blob[12:], _AT_REST_AAD)
+    except InvalidTag as exc:
+        raise ValueError("wrong key or altered data") from exc
 
 
 def is_expired(token: Any, now: float) -> bool:
@@ -73,7 +92,7 @@ def encrypt(
     return {
         "alg": "A256GCM",
         "nonce": _b64(nonce),
-        "ciphertext": _b64(AESGCM(key).encrypt(nonce, secret, webhook_id.encode())),
+        "ciphertext": _b64(_aead()(key).encrypt(nonce, secret, webhook_id.encode())),
         "expires": token.get("expires"),
         "partner_user_id": token.get("partner_user_id"),
     }
@@ -83,7 +102,7 @@ def decrypt(value: dict[str, Any], key: bytes, webhook_id: str) -> str:
     """What a receiver does with an ``encrypt``-policy token (the README shows it inline)."""
     nonce = base64.b64decode(value["nonce"])
     ciphertext = base64.b64decode(value["ciphertext"])
-    return AESGCM(key).decrypt(nonce, ciphertext, webhook_id.encode()).decode()
+    return _aead()(key).decrypt(nonce, ciphertext, webhook_id.encode()).decode()
 
 
 def render(

@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
+import sys
+import tracemalloc
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
 
 from relay import tokens
+from relay.codec import compact_json
 from relay.events import (
     USERS_FEED,
     BadFrame,
@@ -718,3 +722,32 @@ def test_redact_is_bounded(data: Any) -> None:
 )
 def test_redact_json_hides_hex_tokens_anywhere(frame: str) -> None:
     assert TOKEN not in redact(frame)
+
+
+# -- footprint ------------------------------------------------------------------------------
+
+
+def test_compact_json_keeps_no_spare_buffer() -> None:
+    # orjson writes into a 4 KiB block and keeps it: a batch of a thousand bodies held that
+    # way cost ~8 MB of resident memory.
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        body = compact_json({"payload": {"user_id": "u" * 300}})
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert len(body) > 300
+    assert grown < 2 * len(body), grown
+
+
+def test_the_daemon_does_not_load_aes_until_a_token_is_sealed() -> None:
+    # cryptography's bindings are ~7 MB resident; most relays strip tokens and never use them.
+    probe = (
+        "import sys, relay.app, relay.__main__\n"
+        "assert 'cryptography.hazmat.primitives.ciphers.aead' not in sys.modules\n"
+        "from relay import tokens\n"
+        "tokens.unseal(tokens.seal({'token': 't'}, bytes(32)), bytes(32))\n"
+        "assert 'cryptography.hazmat.primitives.ciphers.aead' in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", probe], check=True, timeout=60)
