@@ -430,21 +430,27 @@ class FeedClient:
     # -- reading --------------------------------------------------------------------------
 
     async def _read(self, ws: ClientConnection, early: list[Message | BadFrame]) -> None:
-        """Reader task -> bounded queue -> batches to the handler, until the connection ends."""
-        queue: asyncio.Queue[Message | Control | BadFrame | object] = asyncio.Queue(
-            self.options.max_batch
-        )
+        """Reader task -> bounded queue -> batches to the handler, until the connection ends.
+
+        The queue holds frames as received and a batch is parsed when it is taken: a parsed
+        message is ~5x the size of its text, and the queue is full whenever the store is
+        slower than the feed.
+        """
+        queue: asyncio.Queue[str | bytes | object] = asyncio.Queue(self.options.max_batch)
         failure: list[BaseException] = []
         reader = asyncio.create_task(self._reader(ws, queue, failure), name="feed-reader")
         try:
             if early:
                 await self._dispatch(list(early))
             while True:
-                items: list[Message | Control | BadFrame | object] = [await queue.get()]
+                items: list[str | bytes | object] = [await queue.get()]
                 while len(items) < self.options.max_batch and not queue.empty():
                     items.append(queue.get_nowait())
                 ended = items[-1] is _END
-                await self._dispatch(items[:-1] if ended else items)
+                frames = items[:-1] if ended else items
+                await self._dispatch(
+                    [parse_frame(f) if isinstance(f, str | bytes) else f for f in frames]
+                )
                 if ended:
                     break
         finally:
@@ -458,14 +464,14 @@ class FeedClient:
     async def _reader(
         self,
         ws: ClientConnection,
-        queue: asyncio.Queue[Message | Control | BadFrame | object],
+        queue: asyncio.Queue[str | bytes | object],
         failure: list[BaseException],
     ) -> None:
         metrics = self._metrics
         try:
             async for data in ws:
                 metrics.frame_received()
-                await queue.put(parse_frame(data))
+                await queue.put(data)
         except ConnectionClosedOK:
             pass
         except Exception as exc:  # ConnectionClosedError, or a bug: re-raised by _read
