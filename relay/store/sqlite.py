@@ -115,6 +115,15 @@ MIGRATIONS: tuple[str, ...] = (
         WHERE state IN ('delivered', 'superseded', 'dead');
     CREATE INDEX events_received ON events(received_at);
     """,
+    # v3: one index per user instead of two. Lanes are looked up by (endpoint, user) and an
+    # operator filters by user; a user has a handful of deliveries, so one full index on
+    # user_id first serves both, and a state change (claim, verdict) no longer rewrites a
+    # partial index. Two random-key indexes per insert were the larger part of a commit.
+    """
+    DROP INDEX deliveries_user;
+    DROP INDEX deliveries_lane;
+    CREATE INDEX deliveries_lane ON deliveries(user_id, endpoint, ord, created_at);
+    """,
 )
 
 _UNAVAILABLE = (
