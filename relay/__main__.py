@@ -194,21 +194,18 @@ def cmd_deliveries(args: argparse.Namespace) -> int:
 
 
 def cmd_reconcile(args: argparse.Namespace) -> int:
-    from relay.app import Ingest, targets_of
+    from relay.app import Ingest, reconciler_for, seal_key_of, targets_of
     from relay.metrics import Metrics
-    from relay.reconcile import Reconciler
     from relay.store import open_store
 
     settings = _settings(for_run=True)
     _logging(settings)
     store = open_store(settings.store.get_secret_value())
     metrics = Metrics()
-    seal = settings.token_key.get_secret_value() if settings.token_key else None
-    ingest = Ingest(store, targets_of(settings), metrics, seal, on_stored=lambda: None)
-    api_key = settings.api_key.get_secret_value() if settings.api_key else ""
-    reconciler = Reconciler(
-        store, ingest.append, metrics, api_url=settings.api_url, api_key=api_key, interval=None
+    ingest = Ingest(
+        store, targets_of(settings), metrics, seal_key_of(settings), on_stored=lambda: None
     )
+    reconciler = reconciler_for(settings, store, ingest, metrics, interval=None)
 
     async def run() -> int:
         await store.open(daemon=False)

@@ -114,6 +114,9 @@ _INVALID: dict[int | str, dict[str, Any]] = {
 }
 
 
+_SHORT_TOKEN = 16
+
+
 def create_app(
     *,
     store: Store,
@@ -133,8 +136,16 @@ def create_app(
         openapi_url="/api/openapi.json",
         docs_url="/api/docs",
         redoc_url=None,
+        redirect_slashes=False,  # "/api/endpoints/" must not answer (307) before auth does
     )
     token = settings.admin_token.get_secret_value().encode() if settings.admin_token else None
+    if token is not None and len(token) < _SHORT_TOKEN:
+        log.warning(
+            "RELAY_ADMIN_TOKEN is shorter than %d characters: easy to guess for anyone who "
+            "reaches the admin port (e.g. openssl rand -hex 32)",
+            _SHORT_TOKEN,
+            extra={"event": "admin.weak_token"},
+        )
 
     def authorize(request: Request) -> None:
         if token is None:

@@ -31,7 +31,7 @@ from relay.store import Store, open_store
 from relay.store.base import Target
 from relay.transport import AiohttpSender, Sender
 
-__all__ = ["Ingest", "Relay", "targets_of"]
+__all__ = ["Ingest", "Relay", "reconciler_for", "seal_key_of", "targets_of"]
 
 log = logging.getLogger("relay.app")
 T = TypeVar("T")
@@ -49,6 +49,38 @@ def targets_of(settings: Settings) -> list[Target]:
         )
         for ep in settings.endpoints
     ]
+
+
+def seal_key_of(settings: Settings) -> bytes | None:
+    """RELAY_TOKEN_KEY when some endpoint needs user tokens kept (sealed), else None (stripped)."""
+    if settings.token_key is None or not settings.needs_token_storage:
+        return None
+    return settings.token_key.get_secret_value()
+
+
+def api_key_of(settings: Settings) -> str:
+    return settings.api_key.get_secret_value() if settings.api_key else ""
+
+
+def reconciler_for(
+    settings: Settings,
+    store: Store,
+    ingest: Ingest,
+    metrics: Metrics,
+    *,
+    interval: float | None,
+    clock: Callable[[], float] = time.time,
+) -> Reconciler:
+    """The reconciler ``relay run`` and ``relay reconcile`` both use: REST -> ingest."""
+    return Reconciler(
+        store,
+        ingest.append,
+        metrics,
+        api_url=settings.api_url,
+        api_key=api_key_of(settings),
+        interval=interval,
+        clock=clock,
+    )
 
 
 @dataclass
@@ -132,11 +164,7 @@ class Relay:
         self.metrics = metrics or Metrics(clock)
         self.store = store or open_store(settings.store.get_secret_value(), lease=settings.lease)
         self.sender = sender or AiohttpSender()
-        seal_key = (
-            settings.token_key.get_secret_value()
-            if settings.token_key is not None and settings.needs_token_storage
-            else None
-        )
+        seal_key = seal_key_of(settings)
         self.dispatcher = Dispatcher(
             self.store,
             settings.endpoints,
@@ -154,12 +182,11 @@ class Relay:
             on_stored=self.dispatcher.wake,
             clock=clock,
         )
-        api_key = settings.api_key.get_secret_value() if settings.api_key else ""
         self.feed = FeedClient(
             feed_options
             or FeedOptions(
                 url=settings.ws_url,
-                api_key=api_key,
+                api_key=api_key_of(settings),
                 feeds=settings.feeds,
                 replicas=settings.replicas,
             ),
@@ -167,12 +194,11 @@ class Relay:
             self.metrics,
         )
         self._stats_interval = stats_interval
-        self.reconciler = Reconciler(
+        self.reconciler = reconciler_for(
+            settings,
             self.store,
-            self.ingest.append,
+            self.ingest,
             self.metrics,
-            api_url=settings.api_url,
-            api_key=api_key,
             interval=settings.reconcile_interval,
             clock=clock,
         )

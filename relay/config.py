@@ -17,7 +17,7 @@ import math
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from contextvars import ContextVar
 from typing import Any, Literal, Self
 from urllib.parse import unquote, urlsplit, urlunsplit
@@ -38,6 +38,7 @@ from pydantic_core import ErrorDetails
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from relay.errors import ConfigError
+from relay.events import KNOWN_FEEDS
 from relay.signing import decode_secret
 
 __all__ = [
@@ -367,6 +368,16 @@ def _filter(value: object) -> frozenset[str] | None:
     raise _Invalid("expected a non-empty list of strings (leave it out for all)")
 
 
+def _known_feeds(names: Iterable[str]) -> None:
+    """sFOX answers an unknown feed with an error at subscribe time, in a reconnect loop: a
+    typo is refused here instead."""
+    if unknown := sorted(set(names) - KNOWN_FEEDS):
+        raise _Invalid(
+            f"unknown feed {unknown[0]!r}; sFOX's enterprise feeds are "
+            + ", ".join(sorted(KNOWN_FEEDS))
+        )
+
+
 def _headers(value: object) -> dict[str, str]:
     if not isinstance(value, Mapping):
         raise _Invalid("expected an object of header names to values")
@@ -523,8 +534,11 @@ class EndpointConfig(BaseModel):
 
     @field_validator("feeds", "statuses", mode="before")
     @classmethod
-    def _check_filter(cls, value: object) -> frozenset[str] | None:
-        return _filter(value)
+    def _check_filter(cls, value: object, info: ValidationInfo) -> frozenset[str] | None:
+        names = _filter(value)
+        if names is not None and info.field_name == "feeds":
+            _known_feeds(names)
+        return names
 
     @field_validator("headers", mode="before")
     @classmethod
@@ -746,6 +760,7 @@ class Settings(BaseSettings):
         names = tuple(dict.fromkeys(str(item).strip() for item in items if str(item).strip()))
         if not names:
             raise _Invalid("empty: give at least one feed")
+        _known_feeds(names)
         return names
 
     @field_validator("signing_secrets", mode="before")

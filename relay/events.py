@@ -15,6 +15,7 @@ from relay import tokens
 from relay.codec import canonical_json, compact_json, loads
 
 __all__ = [
+    "KNOWN_FEEDS",
     "USERS_FEED",
     "BadFrame",
     "Control",
@@ -31,6 +32,15 @@ __all__ = [
 ]
 
 USERS_FEED = "private.enterprise.users"
+#: The enterprise feeds sFOX documents; all share one envelope.
+KNOWN_FEEDS = frozenset(
+    {
+        USERS_FEED,
+        f"{USERS_FEED}.balances",
+        f"{USERS_FEED}.open-orders",
+        f"{USERS_FEED}.trades",
+    }
+)
 Source = Literal["feed", "reconcile"]
 
 #: Keys whose values are credentials wherever they appear in a frame.

@@ -37,12 +37,11 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from relay.codec import compact_json, loads
-from relay.events import USERS_FEED
+from relay.events import KNOWN_FEEDS, USERS_FEED  # only the users feed is generated
 from relay.feed import WebSocketLogAdapter
 
 __all__ = [
     "FAKE_TOKEN",
-    "KNOWN_FEEDS",
     "Faults",
     "Simulator",
     "add_arguments",
@@ -52,15 +51,6 @@ __all__ = [
 
 log = logging.getLogger("relay.simulator")
 
-#: The enterprise feeds sFOX documents; all share one envelope. Only the users feed is generated.
-KNOWN_FEEDS = frozenset(
-    {
-        USERS_FEED,
-        f"{USERS_FEED}.balances",
-        f"{USERS_FEED}.open-orders",
-        f"{USERS_FEED}.trades",
-    }
-)
 
 _BATCH = 256  # messages generated per step at full speed
 _CLIENT_QUEUE = 4  # batches buffered per client before the generator waits for it

@@ -328,6 +328,30 @@ async def test_api_answers_200_with_the_token(
         assert response.status_code == 200, response.text
 
 
+async def test_a_trailing_slash_is_not_redirected_before_auth(client: httpx.AsyncClient) -> None:
+    response = await client.get("/api/endpoints/")
+    assert response.status_code == 404  # no 307 to the real route for an anonymous caller
+    assert "location" not in response.headers
+
+
+def test_a_short_admin_token_is_warned_about_without_showing_it(
+    store: SQLiteStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    for token, warned in (("short-tok", True), (ADMIN_TOKEN, False)):
+        caplog.clear()
+        create_app(
+            store=store,
+            settings=settings_for(admin_token=token),
+            metrics=Metrics(lambda: NOW),
+            readiness=dict,
+            feed_state=lambda: "subscribed",
+            in_flight=lambda: 0,
+        )
+        events = [getattr(r, "event", None) for r in caplog.records]
+        assert ("admin.weak_token" in events) is warned
+        assert token not in caplog.text
+
+
 def test_the_token_is_compared_in_constant_time() -> None:
     source = inspect.getsource(relay.admin)
     assert "hmac.compare_digest(" in source

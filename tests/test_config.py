@@ -188,9 +188,21 @@ def test_log_level_and_format_refuse_others() -> None:
 
 
 def test_feeds_are_comma_separated() -> None:
-    settings = load_settings({"RELAY_FEEDS": "private.enterprise.users, private.other,"})
-    assert settings.feeds == ("private.enterprise.users", "private.other")
+    settings = load_settings(
+        {"RELAY_FEEDS": "private.enterprise.users, private.enterprise.users.trades,"}
+    )
+    assert settings.feeds == ("private.enterprise.users", "private.enterprise.users.trades")
     assert fail({"RELAY_FEEDS": " , "}).variable == "RELAY_FEEDS"
+
+
+@pytest.mark.parametrize("name", ["nope", "private.enterprise.user", "private.enterprise.users.x"])
+def test_a_feed_sfox_does_not_document_is_refused(name: str) -> None:
+    # sFOX would refuse it at subscribe time, and the relay would reconnect in a loop.
+    error = fail({"RELAY_FEEDS": f"private.enterprise.users,{name}"})
+    assert error.variable == "RELAY_FEEDS"
+    assert repr(name) in str(error) and "private.enterprise.users.balances" in str(error)
+    endpoint = [{"url": "http://127.0.0.1:9/h", "feeds": [name]}]
+    assert fail({"RELAY_ENDPOINTS": json.dumps(endpoint)}).variable == "RELAY_ENDPOINTS"
 
 
 # -- URLs and addresses --------------------------------------------------------------------------
@@ -510,7 +522,7 @@ delivery_timeout = "7s"
 replicas = 2
 allow_unsigned = true
 admin_addr = "[::1]:9090"
-feeds = ["private.enterprise.users", "private.other"]
+feeds = ["private.enterprise.users", "private.enterprise.users.trades"]
 retry_schedule = ["0s", "1m"]
 reconcile_interval = "off"
 
@@ -528,7 +540,7 @@ timeout = "3s"
     assert settings.replicas == 2
     assert settings.allow_unsigned is True
     assert (settings.admin_host, settings.admin_port) == ("::1", 9090)
-    assert settings.feeds == ("private.enterprise.users", "private.other")
+    assert settings.feeds == ("private.enterprise.users", "private.enterprise.users.trades")
     assert settings.retry_schedule == (0, 60)
     assert settings.reconcile_interval is None
     first, second = settings.endpoints
