@@ -202,7 +202,7 @@ def test_a_feed_sfox_does_not_document_is_refused(name: str) -> None:
     assert error.variable == "RELAY_FEEDS"
     assert repr(name) in str(error) and "private.enterprise.users.balances" in str(error)
     endpoint = [{"url": "http://127.0.0.1:9/h", "feeds": [name]}]
-    assert fail({"RELAY_ENDPOINTS": json.dumps(endpoint)}).variable == "RELAY_ENDPOINTS"
+    assert fail({"RELAY_ENDPOINTS": json.dumps(endpoint)}).variable == "RELAY_ENDPOINTS[0].feeds"
 
 
 # -- URLs and addresses --------------------------------------------------------------------------
