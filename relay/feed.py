@@ -99,7 +99,7 @@ class FeedOptions:
     healthy_after: float = 60.0
     #: Replicas sharing one outbound IP: each keeps to 1/N of sFOX's per-IP limits.
     replicas: int = 1
-    max_batch: int = 1000
+    max_batch: int = 500
     #: How long to wait for the server's side of a closing handshake before dropping the TCP
     #: connection (after a keepalive timeout the server is usually not listening any more).
     close_timeout: float = 5.0
