@@ -2400,9 +2400,9 @@ NOT_SIMULATED = (
     "a PostgreSQL crash, failover or restart: only its TCP connections are cut (by a proxy)",
     "packet loss, latency and partitions below TCP (no netem here): only clean drops, resets "
     "and stalls",
-    "frames over the relay's 4 MiB limit: the relay closes the connection (1009) and "
-    "reconnects; such a frame is not counted as a bad frame, and frames in flight behind it "
-    "are left to reconciliation",
+    "frames over the relay's 4 MiB limit (tests/test_feed.py plays one at 10 kB): the relay "
+    "closes the connection (1009), counts the frame and quarantines a record of it (not its "
+    "text), and reconnects; frames in flight behind it are left to reconciliation",
     "a supervisor restarting a crashing relay faster than sFOX's limits allow: each process "
     "has a fresh connection limiter (the crash loop reports its connections per minute)",
 )

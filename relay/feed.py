@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosedOK, WebSocketException
+from websockets.exceptions import ConnectionClosedError, ConnectionClosedOK, WebSocketException
 from websockets.frames import Frame
 from websockets.protocol import State
 
@@ -475,6 +475,12 @@ class FeedClient:
         except ConnectionClosedOK:
             pass
         except Exception as exc:  # ConnectionClosedError, or a bug: re-raised by _read
+            if isinstance(exc, ConnectionClosedError) and exc.sent and exc.sent.code == 1009:
+                # A frame over max_size: websockets closed the connection before reading it
+                # whole. It cannot be kept, but it is counted and a record of it is.
+                limit = self.options.max_size
+                reason = f"frame over the {limit:,}-byte limit; connection closed"
+                await queue.put(BadFrame(reason=reason, text=""))
             failure.append(exc)
         await queue.put(_END)
 

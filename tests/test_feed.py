@@ -400,6 +400,32 @@ async def test_garbage_is_counted_quarantined_and_skipped() -> None:
     assert any("user_id" in b.reason for b in handler.bad)
 
 
+async def test_a_frame_over_the_size_limit_is_counted_and_the_feed_reconnects() -> None:
+    metrics, handler = Metrics(), Recorder()
+    async with Simulator(api_key=KEY, count=0) as sim:
+        client = fast(sim, handler, metrics, max_size=10_000)
+        async with running(client):
+            await sim.wait_subscribed()
+
+            def message(sequence: int, size: int) -> dict[str, Any]:
+                payload = {"user_id": f"u{sequence}", "note": "x" * size}
+                return {
+                    "sequence": sequence,
+                    "recipient": USERS_FEED,
+                    "timestamp": 1,
+                    "payload": payload,
+                }
+
+            await sim.publish(message(1, 10))
+            await sim.publish(message(2, 20_000))  # websockets closes the connection (1009)
+            await wait_until(lambda: len(handler.bad) == 1)
+            await wait_until(lambda: client.connections == 2 and state_of(client) == "subscribed")
+            await sim.publish(message(3, 10))
+            await wait_until(lambda: [m.sequence for m in handler.messages] == [1, 3])
+    assert "10,000-byte limit" in handler.bad[0].reason
+    assert sample(metrics, "relay_feed_bad_frames_total") == 1
+
+
 async def test_sequence_gaps_are_counted(caplog: pytest.LogCaptureFixture) -> None:
     metrics, handler = Metrics(), Recorder()
     async with Simulator(api_key=KEY, count=0) as sim:
