@@ -534,11 +534,15 @@ class EndpointConfig(BaseModel):
 
     @field_validator("feeds", "statuses", mode="before")
     @classmethod
-    def _check_filter(cls, value: object, info: ValidationInfo) -> frozenset[str] | None:
-        names = _filter(value)
-        if names is not None and info.field_name == "feeds":
-            _known_feeds(names)
-        return names
+    def _check_filter(cls, value: object) -> frozenset[str] | None:
+        return _filter(value)
+
+    @field_validator("feeds")
+    @classmethod
+    def _check_known_feeds(cls, value: frozenset[str] | None) -> frozenset[str] | None:
+        if value is not None:
+            _known_feeds(value)
+        return value
 
     @field_validator("headers", mode="before")
     @classmethod

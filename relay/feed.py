@@ -32,7 +32,7 @@ from typing import Any, Protocol, TypeVar
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosedError, ConnectionClosedOK, WebSocketException
-from websockets.frames import Frame
+from websockets.frames import CloseCode, Frame
 from websockets.protocol import State
 
 from relay.codec import compact_json
@@ -475,7 +475,8 @@ class FeedClient:
         except ConnectionClosedOK:
             pass
         except Exception as exc:  # ConnectionClosedError, or a bug: re-raised by _read
-            if isinstance(exc, ConnectionClosedError) and exc.sent and exc.sent.code == 1009:
+            sent = exc.sent if isinstance(exc, ConnectionClosedError) else None
+            if sent is not None and sent.code == CloseCode.MESSAGE_TOO_BIG:
                 # A frame over max_size: websockets closed the connection before reading it
                 # whole. It cannot be kept, but it is counted and a record of it is.
                 limit = self.options.max_size
