@@ -57,6 +57,7 @@ from bench.audit import (  # noqa: E402
     postgres_deliveries,
     sqlite_deliveries,
 )
+from bench.procs import child_env  # noqa: E402
 from relay.app import Relay  # noqa: E402
 from relay.config import load_settings, secret_values  # noqa: E402
 from relay.errors import ConfigError  # noqa: E402
@@ -167,16 +168,6 @@ def new_whsec() -> str:
 
 def new_key() -> str:
     return base64.b64encode(os.urandom(32)).decode()
-
-
-def child_env(env: Mapping[str, str]) -> dict[str, str]:
-    """This process's environment without any RELAY_* of its own, plus ``env``."""
-    base = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith("RELAY_") and k != "ENTERPRISE_API_KEY"
-    }
-    return {**base, **env, "PYTHONUNBUFFERED": "1"}
 
 
 async def wait_until(
