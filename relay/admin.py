@@ -25,7 +25,7 @@ from pydantic import BaseModel, Field
 from relay import __version__, service
 from relay.config import Settings
 from relay.metrics import Metrics
-from relay.store.base import Store
+from relay.store.base import AdminStore
 
 __all__ = ["AdminServer", "create_app"]
 
@@ -119,7 +119,7 @@ _SHORT_TOKEN = 16
 
 def create_app(
     *,
-    store: Store,
+    store: AdminStore,
     settings: Settings,
     metrics: Metrics,
     readiness: Callable[[], dict[str, bool]],

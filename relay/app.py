@@ -28,7 +28,7 @@ from relay.logs import Redactor
 from relay.metrics import Metrics
 from relay.reconcile import Reconciler
 from relay.store import Store, open_store
-from relay.store.base import Target
+from relay.store.base import IngestStore, ReconcileStore, Target
 from relay.transport import AiohttpSender, Sender
 
 __all__ = ["Ingest", "Relay", "reconciler_for", "seal_key_of", "targets_of"]
@@ -64,7 +64,7 @@ def api_key_of(settings: Settings) -> str:
 
 def reconciler_for(
     settings: Settings,
-    store: Store,
+    store: ReconcileStore,
     ingest: Ingest,
     metrics: Metrics,
     *,
@@ -91,7 +91,7 @@ class Ingest:
     reading: nothing is received that cannot be stored.
     """
 
-    store: Store
+    store: IngestStore
     targets: Sequence[Target]
     metrics: Metrics
     seal_key: bytes | None
@@ -137,6 +137,8 @@ class Ingest:
             return result
 
     async def on_subscribed(self) -> None:
+        # First, so that what this subscription brings is held for the reorder window.
+        self.store.mark_subscribed(self.clock())
         for hook in self._subscribed_hooks:
             hook()
 
@@ -162,7 +164,11 @@ class Relay:
         self.settings = settings
         self.clock = clock
         self.metrics = metrics or Metrics(clock)
-        self.store = store or open_store(settings.store.get_secret_value(), lease=settings.lease)
+        self.store = store or open_store(
+            settings.store.get_secret_value(),
+            lease=settings.lease,
+            reorder_window=settings.reorder_window,
+        )
         self.sender = sender or AiohttpSender()
         seal_key = seal_key_of(settings)
         self.dispatcher = Dispatcher(

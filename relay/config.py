@@ -116,6 +116,7 @@ _KEYS = (
     "delivery_timeout",
     "shutdown_grace",
     "lease",
+    "reorder_window",
     "replicas",
     "reconcile_interval",
     "log_level",
@@ -697,6 +698,9 @@ class Settings(BaseSettings):
     delivery_timeout: float = parse_duration(DEFAULT_DELIVERY_TIMEOUT)
     shutdown_grace: float = parse_duration("20s")
     lease: float = parse_duration("60s")
+    #: PostgreSQL: what a replica stores this long after a (re)subscription is held as long,
+    #: so that other replicas' earlier events of the same users come first (SQLite: unused).
+    reorder_window: float = parse_duration("1s")
     replicas: int = 1
     reconcile_interval: float | None = parse_duration("15m")
     log_level: str = "INFO"
@@ -797,7 +801,9 @@ class Settings(BaseSettings):
     def _check_store(cls, value: object) -> str:
         return _store(value)
 
-    @field_validator("retention", "delivery_timeout", "shutdown_grace", "lease", mode="before")
+    @field_validator(
+        "retention", "delivery_timeout", "shutdown_grace", "lease", "reorder_window", mode="before"
+    )
     @classmethod
     def _check_duration(cls, value: object) -> float:
         return _duration(value)
@@ -998,6 +1004,7 @@ def describe(settings: Settings) -> dict[str, object]:
         "delivery_timeout": _format_duration(settings.delivery_timeout),
         "shutdown_grace": _format_duration(settings.shutdown_grace),
         "lease": _format_duration(settings.lease),
+        "reorder_window": _format_duration(settings.reorder_window),
         "replicas": settings.replicas,
         "reconcile_interval": "off"
         if settings.reconcile_interval is None

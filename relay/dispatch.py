@@ -21,7 +21,7 @@ from relay import __version__, retry, signing, tokens
 from relay.config import EndpointConfig
 from relay.errors import StoreUnavailableError
 from relay.metrics import Metrics
-from relay.store.base import Attempt, Claim, Outcome, Store
+from relay.store.base import Attempt, Claim, DispatchStore, Outcome
 from relay.transport import Sender, SendResult
 
 __all__ = ["Dispatcher", "build_request"]
@@ -79,7 +79,7 @@ class Dispatcher:
 
     def __init__(
         self,
-        store: Store,
+        store: DispatchStore,
         endpoints: Sequence[EndpointConfig],
         sender: Sender,
         metrics: Metrics,
@@ -314,7 +314,7 @@ class Dispatcher:
             self._outcomes = []
             while True:
                 try:
-                    await self._store.record(batch, self._clock())
+                    superseded = await self._store.record(batch, self._clock())
                     self.store_ok = True
                     break
                 except StoreUnavailableError as exc:
@@ -324,4 +324,7 @@ class Dispatcher:
                         extra={"event": "dispatch.store_down", "error": str(exc)},
                     )
                     await asyncio.sleep(self._store_retry)
+            # Waiting deliveries a newer event of their lane, just delivered, made stale.
+            for endpoint, count in superseded.items():
+                self._metrics.deliveries.labels(endpoint=endpoint, outcome="superseded").inc(count)
             self._wake.set()

@@ -218,6 +218,9 @@ class NewEvent:
     #: For reconciled events: the event id of the user state this one replaces. The store
     #: appends the event only while that is still the user's state (no double emission).
     after: str | None = None
+    #: sFOX's ``timestamp`` (ns): per-user order across replicas and reconnects. Reconciled
+    #: events carry the relay's time here but are ordered by when they were stored.
+    timestamp: int | None = None
 
 
 def _requirements(payload: Mapping[str, Any]) -> str | None:
@@ -254,6 +257,7 @@ def prepare(message: Message, *, seal_key: bytes | None) -> NewEvent:
         requirements=_requirements(payload) if message.user_id is not None else None,
         body=compact_json(stored),
         has_token=has_token,
+        timestamp=message.timestamp,
     )
 
 
@@ -276,6 +280,7 @@ def reconcile_event(user: Mapping[str, Any], *, after: str | None, now_ns: int) 
         body=compact_json(body),
         has_token=False,
         after=after,
+        timestamp=now_ns,
     )
 
 

@@ -32,7 +32,7 @@ from relay.errors import RelayError, StoreUnavailableError
 from relay.events import NewEvent
 from relay.metrics import Metrics
 from relay.retry import parse_retry_after
-from relay.store.base import Store, UserState
+from relay.store.base import ReconcileStore, UserState
 
 __all__ = ["Change", "ReconcileError", "Reconciler", "Report", "diff"]
 
@@ -124,7 +124,7 @@ class Reconciler:
 
     def __init__(
         self,
-        store: Store,
+        store: ReconcileStore,
         append: Callable[[Sequence[NewEvent]], Any],
         metrics: Metrics,
         *,

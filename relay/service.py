@@ -14,11 +14,11 @@ from typing import Any
 
 from relay.config import Settings
 from relay.store.base import (
+    AdminStore,
     DeliveryDetail,
     DeliveryInfo,
     EndpointStats,
     PublicState,
-    Store,
     parse_delivery_id,
 )
 
@@ -44,7 +44,7 @@ class Page:
 
 
 async def list_deliveries(
-    store: Store,
+    store: AdminStore,
     *,
     state: PublicState | None = None,
     endpoint: str | None = None,
@@ -65,14 +65,14 @@ async def list_deliveries(
     return Page(items, items[-1].id if more and items else None)
 
 
-async def get_delivery(store: Store, delivery_id: str) -> DeliveryDetail | None:
+async def get_delivery(store: AdminStore, delivery_id: str) -> DeliveryDetail | None:
     """One delivery with its attempts, or None for an unknown (or malformed) id."""
     number = parse_delivery_id(delivery_id)
     return None if number is None else await store.get_delivery(number)
 
 
 async def replay(
-    store: Store,
+    store: AdminStore,
     *,
     ids: Sequence[str] | None = None,
     state: PublicState | None = None,
@@ -88,7 +88,7 @@ async def replay(
 
 
 async def purge(
-    store: Store, *, retention: float, now: float, batch: int = 500, pause: float = 0.0
+    store: AdminStore, *, retention: float, now: float, batch: int = 500, pause: float = 0.0
 ) -> int:
     """Delete delivered deliveries older than ``retention`` and dead ones older than twice
     that, with the events only they referred to, in small transactions so the dispatcher's
@@ -104,7 +104,7 @@ async def purge(
         await asyncio.sleep(pause)
 
 
-async def endpoints(store: Store, settings: Settings) -> list[dict[str, Any]]:
+async def endpoints(store: AdminStore, settings: Settings) -> list[dict[str, Any]]:
     """Every configured endpoint, and every removed one that still has work in the store."""
     stats = {s.endpoint: s for s in await store.endpoint_stats()}
     listed: list[dict[str, Any]] = []

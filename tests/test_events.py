@@ -527,6 +527,7 @@ def test_reconcile_event_shape() -> None:
         ),
         has_token=False,
         after=after,
+        timestamp=TS,
     )
 
 
@@ -565,6 +566,7 @@ def test_prepare_without_seal_key_strips_the_token() -> None:
         body=PENDING_STRIPPED,
         has_token=False,
         after=None,
+        timestamp=message.timestamp,
     )
     assert TOKEN.encode() not in event.body
     assert b"user_token" not in event.body

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 from relay.errors import ConfigError
-from relay.store.base import Store
+from relay.store.base import AdminStore, DispatchStore, IngestStore, ReconcileStore, Store
 
-__all__ = ["Store", "open_store"]
+__all__ = ["AdminStore", "DispatchStore", "IngestStore", "ReconcileStore", "Store", "open_store"]
 
 
-def open_store(url: str, *, lease: float = 60.0) -> Store:
+def open_store(url: str, *, lease: float = 60.0, reorder_window: float = 1.0) -> Store:
     """The store a ``RELAY_STORE`` URL names (not yet opened).
 
-    ``lease`` (``RELAY_LEASE``) is how long a PostgreSQL replica's claim lasts; SQLite has a
-    single daemon and no leases.
+    ``lease`` (``RELAY_LEASE``) is how long a PostgreSQL replica's claim lasts, and
+    ``reorder_window`` (``RELAY_REORDER_WINDOW``) how long it holds what it stores after a
+    (re)subscription; SQLite has a single daemon, one feed, and neither.
     """
     if url.startswith("sqlite:///"):
         from relay.store.sqlite import SQLiteStore
@@ -21,5 +22,5 @@ def open_store(url: str, *, lease: float = 60.0) -> Store:
     if url.startswith(("postgresql://", "postgres://")):
         from relay.store.postgres import PostgresStore
 
-        return PostgresStore(url, lease=lease)
+        return PostgresStore(url, lease=lease, reorder_window=reorder_window)
     raise ConfigError("RELAY_STORE", "expected sqlite:///path or postgresql://...")

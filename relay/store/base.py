@@ -1,38 +1,56 @@
-"""The outbox's contract: what every store (SQLite, PostgreSQL) does, and its records.
+"""The outbox's contract: what every store (SQLite, PostgreSQL) does, split by who uses it.
 
-A delivery is one (event, endpoint) pair. Its states:
-
-- ``waiting``: an earlier delivery of the same (endpoint, user_id) lane is not finished yet;
-- ``pending``: may be claimed once ``next_at`` has passed;
-- ``inflight``: claimed by a dispatcher;
-- ``delivered`` / ``dead`` / ``superseded``: final.
-
-Per lane at most one delivery is ``pending`` or ``inflight``; finishing it (delivered or dead)
-promotes the next ``waiting`` one in store order. That invariant is what makes per-user order
-hold without any lane check on the hot claim path. Outside the store, ``waiting``,
-``pending`` and ``inflight`` are all reported as ``pending``.
+Each consumer types against its own role (:class:`IngestStore` for the feed's ingest,
+:class:`DispatchStore` for the dispatcher, :class:`ReconcileStore` for reconciliation,
+:class:`AdminStore` for the CLI, the API and retention); :class:`Store` is all of them plus
+the lifecycle, and both backends implement it. The rules a store keeps (lanes, supersession,
+fan-out, health) are in :mod:`relay.store.core`, the records in :mod:`relay.store.records`.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Protocol
 
-from relay.codec import compact_json, loads
 from relay.events import BadFrame, NewEvent
+from relay.store.core import (
+    ACTIVE,
+    DeliveryState,
+    delivery_info,
+    display_body,
+    format_delivery_id,
+    parse_delivery_id,
+    public_state,
+)
+from relay.store.records import (
+    AppendResult,
+    Attempt,
+    Claim,
+    DeliveryDetail,
+    DeliveryInfo,
+    EndpointStats,
+    Outcome,
+    PublicState,
+    Target,
+    UserState,
+)
 
 __all__ = [
     "ACTIVE_STATES",
+    "AdminStore",
     "AppendResult",
     "Attempt",
     "Claim",
     "DeliveryDetail",
     "DeliveryInfo",
+    "DeliveryState",
+    "DispatchStore",
     "EndpointStats",
+    "IngestStore",
     "Outcome",
     "PublicState",
+    "ReconcileStore",
     "Store",
     "Target",
     "UserState",
@@ -43,186 +61,11 @@ __all__ = [
     "public_state",
 ]
 
-ACTIVE_STATES = ("waiting", "pending", "inflight")
-PublicState = Literal["pending", "delivered", "dead", "superseded"]
+ACTIVE_STATES = tuple(s.value for s in ACTIVE)
 
 
-def public_state(state: str) -> PublicState:
-    """The state users see: the three active states are all ``pending``."""
-    if state in ACTIVE_STATES:
-        return "pending"
-    if state in ("delivered", "dead", "superseded"):
-        return state  # type: ignore[return-value]
-    raise ValueError(f"unknown delivery state {state!r}")
-
-
-def delivery_info(row: Any) -> DeliveryInfo:
-    """A delivery row (sqlite3.Row or asyncpg.Record, same column names) as users see it."""
-    state = public_state(row["state"])
-    return DeliveryInfo(
-        id=format_delivery_id(row["id"]),
-        endpoint=row["endpoint"],
-        event_id=row["event_id"],
-        user_id=row["user_id"],
-        state=state,
-        attempts=row["attempts"],
-        source=row["source"],
-        status=row["status"],
-        next_attempt_at=row["next_at"] if state == "pending" else None,
-        created_at=row["created_at"],
-        updated_at=row["updated_at"],
-        last_status=row["last_status"],
-        last_error=row["last_error"],
-    )
-
-
-def display_body(body: bytes) -> str:
-    """The stored body with a sealed token shown as such (its ciphertext is of no use here)."""
-    message = loads(body)
-    payload = message.get("payload") if isinstance(message, dict) else None
-    if isinstance(payload, dict) and "user_token" in payload:
-        payload["user_token"] = "[sealed]"
-    return compact_json(message).decode()
-
-
-def format_delivery_id(number: int) -> str:
-    """The opaque id users and the API see."""
-    return f"dlv_{number}"
-
-
-def parse_delivery_id(text: str) -> int | None:
-    """The store's key for an opaque id, or None if it is not one of ours."""
-    digits = text[4:]
-    if not text.startswith("dlv_") or not (digits.isascii() and digits.isdigit()):
-        return None
-    return int(text[4:])
-
-
-@dataclass(frozen=True, slots=True)
-class Target:
-    """An endpoint as the store needs it when fanning out a new event."""
-
-    name: str
-    feeds: frozenset[str] | None = None
-    statuses: frozenset[str] | None = None
-    wants_token: bool = False
-    first_delay: float = 0.0
-
-
-@dataclass(frozen=True, slots=True)
-class AppendResult:
-    """What one group commit did."""
-
-    stored: list[NewEvent] = field(default_factory=list)
-    duplicates: int = 0
-    stale: int = 0  # reconciled events whose base state changed meanwhile (not stored)
-    superseded: dict[str, int] = field(default_factory=dict)  # endpoint -> deliveries
-
-
-@dataclass(frozen=True, slots=True)
-class Claim:
-    """A delivery handed to the dispatcher, with what it needs to send it."""
-
-    delivery_id: int
-    endpoint: str
-    event_id: str
-    user_id: str | None
-    attempts: int
-    source: str
-    body: bytes
-    has_token: bool
-    created_at: float
-
-
-@dataclass(frozen=True, slots=True)
-class Attempt:
-    """One HTTP try, as recorded."""
-
-    at: float
-    status: int | None
-    latency: float
-    error: str | None = None
-    excerpt: str | None = None  # at most 1 KiB of the response body
-
-
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """The dispatcher's verdict on a claimed delivery.
-
-    ``released`` puts it back to ``pending`` without using an attempt (shutdown cut it off).
-    """
-
-    delivery_id: int
-    state: Literal["delivered", "pending", "dead", "released"]
-    next_at: float
-    attempt: Attempt | None
-
-
-@dataclass(frozen=True, slots=True)
-class DeliveryInfo:
-    """A delivery as `relay deliveries list` and the API show it."""
-
-    id: str
-    endpoint: str
-    event_id: str
-    user_id: str | None
-    state: PublicState
-    attempts: int
-    source: str
-    status: str | None
-    next_attempt_at: float | None
-    created_at: float
-    updated_at: float
-    last_status: int | None
-    last_error: str | None
-
-
-@dataclass(frozen=True, slots=True)
-class DeliveryDetail:
-    """One delivery with its event body (token shown only as sealed) and every attempt."""
-
-    info: DeliveryInfo
-    body: str
-    attempts: list[Attempt]
-
-
-@dataclass(frozen=True, slots=True)
-class EndpointStats:
-    """Per-endpoint numbers for metrics, `relay check`, the API and the status page."""
-
-    endpoint: str
-    pending: int = 0
-    dead: int = 0
-    delivered: int = 0  # successful deliveries since the store was created (survives purges)
-    oldest_pending_at: float | None = None
-    last_success_at: float | None = None
-    last_failure_at: float | None = None
-    last_error: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class UserState:
-    """The last state the store saw for a user: what reconciliation compares against."""
-
-    user_id: str
-    status: str | None
-    requirements: str | None  # canonical JSON
-    event_id: str | None
-    source: str
-
-
-class Store(Protocol):
-    """The outbox. Every method may raise ``StoreUnavailableError`` when the store is down."""
-
-    display: str
-
-    async def open(self, *, daemon: bool) -> None:
-        """Migrate and connect; ``daemon`` also takes the single-writer lock where needed."""
-
-    async def close(self) -> None: ...
-
-    async def check_writable(self) -> None:
-        """Raise ``StoreUnavailableError`` unless a write commits right now (readiness)."""
+class IngestStore(Protocol):
+    """What the feed's ingest (and reconciliation's append) uses."""
 
     async def append(
         self, events: Sequence[NewEvent], targets: Sequence[Target], now: float
@@ -231,14 +74,61 @@ class Store(Protocol):
 
     async def quarantine(self, frame: BadFrame, now: float) -> None: ...
 
+    async def check_writable(self) -> None:
+        """Raise ``StoreUnavailableError`` unless a write commits right now (readiness)."""
+
+    def mark_subscribed(self, now: float) -> None:
+        """The feed (re)subscribed at ``now``.
+
+        PostgreSQL holds the feed events this replica stores within its reorder window after
+        that (they become due at store time plus the window), so that other replicas'
+        earlier events of the same users are stored first. SQLite (one feed) ignores it.
+        """
+
+
+class DispatchStore(Protocol):
+    """What the dispatcher uses."""
+
     async def claim(self, endpoint: str, now: float, limit: int) -> list[Claim]:
         """Mark up to ``limit`` due deliveries of one endpoint in flight and return them."""
 
     async def next_due(self, endpoints: Sequence[str]) -> float | None:
         """When the earliest pending delivery of these endpoints becomes due (None: none)."""
 
-    async def record(self, outcomes: Sequence[Outcome], now: float) -> None:
-        """Apply the dispatcher's verdicts in one commit, promoting each lane's next delivery."""
+    async def record(self, outcomes: Sequence[Outcome], now: float) -> dict[str, int]:
+        """Apply the dispatcher's verdicts in one commit and settle their lanes.
+
+        Returns, per endpoint, how many waiting deliveries this superseded (a newer feed
+        event of their lane was delivered), for ``relay_deliveries_total``.
+        """
+
+    def on_wakeup(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` when another process made work due (PostgreSQL: LISTEN/NOTIFY).
+
+        A store with a single writer may do nothing: the relay wakes its own dispatcher.
+        """
+
+
+class ReconcileStore(Protocol):
+    """What reconciliation uses besides appending (which goes through ingest)."""
+
+    async def user_states(self) -> dict[str, UserState]: ...
+
+    async def record_baseline(self, states: Sequence[UserState], now: float) -> int:
+        """Remember users' states without emitting anything (first reconciliation).
+
+        Existing states (from the feed) are kept; the store remembers that a baseline exists.
+        """
+
+    async def has_baseline(self) -> bool:
+        """Whether a reconciliation baseline was ever recorded in this store."""
+
+    def reconcile_lock(self) -> contextlib.AbstractAsyncContextManager[bool]:
+        """Hold while reconciling; yields False when another replica already is."""
+
+
+class AdminStore(Protocol):
+    """What the CLI, the admin API, metrics and retention use."""
 
     async def list_deliveries(
         self,
@@ -262,7 +152,10 @@ class Store(Protocol):
         user_id: str | None = None,
         now: float,
     ) -> int:
-        """Re-queue finished deliveries (same webhook-id, fresh schedule, after later ones)."""
+        """Re-queue finished deliveries (same webhook-id, fresh schedule, after later ones).
+
+        A replayed delivery is never superseded.
+        """
 
     async def endpoint_stats(self) -> list[EndpointStats]:
         """Full per-endpoint numbers (API, status page, `relay check`)."""
@@ -270,26 +163,17 @@ class Store(Protocol):
     async def pending_stats(self) -> dict[str, tuple[int, float]]:
         """Cheap, for metrics: endpoint -> (unfinished deliveries, oldest created_at)."""
 
-    async def user_states(self) -> dict[str, UserState]: ...
-
-    async def record_baseline(self, states: Sequence[UserState], now: float) -> int:
-        """Remember users' states without emitting anything (first reconciliation).
-
-        Existing states (from the feed) are kept; the store remembers that a baseline exists.
-        """
-
-    async def has_baseline(self) -> bool:
-        """Whether a reconciliation baseline was ever recorded in this store."""
-
     async def purge(self, *, delivered_before: float, dead_before: float, batch: int) -> int:
         """Delete up to ``batch`` old finished deliveries, and up to ``batch`` old events no
         delivery refers to any more; returns how many deliveries and events were deleted."""
 
-    def on_wakeup(self, callback: Callable[[], None]) -> None:
-        """Call ``callback`` when another process made work due (PostgreSQL: LISTEN/NOTIFY).
 
-        A store with a single writer may do nothing: the relay wakes its own dispatcher.
-        """
+class Store(IngestStore, DispatchStore, ReconcileStore, AdminStore, Protocol):
+    """The whole outbox. Every method may raise ``StoreUnavailableError`` when it is down."""
 
-    def reconcile_lock(self) -> contextlib.AbstractAsyncContextManager[bool]:
-        """Hold while reconciling; yields False when another replica already is."""
+    display: str
+
+    async def open(self, *, daemon: bool) -> None:
+        """Migrate and connect; ``daemon`` also takes the single-writer lock where needed."""
+
+    async def close(self) -> None: ...

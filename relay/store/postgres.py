@@ -35,18 +35,19 @@ import os
 import random
 import secrets
 import socket
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import astuple
 from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
-from relay import events as ev
 from relay.errors import StoreError, StoreSchemaError, StoreUnavailableError
 from relay.events import BadFrame, NewEvent
-from relay.store.base import (
+from relay.store import core, sql
+from relay.store.records import (
     AppendResult,
-    Attempt,
     Claim,
     DeliveryDetail,
     DeliveryInfo,
@@ -55,8 +56,6 @@ from relay.store.base import (
     PublicState,
     Target,
     UserState,
-    delivery_info,
-    display_body,
 )
 
 if TYPE_CHECKING:
@@ -153,6 +152,15 @@ MIGRATIONS: tuple[str, ...] = (
         text text NOT NULL
     );
     """,
+    # v2: lanes follow sFOX's timestamp (ts, then ord); feed_ts makes older feed events
+    # stale once a newer one is delivered; a replayed delivery is never superseded;
+    # high_ts is the newest key a user's events reached (reconciled events go after it).
+    # Rows from before keep their store order (ts 0).
+    """
+    ALTER TABLE deliveries ADD COLUMN ts bigint NOT NULL DEFAULT 0,
+        ADD COLUMN feed_ts bigint, ADD COLUMN replayed boolean NOT NULL DEFAULT false;
+    ALTER TABLE user_state ADD COLUMN high_ts bigint NOT NULL DEFAULT 0;
+    """,
 )
 
 _BOOKKEEPING = """
@@ -189,14 +197,6 @@ _MAPPED: tuple[type[BaseException], ...] = (
 _CONFLICTS = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
 _TX_ATTEMPTS = 5
 
-_ACTIVE = "('waiting', 'pending', 'inflight')"
-_FINISHED = "('delivered', 'dead', 'superseded')"
-
-_DELIVERY_COLUMNS = """
-    d.id, d.endpoint, e.event_id, d.user_id, d.state, d.attempts, e.source, e.status,
-    d.next_at, d.created_at, d.updated_at, d.last_status, d.last_error
-"""
-
 _LOCK_USERS = (
     "SELECT user_id FROM user_locks WHERE user_id = ANY($1::text[]) ORDER BY user_id FOR UPDATE"
 )
@@ -221,28 +221,24 @@ _INSERT_EVENTS = """
 """
 
 _UPSERT_USER_STATES = """
-    INSERT INTO user_state (user_id, status, requirements, event_id, source, updated_at)
-    SELECT user_id, status, requirements, event_id, source, $6::float8
-    FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[])
-        AS s(user_id, status, requirements, event_id, source)
+    INSERT INTO user_state (user_id, status, requirements, event_id, source, high_ts,
+        updated_at)
+    SELECT user_id, status, requirements, event_id, source, high_ts, $7::float8
+    FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bigint[])
+        AS s(user_id, status, requirements, event_id, source, high_ts)
     ON CONFLICT (user_id) DO UPDATE SET status = excluded.status,
         requirements = excluded.requirements, event_id = excluded.event_id,
-        source = excluded.source, updated_at = excluded.updated_at
+        source = excluded.source, high_ts = excluded.high_ts, updated_at = excluded.updated_at
 """
 
-#: A new delivery waits behind any unfinished one of its (endpoint, user_id) lane. Each lane
-#: appears at most once per statement (the caller splits batches), so the snapshot suffices.
-_INSERT_DELIVERIES = f"""
+#: New deliveries as :func:`core.fan_out` planned them (lane ones start waiting).
+_INSERT_DELIVERIES = """
     INSERT INTO deliveries (event_seq, endpoint, user_id, ord, state, next_at, created_at,
-        updated_at)
-    SELECT n.seq, n.endpoint, n.user_id, n.seq,
-        CASE WHEN n.state = 'pending' AND n.user_id IS NOT NULL AND EXISTS (
-            SELECT 1 FROM deliveries x WHERE x.endpoint = n.endpoint AND x.user_id = n.user_id
-            AND x.state IN {_ACTIVE}
-        ) THEN 'waiting' ELSE n.state END,
-        n.next_at, $6::float8, $6::float8
-    FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::float8[]) WITH ORDINALITY
-        AS n(seq, endpoint, user_id, state, next_at, i)
+        updated_at, ts, feed_ts)
+    SELECT n.seq, n.endpoint, n.user_id, n.seq, n.state, n.next_at, $8::float8, $8::float8,
+        n.ts, n.feed_ts
+    FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::float8[], $6::bigint[],
+        $7::bigint[]) WITH ORDINALITY AS n(seq, endpoint, user_id, state, next_at, ts, feed_ts, i)
     ORDER BY n.i
 """
 
@@ -272,62 +268,31 @@ _CLAIM = """
 
 #: Verdicts with an attempt, in one statement: apply those still claimed by this replica
 #: (``claimed_by`` is set exactly while in flight; testing it alone keeps the planner on the
-#: primary key rather than the in-flight index, whose dead entries pile up between vacuums),
-#: number their attempts, promote the next waiting delivery of each lane that finished, and
-#: fold the results into the per-endpoint health row (last, so its row lock is held briefly).
-_RECORD = f"""
+#: primary key rather than the in-flight index, whose dead entries pile up between vacuums)
+#: and number their attempts. Returns what was applied, in the batch's order, for the
+#: health fold and the lanes to settle.
+_APPLY = """
     WITH verdict AS (
         SELECT * FROM unnest($2::bigint[], $3::text[], $4::float8[], $5::float8[], $6::int4[],
-            $7::float8[], $8::text[], $9::text[])
-            AS v(id, state, next_at, at, status, latency, error, excerpt)
+            $7::float8[], $8::text[], $9::text[]) WITH ORDINALITY
+            AS v(id, state, next_at, at, status, latency, error, excerpt, i)
     ), applied AS (
         UPDATE deliveries d SET state = v.state, attempts = d.attempts + 1,
             next_at = v.next_at, updated_at = $10, last_status = v.status, last_error = v.error,
             claimed_by = NULL, lease_until = NULL
         FROM verdict v
         WHERE d.id = v.id AND d.claimed_by = $1
-        RETURNING d.id, d.endpoint, d.user_id, v.state, v.at, v.status, v.error
+        RETURNING d.id, d.endpoint, d.user_id, v.state, v.at, v.status, v.error, v.i
     ), logged AS (
         INSERT INTO attempts (delivery_id, n, at, status, latency, error, excerpt)
         SELECT v.id,
             COALESCE((SELECT MAX(a.n) FROM attempts a WHERE a.delivery_id = v.id), 0) + 1,
             v.at, v.status, v.latency, v.error, v.excerpt
-        FROM verdict v JOIN applied USING (id)
-    ), lanes AS (
-        SELECT DISTINCT endpoint, user_id FROM applied
-        WHERE state <> 'pending' AND user_id IS NOT NULL
-    ), next AS (
-        SELECT w.id FROM lanes CROSS JOIN LATERAL (
-            SELECT x.id FROM deliveries x
-            WHERE x.endpoint = lanes.endpoint AND x.user_id = lanes.user_id
-            AND x.state IN {_ACTIVE} AND x.state = 'waiting'
-            ORDER BY x.ord, x.id LIMIT 1
-        ) w
-    ), promoted AS (
-        UPDATE deliveries d SET state = 'pending', next_at = GREATEST(d.next_at, $10),
-            updated_at = $10
-        FROM next WHERE d.id = next.id
-        RETURNING d.id
-    ), health AS (
-        INSERT INTO endpoint_health AS h (endpoint, delivered_total, last_success_at,
-            last_failure_at, last_error)
-        SELECT endpoint,
-            count(*) FILTER (WHERE state = 'delivered'),
-            max(at) FILTER (WHERE state = 'delivered'),
-            max(at) FILTER (WHERE state <> 'delivered'),
-            (array_agg(COALESCE(NULLIF(error, ''), 'HTTP ' || status::text, 'failed')
-                ORDER BY at DESC, id DESC) FILTER (WHERE state <> 'delivered'))[1]
-        FROM applied GROUP BY endpoint ORDER BY endpoint
-        ON CONFLICT (endpoint) DO UPDATE SET
-            delivered_total = h.delivered_total + excluded.delivered_total,
-            last_success_at = GREATEST(h.last_success_at, excluded.last_success_at),
-            last_failure_at = GREATEST(h.last_failure_at, excluded.last_failure_at),
-            last_error = CASE WHEN excluded.last_failure_at IS NOT NULL AND (
-                h.last_failure_at IS NULL OR excluded.last_failure_at >= h.last_failure_at)
-                THEN excluded.last_error ELSE h.last_error END
+        FROM verdict v JOIN applied a ON a.id = v.id
     )
-    SELECT (SELECT count(*) FROM applied) AS applied, (SELECT count(*) FROM promoted) AS promoted
+    SELECT id, endpoint, user_id, state, at, status, error FROM applied ORDER BY i
 """
+
 
 #: Up to ``$3`` finished deliveries past their cutoff, each found on its own partial index.
 _PURGE_DELIVERIES = """
@@ -383,6 +348,12 @@ def display_url(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, "&".join(pieces), parts.fragment))
 
 
+def _columns(rows: Sequence[Any], width: int) -> list[list[Any]]:
+    """Rows (tuples or dataclasses) as ``width`` column lists, for ``unnest``."""
+    tuples = [row if isinstance(row, tuple) else astuple(row) for row in rows]
+    return [[row[i] for row in tuples] for i in range(width)]
+
+
 def _password(url: str) -> str | None:
     try:
         return urlsplit(url).password
@@ -400,56 +371,6 @@ def _quote_ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-class _Filters:
-    """WHERE terms with numbered parameters, as asyncpg wants them."""
-
-    def __init__(self) -> None:
-        self.terms: list[str] = []
-        self.args: list[Any] = []
-
-    def add(self, term: str, *values: Any) -> None:
-        """``term`` uses ``{}`` for each value, in order."""
-        marks = []
-        for value in values:
-            self.args.append(value)
-            marks.append(f"${len(self.args)}")
-        self.terms.append(term.format(*marks))
-
-    @classmethod
-    def of(cls, state: PublicState | None, endpoint: str | None, user_id: str | None) -> _Filters:
-        found = cls()
-        if state == "pending":
-            found.add(f"d.state IN {_ACTIVE}")
-        elif state is not None:
-            found.add("d.state = {}", state)
-        if endpoint is not None:
-            found.add("d.endpoint = {}", endpoint)
-        if user_id is not None:
-            found.add("d.user_id = {}", user_id)
-        return found
-
-    def where(self) -> str:
-        return f"WHERE {' AND '.join(self.terms)}" if self.terms else ""
-
-
-def _segments(events: Sequence[NewEvent]) -> list[list[NewEvent]]:
-    """Split a batch into runs in which each user appears at most once.
-
-    Within a run every statement can be set-based: no lane, user state or reconciliation
-    check depends on another event of the same run.
-    """
-    runs: list[list[NewEvent]] = [[]]
-    users: set[str] = set()
-    for event in events:
-        if event.user_id is not None:
-            if event.user_id in users:
-                runs.append([])
-                users = set()
-            users.add(event.user_id)
-        runs[-1].append(event)
-    return [run for run in runs if run]
-
-
 class PostgresStore:
     """The PostgreSQL outbox (``RELAY_STORE=postgresql://...``), shared by replicas.
 
@@ -463,6 +384,8 @@ class PostgresStore:
         pool_size: most connections a daemon opens (a CLI command opens two at most).
         timeout: seconds for connecting, acquiring a connection and each statement.
         liveness: seconds between checks of the wake-up listener's connection.
+        reorder_window: ``RELAY_REORDER_WINDOW``: how long after each (re)subscription
+            this replica holds the feed events it stores (see :meth:`append`).
     """
 
     def __init__(
@@ -475,6 +398,7 @@ class PostgresStore:
         pool_size: int = 10,
         timeout: float = 10.0,
         liveness: float = 15.0,
+        reorder_window: float = 1.0,
     ) -> None:
         if lease <= 0:
             raise ValueError("lease must be positive")
@@ -492,6 +416,8 @@ class PostgresStore:
         self._channel = ""
         self._callbacks: list[Callable[[], None]] = []
         self._listener: asyncio.Task[None] | None = None
+        self.reorder_window = reorder_window
+        self._subscribed_at: float | None = None
 
     # -- plumbing ---------------------------------------------------------------------------
 
@@ -691,38 +617,47 @@ class PostgresStore:
 
     # -- ingest -----------------------------------------------------------------------------
 
+    def mark_subscribed(self, now: float) -> None:
+        """Hold what this replica stores for the next reorder window (see ``append``)."""
+        self._subscribed_at = now
+
     async def append(
         self, events: Sequence[NewEvent], targets: Sequence[Target], now: float
     ) -> AppendResult:
+        """Also: feed events stored within the reorder window after this replica's
+        (re)subscription become due at store time plus the window. Another replica,
+        subscribed all along, may still be storing the same users' earlier events, which
+        sFOX sent before this replica was listening; their lanes put those first."""
         if not events:
             return AppendResult()
-        return await self._run(lambda c: self._append(c, events, targets, now))
+        hold = None
+        if self._subscribed_at is not None and now < self._subscribed_at + self.reorder_window:
+            hold = now + self.reorder_window
+        return await self._run(lambda c: self._append(c, events, targets, now, hold))
 
     async def _append(
-        self, conn: Conn, events: Sequence[NewEvent], targets: Sequence[Target], now: float
+        self,
+        conn: Conn,
+        events: Sequence[NewEvent],
+        targets: Sequence[Target],
+        now: float,
+        hold: float | None,
     ) -> AppendResult:
-        users = [e.user_id for e in events if e.user_id is not None]
+        users = sorted({e.user_id for e in events if e.user_id is not None})
         await self._lock_users(conn, users, create=True)
-        states: dict[str, tuple[str | None, str | None, str | None, str]] = {
-            row["user_id"]: (row["status"], row["requirements"], row["event_id"], row["source"])
+        states = {
+            row["user_id"]: core.state_row(row)
             for row in await conn.fetch(
-                "SELECT user_id, status, requirements, event_id, source FROM user_state "
-                "WHERE user_id = ANY($1::text[])",
-                sorted(set(users)),
+                f"SELECT {sql.USER_STATE_COLUMNS} FROM user_state WHERE user_id = ANY($1::text[])",
+                users,
             )
         }
         stored: list[NewEvent] = []
-        superseded: dict[str, int] = {}
+        superseded: Counter[str] = Counter()
         stale = duplicates = 0
         due = False
-        for run in _segments(events):
-            fresh = [
-                e
-                for e in run
-                if e.source != "reconcile"
-                or e.user_id is None
-                or (states[e.user_id][2] if e.user_id in states else None) == e.after
-            ]
+        for run in core.segments(events):
+            fresh = [e for e in run if not core.is_stale(e, states.get(e.user_id or ""))]
             stale += len(run) - len(fresh)
             if not fresh:
                 continue
@@ -739,53 +674,45 @@ class PostgresStore:
                 now,
             )
             seqs: dict[str, int] = {row["event_id"]: row["seq"] for row in rows}
-            new_states: list[tuple[str, str | None, str | None, str, str]] = []
-            deliveries: list[tuple[int, str, str | None, str, float]] = []
-            for event in fresh:
-                seq = seqs.pop(event.event_id, None)
-                if seq is None:
-                    duplicates += 1
-                    continue
-                stored.append(event)
-                before = states.get(event.user_id) if event.user_id is not None else None
-                is_superseded = (
-                    event.source == "feed"
-                    and before is not None
-                    and before[3] == "reconcile"
-                    and before[0] == event.status
-                    and before[1] == event.requirements
-                )
-                if event.user_id is not None:
-                    state = (event.status, event.requirements, event.event_id, event.source)
-                    states[event.user_id] = state
-                    new_states.append((event.user_id, *state))
-                for target in targets:
-                    if not ev.routes((target,), event):
-                        continue
-                    if is_superseded and not target.wants_token:
-                        superseded[target.name] = superseded.get(target.name, 0) + 1
-                        initial = "superseded"
-                    else:
-                        initial = "pending"
-                        due = True
-                    deliveries.append(
-                        (seq, target.name, event.user_id, initial, now + target.first_delay)
-                    )
-            if new_states:
-                await conn.execute(
-                    _UPSERT_USER_STATES,
-                    *(list(column) for column in zip(*new_states, strict=True)),
-                    now,
-                )
-            if deliveries:
-                await conn.execute(
-                    _INSERT_DELIVERIES,
-                    *(list(column) for column in zip(*deliveries, strict=True)),
-                    now,
-                )
+            new = [(seqs[e.event_id], e) for e in fresh if e.event_id in seqs]
+            duplicates += len(fresh) - len(new)
+            stored.extend(e for _, e in new)
+            plan = core.fan_out(new, targets, states, now, hold_until=hold)
+            superseded.update(plan.superseded)
+            if plan.states:
+                await conn.execute(_UPSERT_USER_STATES, *_columns(plan.states, 6), now)
+            if plan.deliveries:
+                rows_ = [
+                    (d.seq, d.endpoint, d.user_id, d.state.value, d.next_at, d.ts, d.feed_ts)
+                    for d in plan.deliveries
+                ]
+                await conn.execute(_INSERT_DELIVERIES, *_columns(rows_, 7), now)
+                due = due or any(d.state == core.DeliveryState.PENDING for d in plan.deliveries)
+            changes = await self._settle(
+                conn, sorted({e.user_id for _, e in new if e.user_id}), now
+            )
+            superseded.update(core.superseded(changes))
+            due = due or any(c.state == core.DeliveryState.PENDING for c in changes)
         if due:
             await self._notify(conn)
-        return AppendResult(stored, duplicates, stale, superseded)
+        return AppendResult(stored, duplicates, stale, dict(superseded))
+
+    @staticmethod
+    async def _settle(conn: Conn, users: Sequence[str], now: float) -> list[core.Change]:
+        """Apply :func:`core.settle` to these users' lanes (their locks are held).
+
+        The rows are locked too: a claim skips them meanwhile, so an untouched pending
+        delivery that goes back to waiting is never in flight at the same time.
+        """
+        if not users:
+            return []
+        rows = await conn.fetch(sql.lane_rows("= ANY($1::text[])") + " FOR UPDATE", list(users))
+        changes = core.settle(map(core.lane_row, rows), now)
+        if changes:
+            await conn.executemany(
+                sql.SETTLE, [(c.state.value, c.next_at, now, c.id, c.was) for c in changes]
+            )
+        return changes
 
     async def quarantine(self, frame: BadFrame, now: float) -> None:
         async def insert(conn: Conn) -> None:
@@ -841,7 +768,7 @@ class PostgresStore:
 
         return await self._run(query, tx=False)
 
-    async def record(self, outcomes: Sequence[Outcome], now: float) -> None:
+    async def record(self, outcomes: Sequence[Outcome], now: float) -> dict[str, int]:
         # Sequential semantics for a repeated id: the first verdict applies, the rest find the
         # delivery no longer in flight.
         first: dict[int, Outcome] = {}
@@ -850,17 +777,17 @@ class PostgresStore:
         tried = [o for o in first.values() if o.state != "released" and o.attempt is not None]
         released = [o for o in first.values() if o.state == "released" or o.attempt is None]
         if not first:
-            return
+            return {}
 
-        async def record(conn: Conn) -> None:
+        async def record(conn: Conn) -> dict[str, int]:
             finishing = [o.delivery_id for o in tried if o.state != "pending"]
             if finishing:
                 await conn.fetch(_LOCK_USERS_OF, finishing)
-            promoted = 0
+            changes: list[core.Change] = []
             if tried:
                 attempts = [o.attempt for o in tried if o.attempt is not None]
-                row = await conn.fetchrow(
-                    _RECORD,
+                applied = await conn.fetch(
+                    _APPLY,
                     self.replica,
                     [o.delivery_id for o in tried],
                     [o.state for o in tried],
@@ -872,7 +799,16 @@ class PostgresStore:
                     [a.excerpt for a in attempts],
                     now,
                 )
-                promoted = row["promoted"] if row is not None else 0
+                health = core.fold_health(
+                    [
+                        core.Verdict(r["endpoint"], r["state"], r["at"], r["status"], r["error"])
+                        for r in applied
+                    ]
+                )
+                if health:
+                    await conn.executemany(sql.UPSERT_HEALTH, [astuple(h) for h in health])
+                users = core.finished_users((r["user_id"], r["state"]) for r in applied)
+                changes = await self._settle(conn, users, now)
             back = "UPDATE 0"
             if released:
                 back = await conn.execute(
@@ -882,10 +818,11 @@ class PostgresStore:
                     now,
                     self.replica,
                 )
-            if promoted or back != "UPDATE 0":
+            if back != "UPDATE 0" or any(c.state == core.DeliveryState.PENDING for c in changes):
                 await self._notify(conn)
+            return dict(core.superseded(changes))
 
-        await self._run(record, durable=False)
+        return await self._run(record, durable=False)
 
     # -- inspection and replay --------------------------------------------------------------
 
@@ -898,35 +835,19 @@ class PostgresStore:
         limit: int = 50,
         before: int | None = None,
     ) -> list[DeliveryInfo]:
-        found = _Filters.of(state, endpoint, user_id)
+        found = sql.Filters.of(state, endpoint, user_id)
         if before is not None:
             found.add("d.id < {}", before)
-        found.args.append(limit)
-        sql = (
-            f"SELECT {_DELIVERY_COLUMNS} FROM deliveries d JOIN events e ON e.seq = d.event_seq "
-            f"{found.where()} ORDER BY d.id DESC LIMIT ${len(found.args)}"
-        )
-        rows = await self._run(lambda c: c.fetch(sql, *found.args), tx=False)
-        return [delivery_info(row) for row in rows]
+        query = sql.list_deliveries(found, limit)
+        rows = await self._run(lambda c: c.fetch(query, *found.args), tx=False)
+        return [core.delivery_info(row) for row in rows]
 
     async def get_delivery(self, delivery_id: int) -> DeliveryDetail | None:
         async def query(conn: Conn) -> DeliveryDetail | None:
-            row = await conn.fetchrow(
-                f"SELECT {_DELIVERY_COLUMNS}, e.body FROM deliveries d "
-                "JOIN events e ON e.seq = d.event_seq WHERE d.id = $1",
-                delivery_id,
-            )
+            row = await conn.fetchrow(sql.DELIVERY, delivery_id)
             if row is None:
                 return None
-            attempts = [
-                Attempt(a["at"], a["status"], a["latency"], a["error"], a["excerpt"])
-                for a in await conn.fetch(
-                    "SELECT at, status, latency, error, excerpt FROM attempts "
-                    "WHERE delivery_id = $1 ORDER BY n",
-                    delivery_id,
-                )
-            ]
-            return DeliveryDetail(delivery_info(row), display_body(bytes(row["body"])), attempts)
+            return core.delivery_detail(row, await conn.fetch(sql.ATTEMPTS_OF, delivery_id))
 
         return await self._run(query, tx=False)
 
@@ -939,12 +860,12 @@ class PostgresStore:
         user_id: str | None = None,
         now: float,
     ) -> int:
-        found = _Filters.of(state, endpoint, user_id)
-        found.add(f"d.state IN {_FINISHED}")
+        found = sql.Filters.of(state, endpoint, user_id)
+        found.add(f"d.state IN {core.FINISHED_SQL}")
         if ids is not None:
             if not ids:
                 return 0
-            found.add("d.id = ANY({}::bigint[])", list(ids))
+            found.ids(ids)
 
         async def replay(conn: Conn) -> int:
             candidates = await conn.fetch(
@@ -955,25 +876,13 @@ class PostgresStore:
             users = [row["user_id"] for row in candidates if row["user_id"] is not None]
             await self._lock_users(conn, users, create=False)
             # Again under the locks, in lane order: another replay may have taken some.
-            rows = await conn.fetch(
-                f"SELECT id, endpoint, user_id FROM deliveries WHERE id = ANY($1::bigint[]) "
-                f"AND state IN {_FINISHED} ORDER BY ord, id FOR UPDATE",
-                [row["id"] for row in candidates],
-            )
+            again = sql.Filters()
+            again.ids([row["id"] for row in candidates])
+            again.add(f"d.state IN {core.FINISHED_SQL}")
+            rows = await conn.fetch(sql.replay_candidates(again) + " FOR UPDATE OF d", *again.args)
             if not rows:
                 return 0
-            busy = {
-                (row["endpoint"], row["user_id"])
-                for row in await conn.fetch(
-                    "SELECT DISTINCT d.endpoint, d.user_id FROM unnest($1::text[], $2::text[]) "
-                    "AS l(endpoint, user_id) JOIN deliveries d ON d.endpoint = l.endpoint "
-                    f"AND d.user_id = l.user_id AND d.state IN {_ACTIVE}",
-                    [row["endpoint"] for row in rows],
-                    [row["user_id"] for row in rows],
-                )
-            }
-            # Replayed deliveries go after everything stored so far: fresh positions from the
-            # events' own sequence, which later events continue.
+            # Fresh positions from the events' own sequence, which later events continue.
             positions = sorted(
                 r[0]
                 for r in await conn.fetch(
@@ -982,26 +891,13 @@ class PostgresStore:
                     len(rows),
                 )
             )
-            states: list[str] = []
-            for row in rows:
-                lane = (row["endpoint"], row["user_id"])
-                if row["user_id"] is not None and lane in busy:
-                    states.append("waiting")
-                else:
-                    states.append("pending")
-                    if row["user_id"] is not None:
-                        busy.add(lane)
-            await conn.execute(
-                "UPDATE deliveries d SET state = r.state, attempts = 0, next_at = $4, "
-                "updated_at = $4, ord = r.ord, claimed_by = NULL, lease_until = NULL "
-                "FROM unnest($1::bigint[], $2::text[], $3::bigint[]) AS r(id, state, ord) "
-                "WHERE d.id = r.id",
-                [row["id"] for row in rows],
-                states,
-                positions,
-                now,
+            plan = core.replay_plan(rows, positions)
+            await conn.executemany(
+                sql.REPLAY, [(r.id, r.state.value, r.ord, now, r.ts) for r in plan]
             )
-            if "pending" in states:
+            changes = await self._settle(conn, core.lane_users(plan), now)
+            pending = core.DeliveryState.PENDING
+            if any(r.state == pending for r in plan) or any(c.state == pending for c in changes):
                 await self._notify(conn)
             return len(rows)
 
@@ -1011,31 +907,11 @@ class PostgresStore:
         async def query(conn: Conn) -> list[EndpointStats]:
             # Every query here is served by a small index: a status page refreshing every few
             # seconds must not scan the delivery history.
-            stats: dict[str, dict[str, Any]] = {}
-            for endpoint, (count, oldest) in (await self._pending(conn)).items():
-                stats[endpoint] = {
-                    "endpoint": endpoint,
-                    "pending": count,
-                    "oldest_pending_at": oldest,
-                }
-            for row in await conn.fetch(
-                "SELECT endpoint, COUNT(*) AS dead FROM deliveries WHERE state = 'dead' "
-                "GROUP BY endpoint"
-            ):
-                stats.setdefault(row["endpoint"], {"endpoint": row["endpoint"]})["dead"] = row[
-                    "dead"
-                ]
-            for row in await conn.fetch(
-                "SELECT endpoint, delivered_total, last_success_at, last_failure_at, last_error "
-                "FROM endpoint_health"
-            ):
-                stats.setdefault(row["endpoint"], {"endpoint": row["endpoint"]}).update(
-                    delivered=row["delivered_total"],
-                    last_success_at=row["last_success_at"],
-                    last_failure_at=row["last_failure_at"],
-                    last_error=row["last_error"],
-                )
-            return [EndpointStats(**entry) for entry in stats.values()]
+            return core.endpoint_stats(
+                await self._pending(conn),
+                await conn.fetch(sql.DEAD_STATS),
+                await conn.fetch(sql.HEALTH_STATS),
+            )
 
         return await self._run(query, tx=False)
 
@@ -1046,10 +922,7 @@ class PostgresStore:
     async def _pending(conn: Conn) -> dict[str, tuple[int, float]]:
         return {
             row["endpoint"]: (row["count"], row["oldest"])
-            for row in await conn.fetch(
-                "SELECT endpoint, COUNT(*) AS count, MIN(created_at) AS oldest FROM deliveries "
-                f"WHERE state IN {_ACTIVE} GROUP BY endpoint"
-            )
+            for row in await conn.fetch(sql.PENDING_STATS)
         }
 
     # -- reconciliation ---------------------------------------------------------------------
@@ -1057,27 +930,14 @@ class PostgresStore:
     async def user_states(self) -> dict[str, UserState]:
         async def query(conn: Conn) -> dict[str, UserState]:
             return {
-                row["user_id"]: UserState(
-                    row["user_id"],
-                    row["status"],
-                    row["requirements"],
-                    row["event_id"],
-                    row["source"],
-                )
-                for row in await conn.fetch(
-                    "SELECT user_id, status, requirements, event_id, source FROM user_state"
-                )
+                row["user_id"]: core.user_state(row) for row in await conn.fetch(sql.USER_STATES)
             }
 
         return await self._run(query, tx=False)
 
     async def record_baseline(self, states: Sequence[UserState], now: float) -> int:
         async def insert(conn: Conn) -> int:
-            await conn.execute(
-                "INSERT INTO meta (key, value) VALUES ('reconcile_baseline', $1) "
-                "ON CONFLICT (key) DO NOTHING",
-                repr(now),
-            )
+            await conn.execute(sql.MARK_BASELINE, repr(now))
             if not states:
                 return 0
             status = await conn.execute(

@@ -14,17 +14,18 @@ import logging
 import os
 import sqlite3
 import threading
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import astuple
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
-from relay import events as ev
 from relay.errors import StoreError, StoreLockedError, StoreSchemaError, StoreUnavailableError
 from relay.events import BadFrame, NewEvent
-from relay.store.base import (
+from relay.store import core, sql
+from relay.store.records import (
     AppendResult,
-    Attempt,
     Claim,
     DeliveryDetail,
     DeliveryInfo,
@@ -33,8 +34,6 @@ from relay.store.base import (
     PublicState,
     Target,
     UserState,
-    delivery_info,
-    display_body,
 )
 
 __all__ = ["MIGRATIONS", "SQLiteStore"]
@@ -124,6 +123,16 @@ MIGRATIONS: tuple[str, ...] = (
     DROP INDEX deliveries_lane;
     CREATE INDEX deliveries_lane ON deliveries(user_id, endpoint, ord, created_at);
     """,
+    # v4: lanes follow sFOX's timestamp (ts, then ord); feed_ts makes older feed events
+    # stale once a newer one is delivered; a replayed delivery is never superseded;
+    # high_ts is the newest key a user's events reached (reconciled events go after it).
+    # Rows from before keep their store order (ts 0).
+    """
+    ALTER TABLE deliveries ADD COLUMN ts INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE deliveries ADD COLUMN feed_ts INTEGER;
+    ALTER TABLE deliveries ADD COLUMN replayed INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE user_state ADD COLUMN high_ts INTEGER NOT NULL DEFAULT 0;
+    """,
 )
 
 _UNAVAILABLE = (
@@ -135,56 +144,50 @@ _UNAVAILABLE = (
     "no such table",  # the file was replaced or truncated under us
 )
 
-#: A new delivery waits behind any unfinished one of its (endpoint, user_id) lane.
-_INSERT_DELIVERY = """
-    INSERT INTO deliveries (event_seq, endpoint, user_id, ord, state, next_at, created_at,
-        updated_at)
-    VALUES (?1, ?2, ?3, ?1,
-        CASE WHEN ?4 = 'pending' AND ?3 IS NOT NULL AND EXISTS (
-            SELECT 1 FROM deliveries WHERE endpoint = ?2 AND user_id = ?3
-            AND state IN ('waiting', 'pending', 'inflight')
-        ) THEN 'waiting' ELSE ?4 END,
-        ?5, ?6, ?6)
+#: Both stores insert events one run at a time; here one row at a time, for its seq.
+_INSERT_EVENT = """
+    INSERT INTO events (event_id, source, recipient, user_id, status, requirements, body,
+        has_token, received_at)
+    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+    ON CONFLICT (event_id) DO NOTHING
+    RETURNING seq
 """
 
-#: Let a lane's next delivery go. Run when the lane's one pending-or-in-flight delivery
-#: finished, so by the lane invariant nothing else of the lane is active. The repeated
-#: ``state IN (...)`` term lets SQLite use the partial lane index.
-_PROMOTE = """
-    UPDATE deliveries SET state = 'pending', next_at = MAX(next_at, ?1), updated_at = ?1
-    WHERE id = (
-        SELECT id FROM deliveries WHERE endpoint = ?2 AND user_id = ?3
-        AND state IN ('waiting', 'pending', 'inflight') AND state = 'waiting'
-        ORDER BY ord, id LIMIT 1
-    )
+_UPSERT_USER_STATE = """
+    INSERT INTO user_state (user_id, status, requirements, event_id, source, high_ts,
+        updated_at)
+    VALUES (?, ?, ?, ?, ?, ?, ?)
+    ON CONFLICT (user_id) DO UPDATE SET status = excluded.status,
+        requirements = excluded.requirements, event_id = excluded.event_id,
+        source = excluded.source, high_ts = excluded.high_ts, updated_at = excluded.updated_at
+"""
+
+_INSERT_DELIVERY = """
+    INSERT INTO deliveries (event_seq, endpoint, user_id, ord, state, next_at, created_at,
+        updated_at, ts, feed_ts)
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, ?8, ?9)
 """
 
 #: Repeated verbatim so SQLite can use the partial index ``deliveries_finished``.
 _FINISHED = "state IN ('delivered', 'superseded', 'dead')"
 
-_DELIVERY_COLUMNS = """
-    d.id, d.endpoint, e.event_id, d.user_id, d.state, d.attempts, e.source, e.status,
-    d.next_at, d.created_at, d.updated_at, d.last_status, d.last_error
-"""
+
+def _marks(values: Sequence[object]) -> str:
+    return ",".join("?" * len(values))
 
 
-def _filters(
-    state: PublicState | None, endpoint: str | None, user_id: str | None
-) -> tuple[list[str], list[Any]]:
-    where: list[str] = []
-    args: list[Any] = []
-    if state == "pending":
-        where.append("d.state IN ('waiting', 'pending', 'inflight')")
-    elif state is not None:
-        where.append("d.state = ?")
-        args.append(state)
-    if endpoint is not None:
-        where.append("d.endpoint = ?")
-        args.append(endpoint)
-    if user_id is not None:
-        where.append("d.user_id = ?")
-        args.append(user_id)
-    return where, args
+def _event_row(event: NewEvent, now: float) -> tuple[object, ...]:
+    return (
+        event.event_id,
+        event.source,
+        event.recipient,
+        event.user_id,
+        event.status,
+        event.requirements,
+        event.body,
+        int(event.has_token),
+        now,
+    )
 
 
 class _Checkpointer:
@@ -420,6 +423,9 @@ class SQLiteStore:
     ) -> AppendResult:
         return await self._run(lambda c: self._append(c, events, targets, now))
 
+    def mark_subscribed(self, now: float) -> None:
+        """One feed per store: its events arrive in sFOX's order, nothing to wait for."""
+
     def _append(
         self,
         conn: sqlite3.Connection,
@@ -427,78 +433,69 @@ class SQLiteStore:
         targets: Sequence[Target],
         now: float,
     ) -> AppendResult:
-        result = AppendResult()
+        stored: list[NewEvent] = []
+        superseded: Counter[str] = Counter()
         stale = duplicates = 0
         with self._tx(conn):
-            for event in events:
-                state: sqlite3.Row | None = None
-                if event.user_id is not None:
-                    state = conn.execute(
-                        "SELECT status, requirements, event_id, source FROM user_state "
-                        "WHERE user_id = ?",
-                        (event.user_id,),
-                    ).fetchone()
-                    if event.source == "reconcile" and (state["event_id"] if state else None) != (
-                        event.after
-                    ):
+            for run in core.segments(events):
+                users = sorted({e.user_id for e in run if e.user_id is not None})
+                states = {
+                    row["user_id"]: core.state_row(row)
+                    for row in conn.execute(
+                        f"SELECT {sql.USER_STATE_COLUMNS} FROM user_state "
+                        f"WHERE user_id IN ({_marks(users)})",
+                        users,
+                    )
+                }
+                new: list[tuple[int, NewEvent]] = []
+                for event in run:
+                    if core.is_stale(event, states.get(event.user_id or "")):
                         stale += 1
                         continue
-                cur = conn.execute(
-                    "INSERT OR IGNORE INTO events (event_id, source, recipient, user_id, status, "
-                    "requirements, body, has_token, received_at) VALUES (?,?,?,?,?,?,?,?,?)",
-                    (
-                        event.event_id,
-                        event.source,
-                        event.recipient,
-                        event.user_id,
-                        event.status,
-                        event.requirements,
-                        event.body,
-                        int(event.has_token),
-                        now,
-                    ),
-                )
-                if cur.rowcount == 0:
-                    duplicates += 1
-                    continue
-                seq = cur.lastrowid
-                result.stored.append(event)
-                superseded = (
-                    event.source == "feed"
-                    and state is not None
-                    and state["source"] == "reconcile"
-                    and state["status"] == event.status
-                    and state["requirements"] == event.requirements
-                )
-                if event.user_id is not None:
-                    conn.execute(
-                        "INSERT INTO user_state (user_id, status, requirements, event_id, source, "
-                        "updated_at) VALUES (?,?,?,?,?,?) ON CONFLICT (user_id) DO UPDATE SET "
-                        "status = excluded.status, requirements = excluded.requirements, "
-                        "event_id = excluded.event_id, source = excluded.source, "
-                        "updated_at = excluded.updated_at",
-                        (
-                            event.user_id,
-                            event.status,
-                            event.requirements,
-                            event.event_id,
-                            event.source,
-                            now,
-                        ),
-                    )
-                for target in targets:
-                    if not ev.routes((target,), event):
+                    row = conn.execute(_INSERT_EVENT, _event_row(event, now)).fetchone()
+                    if row is None:
+                        duplicates += 1
                         continue
-                    if superseded and not target.wants_token:
-                        result.superseded[target.name] = result.superseded.get(target.name, 0) + 1
-                        initial = "superseded"
-                    else:
-                        initial = "pending"
-                    conn.execute(
-                        _INSERT_DELIVERY,
-                        (seq, target.name, event.user_id, initial, now + target.first_delay, now),
-                    )
-        return AppendResult(result.stored, duplicates, stale, result.superseded)
+                    new.append((row[0], event))
+                    stored.append(event)
+                plan = core.fan_out(new, targets, states, now)
+                superseded.update(plan.superseded)
+                conn.executemany(
+                    _UPSERT_USER_STATE,
+                    [(*astuple(s), now) for s in plan.states],
+                )
+                conn.executemany(
+                    _INSERT_DELIVERY,
+                    [
+                        (
+                            d.seq,
+                            d.endpoint,
+                            d.user_id,
+                            d.seq,
+                            d.state.value,
+                            d.next_at,
+                            now,
+                            d.ts,
+                            d.feed_ts,
+                        )
+                        for d in plan.deliveries
+                    ],
+                )
+                superseded.update(self._settle(conn, users, now))
+        return AppendResult(stored, duplicates, stale, dict(superseded))
+
+    @staticmethod
+    def _settle(conn: sqlite3.Connection, users: Sequence[str], now: float) -> Counter[str]:
+        """Apply :func:`core.settle` to these users' lanes; superseded counts per endpoint."""
+        if not users:
+            return Counter()
+        rows = conn.execute(sql.lane_rows(f"IN ({_marks(users)})"), list(users)).fetchall()
+        changes = core.settle(map(core.lane_row, rows), now)
+        conn.executemany(
+            sql.for_sqlite(sql.SETTLE),
+            [(c.state.value, c.next_at, now, c.id, c.was) for c in changes],
+        )
+        return core.superseded(changes)
 
     async def quarantine(self, frame: BadFrame, now: float) -> None:
         def insert(conn: sqlite3.Connection) -> None:
@@ -524,29 +521,16 @@ class SQLiteStore:
                 ).fetchall()
                 if not rows:
                     return []
-                seqs = {row["event_seq"] for row in rows}
+                seqs = sorted({row["event_seq"] for row in rows})
                 bodies = {
                     e["seq"]: e
                     for e in conn.execute(
                         "SELECT seq, event_id, source, body, has_token FROM events "
-                        f"WHERE seq IN ({','.join('?' * len(seqs))})",
-                        tuple(seqs),
+                        f"WHERE seq IN ({_marks(seqs)})",
+                        seqs,
                     )
                 }
-            claims = [
-                Claim(
-                    delivery_id=row["id"],
-                    endpoint=endpoint,
-                    event_id=bodies[row["event_seq"]]["event_id"],
-                    user_id=row["user_id"],
-                    attempts=row["attempts"],
-                    source=bodies[row["event_seq"]]["source"],
-                    body=bytes(bodies[row["event_seq"]]["body"]),
-                    has_token=bool(bodies[row["event_seq"]]["has_token"]),
-                    created_at=row["created_at"],
-                )
-                for row in rows
-            ]
+            claims = [core.claim({**row, **bodies[row["event_seq"]]}, endpoint) for row in rows]
             claims.sort(key=lambda c: c.delivery_id)
             return claims
 
@@ -566,10 +550,12 @@ class SQLiteStore:
 
         return await self._run(query)
 
-    async def record(self, outcomes: Sequence[Outcome], now: float) -> None:
-        await self._run(lambda c: self._record(c, outcomes, now))
+    async def record(self, outcomes: Sequence[Outcome], now: float) -> dict[str, int]:
+        return await self._run(lambda c: self._record(c, outcomes, now))
 
-    def _record(self, conn: sqlite3.Connection, outcomes: Sequence[Outcome], now: float) -> None:
+    def _record(
+        self, conn: sqlite3.Connection, outcomes: Sequence[Outcome], now: float
+    ) -> dict[str, int]:
         # Set-wise with executemany: this runs for every delivery, so per-row Python work
         # here competes with the event loop for the GIL.
         released = [
@@ -578,7 +564,6 @@ class SQLiteStore:
             if out.state == "released" or out.attempt is None
         ]
         tried = [out for out in outcomes if out.state != "released" and out.attempt is not None]
-        health: dict[str, dict[str, Any]] = {}
         with self._tx(conn, durable=False):
             if released:
                 conn.executemany(
@@ -587,17 +572,20 @@ class SQLiteStore:
                     released,
                 )
             if not tried:
-                return
+                return {}
+            ids = [out.delivery_id for out in tried]
             lanes: dict[int, tuple[str, str | None]] = {
                 row[0]: (row[1], row[2])
                 for row in conn.execute(
-                    "SELECT id, endpoint, user_id FROM deliveries "
-                    f"WHERE id IN ({','.join('?' * len(tried))})",
-                    [out.delivery_id for out in tried],
+                    f"SELECT id, endpoint, user_id FROM deliveries WHERE id IN ({_marks(ids)})",
+                    ids,
                 )
             }
-            tried = [out for out in tried if out.delivery_id in lanes]  # not purged meanwhile
-            attempts = [(out, out.attempt) for out in tried if out.attempt is not None]
+            attempts = [
+                (out, out.attempt)
+                for out in tried
+                if out.delivery_id in lanes and out.attempt is not None  # not purged meanwhile
+            ]
             conn.executemany(
                 "UPDATE deliveries SET state = ?, attempts = attempts + 1, next_at = ?, "
                 "updated_at = ?, last_status = ?, last_error = ? WHERE id = ?",
@@ -615,37 +603,17 @@ class SQLiteStore:
                     for out, a in attempts
                 ],
             )
-            finished = [
-                (now, *lanes[out.delivery_id])
-                for out in tried
-                if out.state != "pending" and lanes[out.delivery_id][1] is not None
-            ]
-            conn.executemany(_PROMOTE, finished)
-            for out, a in attempts:
-                entry = health.setdefault(lanes[out.delivery_id][0], {"delivered": 0})
-                if out.state == "delivered":
-                    entry["delivered"] += 1
-                    entry["last_success_at"] = a.at
-                else:
-                    entry["last_failure_at"] = a.at
-                    entry["last_error"] = a.error or f"HTTP {a.status}"
-            for endpoint, entry in health.items():
-                conn.execute(
-                    "INSERT INTO endpoint_health (endpoint, delivered_total, last_success_at, "
-                    "last_failure_at, last_error) VALUES (?1, ?5, ?2, ?3, ?4) "
-                    "ON CONFLICT (endpoint) DO UPDATE SET "
-                    "delivered_total = delivered_total + ?5, "
-                    "last_success_at = COALESCE(?2, last_success_at), "
-                    "last_failure_at = COALESCE(?3, last_failure_at), "
-                    "last_error = COALESCE(?4, last_error)",
-                    (
-                        endpoint,
-                        entry.get("last_success_at"),
-                        entry.get("last_failure_at"),
-                        entry.get("last_error"),
-                        entry["delivered"],
-                    ),
-                )
+            health = core.fold_health(
+                [
+                    core.Verdict(lanes[out.delivery_id][0], out.state, a.at, a.status, a.error)
+                    for out, a in attempts
+                ]
+            )
+            conn.executemany(sql.for_sqlite(sql.UPSERT_HEALTH), [astuple(h) for h in health])
+            users = core.finished_users(
+                (lanes[out.delivery_id][1], out.state) for out, _ in attempts
+            )
+            return dict(self._settle(conn, users, now))
 
     # -- inspection and replay --------------------------------------------------------------
 
@@ -658,36 +626,20 @@ class SQLiteStore:
         limit: int = 50,
         before: int | None = None,
     ) -> list[DeliveryInfo]:
-        where, args = _filters(state, endpoint, user_id)
+        found = sql.Filters.of(state, endpoint, user_id, mark="?")
         if before is not None:
-            where.append("d.id < ?")
-            args.append(before)
-        sql = (
-            f"SELECT {_DELIVERY_COLUMNS} FROM deliveries d JOIN events e ON e.seq = d.event_seq "
-            f"{'WHERE ' + ' AND '.join(where) if where else ''} ORDER BY d.id DESC LIMIT ?"
-        )
-        args.append(limit)
-        rows = await self._run(lambda c: c.execute(sql, args).fetchall())
-        return [delivery_info(row) for row in rows]
+            found.add("d.id < {}", before)
+        query = sql.list_deliveries(found, limit)
+        rows = await self._run(lambda c: c.execute(query, found.args).fetchall())
+        return [core.delivery_info(row) for row in rows]
 
     async def get_delivery(self, delivery_id: int) -> DeliveryDetail | None:
         def query(conn: sqlite3.Connection) -> DeliveryDetail | None:
-            row = conn.execute(
-                f"SELECT {_DELIVERY_COLUMNS}, e.body FROM deliveries d "
-                "JOIN events e ON e.seq = d.event_seq WHERE d.id = ?",
-                (delivery_id,),
-            ).fetchone()
+            row = conn.execute(sql.for_sqlite(sql.DELIVERY), (delivery_id,)).fetchone()
             if row is None:
                 return None
-            attempts = [
-                Attempt(a["at"], a["status"], a["latency"], a["error"], a["excerpt"])
-                for a in conn.execute(
-                    "SELECT at, status, latency, error, excerpt FROM attempts "
-                    "WHERE delivery_id = ? ORDER BY n",
-                    (delivery_id,),
-                )
-            ]
-            return DeliveryDetail(delivery_info(row), display_body(bytes(row["body"])), attempts)
+            attempts = conn.execute(sql.for_sqlite(sql.ATTEMPTS_OF), (delivery_id,)).fetchall()
+            return core.delivery_detail(row, attempts)
 
         return await self._run(query)
 
@@ -700,40 +652,34 @@ class SQLiteStore:
         user_id: str | None = None,
         now: float,
     ) -> int:
+        found = sql.Filters.of(state, endpoint, user_id, mark="?")
+        found.add(f"d.state IN {core.FINISHED_SQL}")
+        if ids is not None:
+            if not ids:
+                return 0
+            found.ids(ids)
+
         def replay(conn: sqlite3.Connection) -> int:
-            where, args = _filters(state, endpoint, user_id)
-            where.append("d.state IN ('delivered', 'dead', 'superseded')")
-            if ids is not None:
-                if not ids:
-                    return 0
-                where.append(f"d.id IN ({','.join('?' * len(ids))})")
-                args.extend(ids)
             with self._tx(conn):
-                rows = conn.execute(
-                    f"SELECT d.id, d.endpoint, d.user_id FROM deliveries d WHERE "
-                    f"{' AND '.join(where)} ORDER BY d.ord, d.id",
-                    args,
-                ).fetchall()
-                # Replayed deliveries go after everything stored so far: they take fresh
-                # positions from the events' own sequence, which later events continue.
+                rows = conn.execute(sql.replay_candidates(found), found.args).fetchall()
+                if not rows:
+                    return 0
+                # Replayed deliveries go after everything stored so far: fresh positions
+                # from the events' own sequence, which later events continue.
                 top = conn.execute(
                     "SELECT COALESCE(MAX(seq), 0) FROM sqlite_sequence WHERE name = 'events'"
                 ).fetchone()[0]
-                for position, row in enumerate(rows, start=top + 1):
-                    conn.execute(
-                        "UPDATE deliveries SET state = CASE WHEN ?3 IS NOT NULL AND EXISTS ("
-                        "SELECT 1 FROM deliveries WHERE endpoint = ?2 AND user_id = ?3 AND "
-                        "state IN ('waiting', 'pending', 'inflight')) THEN 'waiting' "
-                        "ELSE 'pending' END, attempts = 0, next_at = ?4, updated_at = ?4, "
-                        "ord = ?5 WHERE id = ?1",
-                        (row["id"], row["endpoint"], row["user_id"], now, position),
-                    )
-                if rows:
-                    conn.execute(
-                        "UPDATE sqlite_sequence SET seq = ? WHERE name = 'events'",
-                        (top + len(rows),),
-                    )
-            return len(rows)
+                conn.execute(
+                    "UPDATE sqlite_sequence SET seq = ? WHERE name = 'events'",
+                    (top + len(rows),),
+                )
+                plan = core.replay_plan(rows, range(top + 1, top + 1 + len(rows)))
+                conn.executemany(
+                    sql.for_sqlite(sql.REPLAY),
+                    [(r.id, r.state.value, r.ord, now, r.ts) for r in plan],
+                )
+                self._settle(conn, core.lane_users(plan), now)
+                return len(rows)
 
         return await self._run(replay)
 
@@ -741,28 +687,11 @@ class SQLiteStore:
         def query(conn: sqlite3.Connection) -> list[EndpointStats]:
             # Every query here is served by a small index: a status page refreshing every few
             # seconds must not scan the delivery history.
-            stats: dict[str, dict[str, Any]] = {}
-            for endpoint, (count, oldest) in self._pending(conn).items():
-                stats[endpoint] = {
-                    "endpoint": endpoint,
-                    "pending": count,
-                    "oldest_pending_at": oldest,
-                }
-            for row in conn.execute(
-                "SELECT endpoint, COUNT(*) FROM deliveries WHERE state = 'dead' GROUP BY endpoint"
-            ):
-                stats.setdefault(row[0], {"endpoint": row[0]})["dead"] = row[1]
-            for row in conn.execute(
-                "SELECT endpoint, delivered_total, last_success_at, last_failure_at, last_error "
-                "FROM endpoint_health"
-            ):
-                stats.setdefault(row["endpoint"], {"endpoint": row["endpoint"]}).update(
-                    delivered=row["delivered_total"],
-                    last_success_at=row["last_success_at"],
-                    last_failure_at=row["last_failure_at"],
-                    last_error=row["last_error"],
-                )
-            return [EndpointStats(**entry) for entry in stats.values()]
+            return core.endpoint_stats(
+                self._pending(conn),
+                conn.execute(sql.DEAD_STATS),
+                conn.execute(sql.HEALTH_STATS),
+            )
 
         return await self._run(query)
 
@@ -771,41 +700,20 @@ class SQLiteStore:
 
     @staticmethod
     def _pending(conn: sqlite3.Connection) -> dict[str, tuple[int, float]]:
-        return {
-            row[0]: (row[1], row[2])
-            for row in conn.execute(
-                "SELECT endpoint, COUNT(*), MIN(created_at) FROM deliveries "
-                "WHERE state IN ('waiting', 'pending', 'inflight') GROUP BY endpoint"
-            )
-        }
+        return {row[0]: (row[1], row[2]) for row in conn.execute(sql.PENDING_STATS)}
 
     # -- reconciliation ---------------------------------------------------------------------
 
     async def user_states(self) -> dict[str, UserState]:
         def query(conn: sqlite3.Connection) -> dict[str, UserState]:
-            return {
-                row["user_id"]: UserState(
-                    row["user_id"],
-                    row["status"],
-                    row["requirements"],
-                    row["event_id"],
-                    row["source"],
-                )
-                for row in conn.execute(
-                    "SELECT user_id, status, requirements, event_id, source FROM user_state"
-                )
-            }
+            return {row["user_id"]: core.user_state(row) for row in conn.execute(sql.USER_STATES)}
 
         return await self._run(query)
 
     async def record_baseline(self, states: Sequence[UserState], now: float) -> int:
         def insert(conn: sqlite3.Connection) -> int:
             with self._tx(conn):
-                conn.execute(
-                    "INSERT INTO meta (key, value) VALUES ('reconcile_baseline', ?) "
-                    "ON CONFLICT (key) DO NOTHING",
-                    (str(now),),
-                )
+                conn.execute(sql.for_sqlite(sql.MARK_BASELINE), (str(now),))
                 cur = conn.executemany(
                     "INSERT OR IGNORE INTO user_state (user_id, status, requirements, event_id, "
                     "source, updated_at) VALUES (?,?,?,?,?,?)",

@@ -1,0 +1,136 @@
+"""The outbox's records: what goes into a store and what comes out of it (no behaviour)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from relay.events import NewEvent
+
+__all__ = [
+    "AppendResult",
+    "Attempt",
+    "Claim",
+    "DeliveryDetail",
+    "DeliveryInfo",
+    "EndpointStats",
+    "Outcome",
+    "PublicState",
+    "Target",
+    "UserState",
+]
+
+PublicState = Literal["pending", "delivered", "dead", "superseded"]
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """An endpoint as the store needs it when fanning out a new event."""
+
+    name: str
+    feeds: frozenset[str] | None = None
+    statuses: frozenset[str] | None = None
+    wants_token: bool = False
+    first_delay: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class AppendResult:
+    """What one group commit did."""
+
+    stored: list[NewEvent] = field(default_factory=list)
+    duplicates: int = 0
+    stale: int = 0  # reconciled events whose base state changed meanwhile (not stored)
+    superseded: dict[str, int] = field(default_factory=dict)  # endpoint -> deliveries
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """A delivery handed to the dispatcher, with what it needs to send it."""
+
+    delivery_id: int
+    endpoint: str
+    event_id: str
+    user_id: str | None
+    attempts: int
+    source: str
+    body: bytes
+    has_token: bool
+    created_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """One HTTP try, as recorded."""
+
+    at: float
+    status: int | None
+    latency: float
+    error: str | None = None
+    excerpt: str | None = None  # at most 1 KiB of the response body
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """The dispatcher's verdict on a claimed delivery.
+
+    ``released`` puts it back to ``pending`` without using an attempt (shutdown cut it off).
+    """
+
+    delivery_id: int
+    state: Literal["delivered", "pending", "dead", "released"]
+    next_at: float
+    attempt: Attempt | None
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryInfo:
+    """A delivery as `relay deliveries list` and the API show it."""
+
+    id: str
+    endpoint: str
+    event_id: str
+    user_id: str | None
+    state: PublicState
+    attempts: int
+    source: str
+    status: str | None
+    next_attempt_at: float | None
+    created_at: float
+    updated_at: float
+    last_status: int | None
+    last_error: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryDetail:
+    """One delivery with its event body (token shown only as sealed) and every attempt."""
+
+    info: DeliveryInfo
+    body: str
+    attempts: list[Attempt]
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointStats:
+    """Per-endpoint numbers for metrics, `relay check`, the API and the status page."""
+
+    endpoint: str
+    pending: int = 0
+    dead: int = 0
+    delivered: int = 0  # successful deliveries since the store was created (survives purges)
+    oldest_pending_at: float | None = None
+    last_success_at: float | None = None
+    last_failure_at: float | None = None
+    last_error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class UserState:
+    """The last state the store saw for a user: what reconciliation compares against."""
+
+    user_id: str
+    status: str | None
+    requirements: str | None  # canonical JSON
+    event_id: str | None
+    source: str

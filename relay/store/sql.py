@@ -1,0 +1,197 @@
+"""Statements both backends run as they are: portable SQL with ``$n`` parameters.
+
+PostgreSQL takes them verbatim; SQLite through :func:`for_sqlite` (``?n``). Only what is the
+same on both lives here; each backend keeps its own set-based and locking SQL.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from relay.store.core import ACTIVE_SQL, DeliveryState, sql_states
+from relay.store.records import PublicState
+
+__all__ = [
+    "ATTEMPTS_OF",
+    "DEAD_STATS",
+    "DELIVERY",
+    "DELIVERY_COLUMNS",
+    "HEALTH_STATS",
+    "Filters",
+    "LANE_COLUMNS",
+    "MARK_BASELINE",
+    "PENDING_STATS",
+    "REPLAY",
+    "SETTLE",
+    "UPSERT_HEALTH",
+    "USER_STATES",
+    "USER_STATE_COLUMNS",
+    "for_sqlite",
+    "lane_rows",
+    "list_deliveries",
+    "replay_candidates",
+]
+
+#: A delivery as users see it (:func:`relay.store.core.delivery_info`), joined with its event.
+DELIVERY_COLUMNS = """
+    d.id, d.endpoint, e.event_id, d.user_id, d.state, d.attempts, e.source, e.status,
+    d.next_at, d.created_at, d.updated_at, d.last_status, d.last_error
+"""
+
+#: What :func:`relay.store.core.settle` needs of a lane's delivery.
+LANE_COLUMNS = "id, endpoint, user_id, state, attempts, ts, ord, feed_ts, replayed, next_at"
+
+#: The rows that decide lanes: active ones and delivered ones (for staleness).
+_LANE_STATES = sql_states(
+    (DeliveryState.WAITING, DeliveryState.PENDING, DeliveryState.INFLIGHT, DeliveryState.DELIVERED)
+)
+
+
+def lane_rows(users: str) -> str:
+    """The lane rows of the users ``users`` names (a backend's ``IN`` or ``ANY`` term)."""
+    return (
+        f"SELECT {LANE_COLUMNS} FROM deliveries WHERE user_id {users} AND state IN {_LANE_STATES}"
+    )
+
+
+#: A user's state columns, as :func:`relay.store.core.state_row` reads them.
+USER_STATE_COLUMNS = "user_id, status, requirements, event_id, source, high_ts"
+
+#: One delivery with its event's body (:func:`relay.store.core.delivery_detail`).
+DELIVERY = (
+    f"SELECT {DELIVERY_COLUMNS}, e.body FROM deliveries d JOIN events e ON e.seq = d.event_seq "
+    "WHERE d.id = $1"
+)
+
+MARK_BASELINE = (
+    "INSERT INTO meta (key, value) VALUES ('reconcile_baseline', $1) ON CONFLICT (key) DO NOTHING"
+)
+
+#: A replayed delivery (:class:`relay.store.core.Replayed`): a fresh schedule and place.
+REPLAY = """
+    UPDATE deliveries SET state = $2, attempts = 0, next_at = $4, updated_at = $4, ts = $5,
+        ord = $3, replayed = TRUE
+    WHERE id = $1
+"""
+
+
+def list_deliveries(found: Filters, limit: int) -> str:
+    """Newest first, filtered; appends ``limit`` to ``found``'s arguments."""
+    query = (
+        f"SELECT {DELIVERY_COLUMNS} FROM deliveries d JOIN events e ON e.seq = d.event_seq "
+        f"{found.where()} ORDER BY d.id DESC LIMIT {found.next_mark()}"
+    )
+    found.args.append(limit)
+    return query
+
+
+def replay_candidates(found: Filters) -> str:
+    """The finished deliveries ``found`` selects, in lane order, with their user's newest key."""
+    return (
+        "SELECT d.id, d.endpoint, d.user_id, COALESCE(u.high_ts, 0) AS high_ts FROM deliveries d "
+        f"LEFT JOIN user_state u ON u.user_id = d.user_id {found.where()} "
+        "ORDER BY d.ts, d.ord, d.id"
+    )
+
+
+#: One change of :func:`relay.store.core.settle`, applied only if the row is still as seen.
+SETTLE = """
+    UPDATE deliveries SET state = $1, next_at = $2, updated_at = $3
+    WHERE id = $4 AND state = $5
+"""
+
+#: One endpoint's folded health (:func:`relay.store.core.fold_health`) against what is
+#: stored: counts add up, the newest success and failure win (equal times: the new one).
+UPSERT_HEALTH = """
+    INSERT INTO endpoint_health (endpoint, delivered_total, last_success_at, last_failure_at,
+        last_error)
+    VALUES ($1, $2, $3, $4, $5)
+    ON CONFLICT (endpoint) DO UPDATE SET
+        delivered_total = endpoint_health.delivered_total + excluded.delivered_total,
+        last_success_at = CASE WHEN excluded.last_success_at IS NULL
+            OR endpoint_health.last_success_at > excluded.last_success_at
+            THEN endpoint_health.last_success_at ELSE excluded.last_success_at END,
+        last_error = CASE WHEN excluded.last_failure_at IS NULL
+            OR endpoint_health.last_failure_at > excluded.last_failure_at
+            THEN endpoint_health.last_error ELSE excluded.last_error END,
+        last_failure_at = CASE WHEN excluded.last_failure_at IS NULL
+            OR endpoint_health.last_failure_at > excluded.last_failure_at
+            THEN endpoint_health.last_failure_at ELSE excluded.last_failure_at END
+"""
+
+#: The unfinished deliveries per endpoint, and the oldest one's creation time.
+PENDING_STATS = (
+    "SELECT endpoint, COUNT(*) AS count, MIN(created_at) AS oldest FROM deliveries "
+    f"WHERE state IN {ACTIVE_SQL} GROUP BY endpoint"
+)
+DEAD_STATS = (
+    "SELECT endpoint, COUNT(*) AS dead FROM deliveries WHERE state = 'dead' GROUP BY endpoint"
+)
+HEALTH_STATS = (
+    "SELECT endpoint, delivered_total, last_success_at, last_failure_at, last_error "
+    "FROM endpoint_health"
+)
+USER_STATES = "SELECT user_id, status, requirements, event_id, source FROM user_state"
+ATTEMPTS_OF = (
+    "SELECT at, status, latency, error, excerpt FROM attempts WHERE delivery_id = $1 ORDER BY n"
+)
+
+
+def for_sqlite(statement: str) -> str:
+    """``statement`` with SQLite's numbered parameters (``?1``) for PostgreSQL's (``$1``)."""
+    return statement.replace("$", "?")
+
+
+class Filters:
+    """WHERE terms with numbered parameters, for the filters of ``deliveries list``/replay.
+
+    ``mark`` is the parameter prefix: ``$`` (PostgreSQL) or ``?`` (SQLite).
+    """
+
+    def __init__(self, mark: str = "$") -> None:
+        self.mark = mark
+        self.terms: list[str] = []
+        self.args: list[Any] = []
+
+    def add(self, term: str, *values: Any) -> None:
+        """``term`` uses ``{}`` for each value, in order."""
+        marks = []
+        for value in values:
+            self.args.append(value)
+            marks.append(f"{self.mark}{len(self.args)}")
+        self.terms.append(term.format(*marks))
+
+    @classmethod
+    def of(
+        cls,
+        state: PublicState | None,
+        endpoint: str | None,
+        user_id: str | None,
+        *,
+        mark: str = "$",
+    ) -> Filters:
+        found = cls(mark)
+        if state == "pending":
+            found.add(f"d.state IN {ACTIVE_SQL}")
+        elif state is not None:
+            found.add("d.state = {}", state)
+        if endpoint is not None:
+            found.add("d.endpoint = {}", endpoint)
+        if user_id is not None:
+            found.add("d.user_id = {}", user_id)
+        return found
+
+    def ids(self, ids: Sequence[int]) -> None:
+        """Only these delivery ids."""
+        if self.mark == "$":
+            self.add("d.id = ANY({}::bigint[])", list(ids))
+        else:
+            self.add(f"d.id IN ({', '.join('{}' for _ in ids)})", *ids)
+
+    def where(self) -> str:
+        return f"WHERE {' AND '.join(self.terms)}" if self.terms else ""
+
+    def next_mark(self) -> str:
+        """The mark of the next parameter (for a trailing LIMIT)."""
+        return f"{self.mark}{len(self.args) + 1}"
