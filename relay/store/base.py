@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import Protocol, Unpack
 
 from relay.events import BadFrame, NewEvent
 from relay.store.core import (
@@ -31,7 +31,10 @@ from relay.store.records import (
     DeliveryInfo,
     EndpointStats,
     Outcome,
+    Page,
     PublicState,
+    ReplaySelection,
+    Selection,
     Target,
     UserState,
 )
@@ -49,7 +52,10 @@ __all__ = [
     "EndpointStats",
     "IngestStore",
     "Outcome",
+    "Page",
     "PublicState",
+    "ReplaySelection",
+    "Selection",
     "ReconcileStore",
     "Store",
     "Target",
@@ -130,28 +136,12 @@ class ReconcileStore(Protocol):
 class AdminStore(Protocol):
     """What the CLI, the admin API, metrics and retention use."""
 
-    async def list_deliveries(
-        self,
-        *,
-        state: PublicState | None = None,
-        endpoint: str | None = None,
-        user_id: str | None = None,
-        limit: int = 50,
-        before: int | None = None,
-    ) -> list[DeliveryInfo]:
-        """Newest first; ``before`` is the key of the last item of the previous page."""
+    async def list_deliveries(self, **page: Unpack[Page]) -> list[DeliveryInfo]:
+        """Newest first (50 unless ``limit`` says); ``before`` pages on."""
 
     async def get_delivery(self, delivery_id: int) -> DeliveryDetail | None: ...
 
-    async def replay(
-        self,
-        *,
-        ids: Sequence[int] | None = None,
-        state: PublicState | None = None,
-        endpoint: str | None = None,
-        user_id: str | None = None,
-        now: float,
-    ) -> int:
+    async def replay(self, *, now: float, **selection: Unpack[ReplaySelection]) -> int:
         """Re-queue finished deliveries (same webhook-id, fresh schedule, after later ones).
 
         A replayed delivery is never superseded.

@@ -35,6 +35,7 @@ from relay.store.records import (
     DeliveryDetail,
     DeliveryInfo,
     EndpointStats,
+    Outcome,
     PublicState,
     UserState,
 )
@@ -57,10 +58,12 @@ __all__ = [
     "claim",
     "delivery_detail",
     "delivery_info",
+    "event_row",
     "finished_users",
     "lane_users",
     "replay_plan",
     "superseded",
+    "verdict_row",
     "endpoint_stats",
     "lane_row",
     "state_row",
@@ -194,6 +197,20 @@ def segments(events: Sequence[NewEvent]) -> list[list[NewEvent]]:
             users.add(event.user_id)
         runs[-1].append(event)
     return [run for run in runs if run]
+
+
+def event_row(event: NewEvent) -> tuple[Any, ...]:
+    """The ``events`` columns of a new event, in the order both stores insert them."""
+    return (
+        event.event_id,
+        event.source,
+        event.recipient,
+        event.user_id,
+        event.status,
+        event.requirements,
+        event.body,
+        event.has_token,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -443,6 +460,22 @@ def lane_users(replayed: Iterable[Replayed]) -> list[str]:
 
 
 # -- verdicts and endpoint health -------------------------------------------------------------
+
+
+def verdict_row(outcome: Outcome) -> tuple[Any, ...]:
+    """A verdict with an attempt: id, state, next_at, then the attempt's columns."""
+    a = outcome.attempt
+    assert a is not None, "released outcomes carry no attempt"
+    return (
+        outcome.delivery_id,
+        outcome.state,
+        outcome.next_at,
+        a.at,
+        a.status,
+        a.latency,
+        a.error,
+        a.excerpt,
+    )
 
 
 @dataclass(frozen=True, slots=True)

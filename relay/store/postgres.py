@@ -38,25 +38,14 @@ import socket
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import astuple
-from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar, Unpack
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
 from relay.errors import StoreError, StoreSchemaError, StoreUnavailableError
 from relay.events import BadFrame, NewEvent
-from relay.store import core, sql
-from relay.store.records import (
-    AppendResult,
-    Claim,
-    DeliveryDetail,
-    DeliveryInfo,
-    EndpointStats,
-    Outcome,
-    PublicState,
-    Target,
-    UserState,
-)
+from relay.store import core, records, sql
 
 if TYPE_CHECKING:
     from asyncpg.pool import PoolConnectionProxy
@@ -220,27 +209,18 @@ _INSERT_EVENTS = """
     RETURNING seq, event_id
 """
 
-_UPSERT_USER_STATES = """
-    INSERT INTO user_state (user_id, status, requirements, event_id, source, high_ts,
-        updated_at)
-    SELECT user_id, status, requirements, event_id, source, high_ts, $7::float8
-    FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bigint[])
-        AS s(user_id, status, requirements, event_id, source, high_ts)
-    ON CONFLICT (user_id) DO UPDATE SET status = excluded.status,
-        requirements = excluded.requirements, event_id = excluded.event_id,
-        source = excluded.source, high_ts = excluded.high_ts, updated_at = excluded.updated_at
-"""
+_UPSERT_USER_STATES = sql.upsert_user_states(
+    "SELECT *, $7::float8 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], "
+    "$5::text[], $6::bigint[])"
+)
 
 #: New deliveries as :func:`core.fan_out` planned them (lane ones start waiting).
-_INSERT_DELIVERIES = """
-    INSERT INTO deliveries (event_seq, endpoint, user_id, ord, state, next_at, created_at,
-        updated_at, ts, feed_ts)
-    SELECT n.seq, n.endpoint, n.user_id, n.seq, n.state, n.next_at, $8::float8, $8::float8,
-        n.ts, n.feed_ts
-    FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::float8[], $6::bigint[],
-        $7::bigint[]) WITH ORDINALITY AS n(seq, endpoint, user_id, state, next_at, ts, feed_ts, i)
-    ORDER BY n.i
-"""
+_INSERT_DELIVERIES = sql.insert_deliveries(
+    "SELECT n.seq, n.endpoint, n.user_id, n.seq, n.state, n.next_at, $8::float8, $8::float8, "
+    "n.ts, n.feed_ts FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], "
+    "$5::float8[], $6::bigint[], $7::bigint[]) WITH ORDINALITY "
+    "AS n(seq, endpoint, user_id, state, next_at, ts, feed_ts, i) ORDER BY n.i"
+)
 
 #: Two probes, each on its own small partial index: leases that ran out (a replica died
 #: mid-delivery), then due pending deliveries, oldest first.
@@ -622,14 +602,14 @@ class PostgresStore:
         self._subscribed_at = now
 
     async def append(
-        self, events: Sequence[NewEvent], targets: Sequence[Target], now: float
-    ) -> AppendResult:
+        self, events: Sequence[NewEvent], targets: Sequence[records.Target], now: float
+    ) -> records.AppendResult:
         """Also: feed events stored within the reorder window after this replica's
         (re)subscription become due at store time plus the window. Another replica,
         subscribed all along, may still be storing the same users' earlier events, which
         sFOX sent before this replica was listening; their lanes put those first."""
         if not events:
-            return AppendResult()
+            return records.AppendResult()
         hold = None
         if self._subscribed_at is not None and now < self._subscribed_at + self.reorder_window:
             hold = now + self.reorder_window
@@ -639,10 +619,10 @@ class PostgresStore:
         self,
         conn: Conn,
         events: Sequence[NewEvent],
-        targets: Sequence[Target],
+        targets: Sequence[records.Target],
         now: float,
         hold: float | None,
-    ) -> AppendResult:
+    ) -> records.AppendResult:
         users = sorted({e.user_id for e in events if e.user_id is not None})
         await self._lock_users(conn, users, create=True)
         states = {
@@ -662,16 +642,7 @@ class PostgresStore:
             if not fresh:
                 continue
             rows = await conn.fetch(
-                _INSERT_EVENTS,
-                [e.event_id for e in fresh],
-                [e.source for e in fresh],
-                [e.recipient for e in fresh],
-                [e.user_id for e in fresh],
-                [e.status for e in fresh],
-                [e.requirements for e in fresh],
-                [e.body for e in fresh],
-                [e.has_token for e in fresh],
-                now,
+                _INSERT_EVENTS, *_columns([core.event_row(e) for e in fresh], 8), now
             )
             seqs: dict[str, int] = {row["event_id"]: row["seq"] for row in rows}
             new = [(seqs[e.event_id], e) for e in fresh if e.event_id in seqs]
@@ -695,7 +666,7 @@ class PostgresStore:
             due = due or any(c.state == core.DeliveryState.PENDING for c in changes)
         if due:
             await self._notify(conn)
-        return AppendResult(stored, duplicates, stale, dict(superseded))
+        return records.AppendResult(stored, duplicates, stale, dict(superseded))
 
     @staticmethod
     async def _settle(conn: Conn, users: Sequence[str], now: float) -> list[core.Change]:
@@ -727,26 +698,13 @@ class PostgresStore:
 
     # -- dispatch ---------------------------------------------------------------------------
 
-    async def claim(self, endpoint: str, now: float, limit: int) -> list[Claim]:
+    async def claim(self, endpoint: str, now: float, limit: int) -> list[records.Claim]:
         if limit <= 0:
             return []
 
-        async def claim(conn: Conn) -> list[Claim]:
+        async def claim(conn: Conn) -> list[records.Claim]:
             rows = await conn.fetch(_CLAIM, endpoint, now, limit, self.replica, self.lease)
-            return [
-                Claim(
-                    delivery_id=row["id"],
-                    endpoint=endpoint,
-                    event_id=row["event_id"],
-                    user_id=row["user_id"],
-                    attempts=row["attempts"],
-                    source=row["source"],
-                    body=bytes(row["body"]),
-                    has_token=row["has_token"],
-                    created_at=row["created_at"],
-                )
-                for row in rows
-            ]
+            return [core.claim(row, endpoint) for row in rows]
 
         return await self._run(claim, durable=False)
 
@@ -768,10 +726,10 @@ class PostgresStore:
 
         return await self._run(query, tx=False)
 
-    async def record(self, outcomes: Sequence[Outcome], now: float) -> dict[str, int]:
+    async def record(self, outcomes: Sequence[records.Outcome], now: float) -> dict[str, int]:
         # Sequential semantics for a repeated id: the first verdict applies, the rest find the
         # delivery no longer in flight.
-        first: dict[int, Outcome] = {}
+        first: dict[int, records.Outcome] = {}
         for out in outcomes:
             first.setdefault(out.delivery_id, out)
         tried = [o for o in first.values() if o.state != "released" and o.attempt is not None]
@@ -785,20 +743,8 @@ class PostgresStore:
                 await conn.fetch(_LOCK_USERS_OF, finishing)
             changes: list[core.Change] = []
             if tried:
-                attempts = [o.attempt for o in tried if o.attempt is not None]
-                applied = await conn.fetch(
-                    _APPLY,
-                    self.replica,
-                    [o.delivery_id for o in tried],
-                    [o.state for o in tried],
-                    [o.next_at for o in tried],
-                    [a.at for a in attempts],
-                    [a.status for a in attempts],
-                    [a.latency for a in attempts],
-                    [a.error for a in attempts],
-                    [a.excerpt for a in attempts],
-                    now,
-                )
+                verdicts = [core.verdict_row(o) for o in tried]
+                applied = await conn.fetch(_APPLY, self.replica, *_columns(verdicts, 8), now)
                 health = core.fold_health(
                     [
                         core.Verdict(r["endpoint"], r["state"], r["at"], r["status"], r["error"])
@@ -826,24 +772,13 @@ class PostgresStore:
 
     # -- inspection and replay --------------------------------------------------------------
 
-    async def list_deliveries(
-        self,
-        *,
-        state: PublicState | None = None,
-        endpoint: str | None = None,
-        user_id: str | None = None,
-        limit: int = 50,
-        before: int | None = None,
-    ) -> list[DeliveryInfo]:
-        found = sql.Filters.of(state, endpoint, user_id)
-        if before is not None:
-            found.add("d.id < {}", before)
-        query = sql.list_deliveries(found, limit)
-        rows = await self._run(lambda c: c.fetch(query, *found.args), tx=False)
+    async def list_deliveries(self, **page: Unpack[records.Page]) -> list[records.DeliveryInfo]:
+        query, args = sql.list_deliveries(page)
+        rows = await self._run(lambda c: c.fetch(query, *args), tx=False)
         return [core.delivery_info(row) for row in rows]
 
-    async def get_delivery(self, delivery_id: int) -> DeliveryDetail | None:
-        async def query(conn: Conn) -> DeliveryDetail | None:
+    async def get_delivery(self, delivery_id: int) -> records.DeliveryDetail | None:
+        async def query(conn: Conn) -> records.DeliveryDetail | None:
             row = await conn.fetchrow(sql.DELIVERY, delivery_id)
             if row is None:
                 return None
@@ -851,21 +786,10 @@ class PostgresStore:
 
         return await self._run(query, tx=False)
 
-    async def replay(
-        self,
-        *,
-        ids: Sequence[int] | None = None,
-        state: PublicState | None = None,
-        endpoint: str | None = None,
-        user_id: str | None = None,
-        now: float,
-    ) -> int:
-        found = sql.Filters.of(state, endpoint, user_id)
-        found.add(f"d.state IN {core.FINISHED_SQL}")
-        if ids is not None:
-            if not ids:
-                return 0
-            found.ids(ids)
+    async def replay(self, *, now: float, **selection: Unpack[records.ReplaySelection]) -> int:
+        found = sql.replay_selection(selection)
+        if found is None:
+            return 0
 
         async def replay(conn: Conn) -> int:
             candidates = await conn.fetch(
@@ -903,8 +827,8 @@ class PostgresStore:
 
         return await self._run(replay)
 
-    async def endpoint_stats(self) -> list[EndpointStats]:
-        async def query(conn: Conn) -> list[EndpointStats]:
+    async def endpoint_stats(self) -> list[records.EndpointStats]:
+        async def query(conn: Conn) -> list[records.EndpointStats]:
             # Every query here is served by a small index: a status page refreshing every few
             # seconds must not scan the delivery history.
             return core.endpoint_stats(
@@ -927,15 +851,15 @@ class PostgresStore:
 
     # -- reconciliation ---------------------------------------------------------------------
 
-    async def user_states(self) -> dict[str, UserState]:
-        async def query(conn: Conn) -> dict[str, UserState]:
+    async def user_states(self) -> dict[str, records.UserState]:
+        async def query(conn: Conn) -> dict[str, records.UserState]:
             return {
                 row["user_id"]: core.user_state(row) for row in await conn.fetch(sql.USER_STATES)
             }
 
         return await self._run(query, tx=False)
 
-    async def record_baseline(self, states: Sequence[UserState], now: float) -> int:
+    async def record_baseline(self, states: Sequence[records.UserState], now: float) -> int:
         async def insert(conn: Conn) -> int:
             await conn.execute(sql.MARK_BASELINE, repr(now))
             if not states:

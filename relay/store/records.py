@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, TypedDict
 
 from relay.events import NewEvent
 
@@ -15,12 +16,36 @@ __all__ = [
     "DeliveryInfo",
     "EndpointStats",
     "Outcome",
+    "Page",
     "PublicState",
+    "ReplaySelection",
+    "Selection",
     "Target",
     "UserState",
 ]
 
 PublicState = Literal["pending", "delivered", "dead", "superseded"]
+
+
+class Selection(TypedDict, total=False):
+    """Which deliveries an operator means (the CLI's and the API's filters); all optional."""
+
+    state: PublicState | None
+    endpoint: str | None
+    user_id: str | None
+
+
+class Page(Selection, total=False):
+    """One page of a listing: newest first; ``before`` is the last key of the previous one."""
+
+    limit: int
+    before: int | None
+
+
+class ReplaySelection(Selection, total=False):
+    """What to replay: these ids (if given) among what the filters select."""
+
+    ids: Sequence[int] | None
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,14 +9,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from relay.store.core import ACTIVE_SQL, DeliveryState, sql_states
-from relay.store.records import PublicState
+from relay.store.core import ACTIVE_SQL, FINISHED_SQL, DeliveryState, sql_states
+from relay.store.records import Page, ReplaySelection, Selection
 
 __all__ = [
     "ATTEMPTS_OF",
     "DEAD_STATS",
     "DELIVERY",
     "DELIVERY_COLUMNS",
+    "DELIVERY_INSERT_COLUMNS",
     "HEALTH_STATS",
     "Filters",
     "LANE_COLUMNS",
@@ -28,9 +29,12 @@ __all__ = [
     "USER_STATES",
     "USER_STATE_COLUMNS",
     "for_sqlite",
+    "insert_deliveries",
+    "upsert_user_states",
     "lane_rows",
     "list_deliveries",
     "replay_candidates",
+    "replay_selection",
 ]
 
 #: A delivery as users see it (:func:`relay.store.core.delivery_info`), joined with its event.
@@ -58,6 +62,29 @@ def lane_rows(users: str) -> str:
 #: A user's state columns, as :func:`relay.store.core.state_row` reads them.
 USER_STATE_COLUMNS = "user_id, status, requirements, event_id, source, high_ts"
 
+_STATE_WRITE = (*USER_STATE_COLUMNS.split(", "), "updated_at")
+
+#: New deliveries: their place in the lane, and the timestamp that makes them stale.
+DELIVERY_INSERT_COLUMNS = (
+    "event_seq, endpoint, user_id, ord, state, next_at, created_at, updated_at, ts, feed_ts"
+)
+
+
+def upsert_user_states(rows: str) -> str:
+    """Write users' states (:class:`relay.store.core.StateRow` and ``updated_at``) from
+    ``rows`` (a backend's ``VALUES`` or ``SELECT``)."""
+    updates = ", ".join(f"{c} = excluded.{c}" for c in _STATE_WRITE[1:])
+    return (
+        f"INSERT INTO user_state ({', '.join(_STATE_WRITE)}) {rows} "
+        f"ON CONFLICT (user_id) DO UPDATE SET {updates}"
+    )
+
+
+def insert_deliveries(rows: str) -> str:
+    """Insert deliveries (:data:`DELIVERY_INSERT_COLUMNS`) from ``rows``."""
+    return f"INSERT INTO deliveries ({DELIVERY_INSERT_COLUMNS}) {rows}"
+
+
 #: One delivery with its event's body (:func:`relay.store.core.delivery_detail`).
 DELIVERY = (
     f"SELECT {DELIVERY_COLUMNS}, e.body FROM deliveries d JOIN events e ON e.seq = d.event_seq "
@@ -76,14 +103,28 @@ REPLAY = """
 """
 
 
-def list_deliveries(found: Filters, limit: int) -> str:
-    """Newest first, filtered; appends ``limit`` to ``found``'s arguments."""
+def list_deliveries(page: Page, *, mark: str = "$") -> tuple[str, list[Any]]:
+    """One page of deliveries, newest first: the query and its arguments."""
+    found = Filters.of(page, mark=mark)
+    if page.get("before") is not None:
+        found.add("d.id < {}", page.get("before"))
     query = (
         f"SELECT {DELIVERY_COLUMNS} FROM deliveries d JOIN events e ON e.seq = d.event_seq "
         f"{found.where()} ORDER BY d.id DESC LIMIT {found.next_mark()}"
     )
-    found.args.append(limit)
-    return query
+    return query, [*found.args, page.get("limit", 50)]
+
+
+def replay_selection(selection: ReplaySelection, *, mark: str = "$") -> Filters | None:
+    """The finished deliveries a replay selects (None: an empty list of ids, nothing)."""
+    found = Filters.of(selection, mark=mark)
+    found.add(f"d.state IN {FINISHED_SQL}")
+    ids = selection.get("ids")
+    if ids is not None:
+        if not ids:
+            return None
+        found.ids(ids)
+    return found
 
 
 def replay_candidates(found: Filters) -> str:
@@ -163,23 +204,17 @@ class Filters:
         self.terms.append(term.format(*marks))
 
     @classmethod
-    def of(
-        cls,
-        state: PublicState | None,
-        endpoint: str | None,
-        user_id: str | None,
-        *,
-        mark: str = "$",
-    ) -> Filters:
+    def of(cls, selection: Selection, *, mark: str = "$") -> Filters:
         found = cls(mark)
+        state = selection.get("state")
         if state == "pending":
             found.add(f"d.state IN {ACTIVE_SQL}")
         elif state is not None:
             found.add("d.state = {}", state)
-        if endpoint is not None:
-            found.add("d.endpoint = {}", endpoint)
-        if user_id is not None:
-            found.add("d.user_id = {}", user_id)
+        if selection.get("endpoint") is not None:
+            found.add("d.endpoint = {}", selection.get("endpoint"))
+        if selection.get("user_id") is not None:
+            found.add("d.user_id = {}", selection.get("user_id"))
         return found
 
     def ids(self, ids: Sequence[int]) -> None:

@@ -19,22 +19,11 @@ from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import astuple
 from pathlib import Path
-from typing import TypeVar
+from typing import TypeVar, Unpack
 
 from relay.errors import StoreError, StoreLockedError, StoreSchemaError, StoreUnavailableError
 from relay.events import BadFrame, NewEvent
-from relay.store import core, sql
-from relay.store.records import (
-    AppendResult,
-    Claim,
-    DeliveryDetail,
-    DeliveryInfo,
-    EndpointStats,
-    Outcome,
-    PublicState,
-    Target,
-    UserState,
-)
+from relay.store import core, records, sql
 
 __all__ = ["MIGRATIONS", "SQLiteStore"]
 
@@ -153,20 +142,9 @@ _INSERT_EVENT = """
     RETURNING seq
 """
 
-_UPSERT_USER_STATE = """
-    INSERT INTO user_state (user_id, status, requirements, event_id, source, high_ts,
-        updated_at)
-    VALUES (?, ?, ?, ?, ?, ?, ?)
-    ON CONFLICT (user_id) DO UPDATE SET status = excluded.status,
-        requirements = excluded.requirements, event_id = excluded.event_id,
-        source = excluded.source, high_ts = excluded.high_ts, updated_at = excluded.updated_at
-"""
+_UPSERT_USER_STATE = sql.upsert_user_states("VALUES (?, ?, ?, ?, ?, ?, ?)")
 
-_INSERT_DELIVERY = """
-    INSERT INTO deliveries (event_seq, endpoint, user_id, ord, state, next_at, created_at,
-        updated_at, ts, feed_ts)
-    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, ?8, ?9)
-"""
+_INSERT_DELIVERY = sql.insert_deliveries("VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, ?8, ?9)")
 
 #: Repeated verbatim so SQLite can use the partial index ``deliveries_finished``.
 _FINISHED = "state IN ('delivered', 'superseded', 'dead')"
@@ -174,20 +152,6 @@ _FINISHED = "state IN ('delivered', 'superseded', 'dead')"
 
 def _marks(values: Sequence[object]) -> str:
     return ",".join("?" * len(values))
-
-
-def _event_row(event: NewEvent, now: float) -> tuple[object, ...]:
-    return (
-        event.event_id,
-        event.source,
-        event.recipient,
-        event.user_id,
-        event.status,
-        event.requirements,
-        event.body,
-        int(event.has_token),
-        now,
-    )
 
 
 class _Checkpointer:
@@ -419,8 +383,8 @@ class SQLiteStore:
     # -- ingest -----------------------------------------------------------------------------
 
     async def append(
-        self, events: Sequence[NewEvent], targets: Sequence[Target], now: float
-    ) -> AppendResult:
+        self, events: Sequence[NewEvent], targets: Sequence[records.Target], now: float
+    ) -> records.AppendResult:
         return await self._run(lambda c: self._append(c, events, targets, now))
 
     def mark_subscribed(self, now: float) -> None:
@@ -430,9 +394,9 @@ class SQLiteStore:
         self,
         conn: sqlite3.Connection,
         events: Sequence[NewEvent],
-        targets: Sequence[Target],
+        targets: Sequence[records.Target],
         now: float,
-    ) -> AppendResult:
+    ) -> records.AppendResult:
         stored: list[NewEvent] = []
         superseded: Counter[str] = Counter()
         stale = duplicates = 0
@@ -452,7 +416,7 @@ class SQLiteStore:
                     if core.is_stale(event, states.get(event.user_id or "")):
                         stale += 1
                         continue
-                    row = conn.execute(_INSERT_EVENT, _event_row(event, now)).fetchone()
+                    row = conn.execute(_INSERT_EVENT, (*core.event_row(event), now)).fetchone()
                     if row is None:
                         duplicates += 1
                         continue
@@ -482,7 +446,7 @@ class SQLiteStore:
                     ],
                 )
                 superseded.update(self._settle(conn, users, now))
-        return AppendResult(stored, duplicates, stale, dict(superseded))
+        return records.AppendResult(stored, duplicates, stale, dict(superseded))
 
     @staticmethod
     def _settle(conn: sqlite3.Connection, users: Sequence[str], now: float) -> Counter[str]:
@@ -509,8 +473,8 @@ class SQLiteStore:
 
     # -- dispatch ---------------------------------------------------------------------------
 
-    async def claim(self, endpoint: str, now: float, limit: int) -> list[Claim]:
-        def claim(conn: sqlite3.Connection) -> list[Claim]:
+    async def claim(self, endpoint: str, now: float, limit: int) -> list[records.Claim]:
+        def claim(conn: sqlite3.Connection) -> list[records.Claim]:
             with self._tx(conn, durable=False):
                 rows = conn.execute(
                     "UPDATE deliveries SET state = 'inflight', updated_at = ?1 WHERE id IN ("
@@ -550,11 +514,11 @@ class SQLiteStore:
 
         return await self._run(query)
 
-    async def record(self, outcomes: Sequence[Outcome], now: float) -> dict[str, int]:
+    async def record(self, outcomes: Sequence[records.Outcome], now: float) -> dict[str, int]:
         return await self._run(lambda c: self._record(c, outcomes, now))
 
     def _record(
-        self, conn: sqlite3.Connection, outcomes: Sequence[Outcome], now: float
+        self, conn: sqlite3.Connection, outcomes: Sequence[records.Outcome], now: float
     ) -> dict[str, int]:
         # Set-wise with executemany: this runs for every delivery, so per-row Python work
         # here competes with the event loop for the GIL.
@@ -617,24 +581,13 @@ class SQLiteStore:
 
     # -- inspection and replay --------------------------------------------------------------
 
-    async def list_deliveries(
-        self,
-        *,
-        state: PublicState | None = None,
-        endpoint: str | None = None,
-        user_id: str | None = None,
-        limit: int = 50,
-        before: int | None = None,
-    ) -> list[DeliveryInfo]:
-        found = sql.Filters.of(state, endpoint, user_id, mark="?")
-        if before is not None:
-            found.add("d.id < {}", before)
-        query = sql.list_deliveries(found, limit)
-        rows = await self._run(lambda c: c.execute(query, found.args).fetchall())
+    async def list_deliveries(self, **page: Unpack[records.Page]) -> list[records.DeliveryInfo]:
+        query, args = sql.list_deliveries(page, mark="?")
+        rows = await self._run(lambda c: c.execute(query, args).fetchall())
         return [core.delivery_info(row) for row in rows]
 
-    async def get_delivery(self, delivery_id: int) -> DeliveryDetail | None:
-        def query(conn: sqlite3.Connection) -> DeliveryDetail | None:
+    async def get_delivery(self, delivery_id: int) -> records.DeliveryDetail | None:
+        def query(conn: sqlite3.Connection) -> records.DeliveryDetail | None:
             row = conn.execute(sql.for_sqlite(sql.DELIVERY), (delivery_id,)).fetchone()
             if row is None:
                 return None
@@ -643,21 +596,10 @@ class SQLiteStore:
 
         return await self._run(query)
 
-    async def replay(
-        self,
-        *,
-        ids: Sequence[int] | None = None,
-        state: PublicState | None = None,
-        endpoint: str | None = None,
-        user_id: str | None = None,
-        now: float,
-    ) -> int:
-        found = sql.Filters.of(state, endpoint, user_id, mark="?")
-        found.add(f"d.state IN {core.FINISHED_SQL}")
-        if ids is not None:
-            if not ids:
-                return 0
-            found.ids(ids)
+    async def replay(self, *, now: float, **selection: Unpack[records.ReplaySelection]) -> int:
+        found = sql.replay_selection(selection, mark="?")
+        if found is None:
+            return 0
 
         def replay(conn: sqlite3.Connection) -> int:
             with self._tx(conn):
@@ -683,8 +625,8 @@ class SQLiteStore:
 
         return await self._run(replay)
 
-    async def endpoint_stats(self) -> list[EndpointStats]:
-        def query(conn: sqlite3.Connection) -> list[EndpointStats]:
+    async def endpoint_stats(self) -> list[records.EndpointStats]:
+        def query(conn: sqlite3.Connection) -> list[records.EndpointStats]:
             # Every query here is served by a small index: a status page refreshing every few
             # seconds must not scan the delivery history.
             return core.endpoint_stats(
@@ -704,13 +646,13 @@ class SQLiteStore:
 
     # -- reconciliation ---------------------------------------------------------------------
 
-    async def user_states(self) -> dict[str, UserState]:
-        def query(conn: sqlite3.Connection) -> dict[str, UserState]:
+    async def user_states(self) -> dict[str, records.UserState]:
+        def query(conn: sqlite3.Connection) -> dict[str, records.UserState]:
             return {row["user_id"]: core.user_state(row) for row in conn.execute(sql.USER_STATES)}
 
         return await self._run(query)
 
-    async def record_baseline(self, states: Sequence[UserState], now: float) -> int:
+    async def record_baseline(self, states: Sequence[records.UserState], now: float) -> int:
         def insert(conn: sqlite3.Connection) -> int:
             with self._tx(conn):
                 conn.execute(sql.for_sqlite(sql.MARK_BASELINE), (str(now),))
