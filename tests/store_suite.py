@@ -952,6 +952,247 @@ class StoreContract:
 
         assert (await claim_one(store, "crm", now + 4)).event_id == newer.event_id
 
+    # -- order by sFOX timestamp (sections 5 and 7) -------------------------------------------
+
+    async def test_lane_orders_feed_events_by_sfox_timestamp_not_by_store_order(
+        self, store: Store, now: float
+    ) -> None:
+        older, newer = user_event(USER_A, 1), user_event(USER_A, 2, status="VERIFIED")
+        await store.append([newer], [CRM], now)
+        await store.append([older], [CRM], now + 0.1)  # another replica, a reconnect
+
+        first = await claim_one(store, "crm", now + 1)
+        assert first.event_id == older.event_id
+        await store.record([delivered(first, now + 1)], now + 1)
+        assert (await claim_one(store, "crm", now + 1)).event_id == newer.event_id
+
+    async def test_equal_timestamps_go_in_store_order(self, store: Store, now: float) -> None:
+        pending, verified = user_event(USER_A, 1), user_event(USER_A, 1, status="VERIFIED")
+        await store.append([verified], [CRM], now)
+        await store.append([pending], [CRM], now)
+
+        first = await claim_one(store, "crm", now)
+        assert first.event_id == verified.event_id
+        await store.record([delivered(first, now)], now)
+        assert (await claim_one(store, "crm", now)).event_id == pending.event_id
+
+    async def test_feed_event_older_than_a_delivered_one_is_superseded_listed_replayable(
+        self, store: Store, now: float
+    ) -> None:
+        older, newer = user_event(USER_A, 1), user_event(USER_A, 2, status="VERIFIED")
+        await store.append([newer], [CRM, VAULT], now)
+        await store.record([delivered(await claim_one(store, "crm", now), now)], now)
+
+        result = await store.append([older], [CRM, VAULT], now + 1)
+
+        assert result.stored == [older]
+        assert result.superseded == {"crm": 1}
+        crm = await delivery_of(store, "crm", older)
+        assert (crm.state, crm.attempts) == ("superseded", 0)
+        assert event_ids(await everything(store, state="superseded")) == {older.event_id}
+        # vault has not sent the newer one yet: the older goes first there
+        assert (await claim_one(store, "vault", now + 1)).event_id == older.event_id
+        # a replay is never superseded
+        assert await store.replay(ids=[key(crm)], now=now + 2) == 1
+        again = await claim_one(store, "crm", now + 2)
+        assert again.event_id == older.event_id
+        assert await store.record([delivered(again, now + 2)], now + 2) == {}
+
+    async def test_older_event_waits_for_a_newer_one_in_flight_then_is_superseded(
+        self, store: Store, now: float
+    ) -> None:
+        older, newer = user_event(USER_A, 1), user_event(USER_A, 2, status="VERIFIED")
+        await store.append([newer], [CRM], now)
+        in_flight = await claim_one(store, "crm", now)
+
+        result = await store.append([older], [CRM], now + 1)
+
+        assert result.superseded == {}
+        assert (await delivery_of(store, "crm", older)).state == "pending"
+        assert await store.claim("crm", now + 1, 10) == []
+        superseded = await store.record([delivered(in_flight, now + 2)], now + 2)
+        assert superseded == {"crm": 1}
+        assert (await delivery_of(store, "crm", older)).state == "superseded"
+        assert await store.claim("crm", now + 3, 10) == []
+
+    async def test_older_event_is_sent_when_the_newer_one_goes_dead(
+        self, store: Store, now: float
+    ) -> None:
+        older, newer = user_event(USER_A, 1), user_event(USER_A, 2, status="VERIFIED")
+        await store.append([newer], [CRM], now)
+        in_flight = await claim_one(store, "crm", now)
+        await store.append([older], [CRM], now + 1)
+
+        assert await store.record([dead(in_flight, now + 2)], now + 2) == {}
+
+        assert (await claim_one(store, "crm", now + 2)).event_id == older.event_id
+
+    async def test_older_event_waits_while_the_newer_one_is_retrying(
+        self, store: Store, now: float
+    ) -> None:
+        older, newer = user_event(USER_A, 1), user_event(USER_A, 2, status="VERIFIED")
+        await store.append([newer], [CRM], now)
+        await store.record([retry(await claim_one(store, "crm", now), now, now + 60)], now)
+
+        await store.append([older], [CRM], now + 1)
+
+        assert await store.claim("crm", now + 30, 10) == []
+        assert (await claim_one(store, "crm", now + 60)).event_id == newer.event_id
+
+    async def test_reconciled_event_goes_after_its_users_events_and_makes_none_stale(
+        self, store: Store, now: float
+    ) -> None:
+        feed = user_event(USER_A, 5)
+        await store.append([feed], [CRM], now)
+        # relay time far after any sFOX timestamp still to come
+        change = reconcile_event(
+            rest_user(USER_A, "VERIFIED", VERIFIED_REQ), after=feed.event_id, now_ns=T0_NS + 10**12
+        )
+        await store.append([change], [CRM], now + 1)
+        for expected in (feed, change):
+            claim = await claim_one(store, "crm", now + 2)
+            assert claim.event_id == expected.event_id
+            await store.record([delivered(claim, now + 2)], now + 2)
+
+        late = user_event(USER_A, 7, status="UNSUPPORTED")
+        result = await store.append([late], [CRM], now + 3)
+
+        assert result.superseded == {}
+        assert (await claim_one(store, "crm", now + 3)).event_id == late.event_id
+
+    async def test_user_state_stays_the_newest_when_an_older_event_arrives_late(
+        self, store: Store, now: float
+    ) -> None:
+        older, newer = user_event(USER_A, 1), user_event(USER_A, 2, status="VERIFIED")
+        await store.append([newer], [CRM], now)
+        await store.append([older], [CRM], now + 1)
+
+        state = (await store.user_states())[USER_A]
+        assert (state.status, state.event_id) == ("VERIFIED", newer.event_id)
+
+    async def test_every_rule_gives_the_same_result_on_every_store(
+        self, store: Store, now: float
+    ) -> None:
+        """One run through every core rule; both backends must end in this exact state."""
+        targets = [CRM, VAULT]
+        a1, a2 = user_event(USER_A, 1), user_event(USER_A, 2, status="VERIFIED")
+        b1, b2 = user_event(USER_B, 3), user_event(USER_B, 4, status="VERIFIED")
+        c1 = user_event(USER_C, 5)
+        results = [
+            await store.append([a2, b2, balance_event(6)], targets, now),  # newer ones first
+            await store.append([a1, c1, a1], targets, now + 1),  # a1 goes first; a duplicate
+        ]
+        claims = {(c.endpoint, c.event_id): c for c in await store.claim("crm", now + 1, 10)}
+        superseded = [
+            await store.record(
+                [
+                    delivered(claims["crm", b2.event_id], now + 2),
+                    retry(claims["crm", c1.event_id], now + 3, next_at=now + 60),
+                    dead(claims["crm", a1.event_id], now + 3, status=410),
+                ],
+                now + 3,
+            )
+        ]
+        results.append(await store.append([b1], targets, now + 4))  # older than delivered b2
+        reconciled = reconcile_event(
+            rest_user(USER_C, "VERIFIED", VERIFIED_REQ), after=c1.event_id, now_ns=T0_NS
+        )
+        stale = reconcile_event(
+            rest_user(USER_A, "UNSUPPORTED", VERIFIED_REQ), after=a1.event_id, now_ns=T0_NS
+        )
+        results.append(await store.append([reconciled, stale], targets, now + 5))
+        results.append(
+            await store.append([user_event(USER_C, 9, status="VERIFIED")], targets, now + 6)
+        )
+
+        label = {e.event_id: n for n, e in enumerate((a1, a2, b1, b2, c1, reconciled), 1)}
+        final = sorted(
+            (d.endpoint, label.get(d.event_id, 0), d.state, d.attempts, d.user_id == USER_C)
+            for d in await everything(store)
+            if d.user_id is not None
+        )
+        crm = stats_of(await store.endpoint_stats(), "crm")
+        assert [(len(r.stored), r.duplicates, r.stale, r.superseded) for r in results] == [
+            (3, 0, 0, {}),
+            (2, 1, 0, {}),
+            (1, 0, 0, {"crm": 1}),
+            (1, 0, 1, {}),
+            (1, 0, 0, {"crm": 1}),
+        ]
+        assert superseded == [{}]
+        assert final == [
+            ("crm", 0, "superseded", 0, True),  # the feed's VERIFIED after reconciliation's
+            ("crm", 1, "dead", 1, False),
+            ("crm", 2, "pending", 0, False),  # a1 dead: a2 goes on
+            ("crm", 3, "superseded", 0, False),  # older than the delivered b2
+            ("crm", 4, "delivered", 1, False),
+            ("crm", 5, "pending", 1, True),  # retrying
+            ("crm", 6, "pending", 0, True),  # waits for c1
+            ("vault", 0, "pending", 0, True),
+            ("vault", 1, "pending", 0, False),
+            ("vault", 2, "pending", 0, False),
+            ("vault", 3, "pending", 0, False),
+            ("vault", 4, "pending", 0, False),
+            ("vault", 5, "pending", 0, True),
+            ("vault", 6, "pending", 0, True),
+        ]
+        assert (crm.pending, crm.dead, crm.delivered) == (4, 1, 1)  # the balance event too
+        assert (crm.last_success_at, crm.last_failure_at, crm.last_error) == (
+            now + 2,
+            now + 3,
+            "HTTP 410",  # the dead one: same time as the retry, later in the call
+        )
+        claimable = {c.event_id for c in await store.claim("vault", now + 6, 10) if c.user_id}
+        assert claimable == {a1.event_id, b1.event_id, c1.event_id}  # the oldest of each lane
+
+    # -- several outcomes in one call -----------------------------------------------------------
+
+    async def _failures(self, store: Store, now: float) -> list[Claim]:
+        """Three users' deliveries in flight to crm, in delivery-id order."""
+        events = [user_event(u, n) for n, u in enumerate((USER_A, USER_B, USER_C), 1)]
+        await store.append(events, [CRM], now)
+        claims = sorted(await store.claim("crm", now, 10), key=lambda c: c.delivery_id)
+        assert len(claims) == 3
+        return claims
+
+    async def test_record_folds_several_outcomes_by_the_newest_attempt(
+        self, store: Store, now: float
+    ) -> None:
+        c1, c2, c3 = await self._failures(store, now)
+        reset = Attempt(now + 3, None, 0.01, "connection reset")
+
+        await store.record(
+            [
+                retry(c1, now + 5, next_at=now + 60, status=503),
+                Outcome(c2.delivery_id, "dead", now + 3, reset),  # older, listed later
+                delivered(c3, now + 4),
+            ],
+            now + 6,
+        )
+
+        crm = stats_of(await store.endpoint_stats(), "crm")
+        assert (crm.last_failure_at, crm.last_error) == (now + 5, "HTTP 503")
+        assert (crm.last_success_at, crm.delivered) == (now + 4, 1)
+
+    async def test_record_folds_equal_times_by_the_order_of_the_batch(
+        self, store: Store, now: float
+    ) -> None:
+        c1, c2, c3 = await self._failures(store, now)
+        reset = Attempt(now + 5, None, 0.01, "connection reset")
+
+        await store.record(
+            [
+                retry(c3, now + 5, next_at=now + 60, status=503),
+                Outcome(c1.delivery_id, "dead", now + 5, reset),  # same time, later in the call
+            ],
+            now + 6,
+        )
+        # an older failure recorded afterwards does not win either
+        await store.record([retry(c2, now + 4, next_at=now + 60, status=502)], now + 7)
+
+        crm = stats_of(await store.endpoint_stats(), "crm")
+        assert (crm.last_failure_at, crm.last_error) == (now + 5, "connection reset")
+
     # -- endpoint stats -----------------------------------------------------------------------
 
     async def test_endpoint_stats_count_and_name_the_last_error(

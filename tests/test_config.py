@@ -72,6 +72,7 @@ def test_defaults_match_the_contract() -> None:
     assert settings.delivery_timeout == 15
     assert settings.shutdown_grace == 20
     assert settings.lease == 60
+    assert settings.reorder_window == 1
     assert settings.replicas == 1
     assert settings.reconcile_interval == 15 * 60
     assert settings.log_level == "INFO"
@@ -118,7 +119,14 @@ def test_parse_duration_refuses(text: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "variable", ["RELAY_RETENTION", "RELAY_DELIVERY_TIMEOUT", "RELAY_SHUTDOWN_GRACE", "RELAY_LEASE"]
+    "variable",
+    [
+        "RELAY_RETENTION",
+        "RELAY_DELIVERY_TIMEOUT",
+        "RELAY_SHUTDOWN_GRACE",
+        "RELAY_LEASE",
+        "RELAY_REORDER_WINDOW",
+    ],
 )
 @pytest.mark.parametrize(
     ("value", "reason"),
@@ -847,6 +855,8 @@ def test_describe_shows_what_is_not_set() -> None:
     assert shown["admin_addr"] == "127.0.0.1:8080"
     assert describe(load_settings({"RELAY_ADMIN_ADDR": "[::]:80"}))["admin_addr"] == "[::]:80"
     assert describe(load_settings({"RELAY_LEASE": "250ms"}))["lease"] == "250ms"
+    window = describe(load_settings({"RELAY_REORDER_WINDOW": "2500ms"}))["reorder_window"]
+    assert window == "2500ms"
 
 
 def test_secret_values_lists_every_secret(tmp_path: Path) -> None:

@@ -18,9 +18,11 @@ import asyncpg
 import pytest
 import pytest_asyncio
 
+from relay.app import Ingest
 from relay.codec import loads
 from relay.errors import StoreError, StoreSchemaError, StoreUnavailableError
 from relay.events import reconcile_event
+from relay.metrics import Metrics
 from relay.store import open_store, sql
 from relay.store import postgres as pg
 from relay.store.base import Claim, Outcome, Store
@@ -253,6 +255,68 @@ async def test_replicas_never_leave_two_active_deliveries_in_a_lane(
         if info.state == "superseded":
             newer = sent[(info.endpoint, info.user_id)]
             assert max(ts[e] for e in newer) > ts[info.event_id]
+
+
+async def test_an_earlier_event_stored_later_by_another_replica_goes_first(
+    replicas: Replicas,
+) -> None:
+    """The measured race (section 7): B, subscribed between a user's two events, stores the
+    later one; A stores the earlier one only afterwards. Store order alone sent VERIFIED
+    before PENDING."""
+    a, b = await replicas.open(), await replicas.open()
+    pending, verified = user_event(USER_A, 1), user_event(USER_A, 2, status="VERIFIED")
+    await b.append([verified], [CRM], NOW)
+    await a.append([pending, verified], [CRM], NOW + 0.1)
+
+    first = await claim_one(b, "crm", NOW + 0.2)
+    assert first.event_id == pending.event_id
+    await b.record([delivered(first, NOW + 0.3)], NOW + 0.3)
+    assert (await claim_one(a, "crm", NOW + 0.3)).event_id == verified.event_id
+
+
+async def test_a_replica_holds_what_it_stores_within_its_reorder_window(
+    replicas: Replicas,
+) -> None:
+    """Without the window B's dispatcher claims the later event before A has stored the
+    earlier one, which then comes too late (superseded, never sent)."""
+    a, b = await replicas.open(), await replicas.open(reorder_window=1.0)
+    pending, verified = user_event(USER_A, 1), user_event(USER_A, 2, status="VERIFIED")
+    b.mark_subscribed(NOW)
+    await b.append([verified], [CRM], NOW + 0.2)  # due at NOW + 1.2
+
+    assert await b.claim("crm", NOW + 0.3, 10) == []
+    await a.append([pending], [CRM], NOW + 0.4)
+    first = await claim_one(b, "crm", NOW + 0.5)
+    assert first.event_id == pending.event_id
+    await b.record([delivered(first, NOW + 0.6)], NOW + 0.6)
+    assert await a.claim("crm", NOW + 0.7, 10) == []  # still held
+    assert (await claim_one(a, "crm", NOW + 1.2)).event_id == verified.event_id
+
+
+async def test_the_reorder_window_holds_only_feed_events_of_users_after_a_subscription(
+    replicas: Replicas,
+) -> None:
+    store = await replicas.open(reorder_window=1.0)
+    await store.append([user_event(USER_A, 1)], [CRM], NOW)  # never subscribed: no hold
+    store.mark_subscribed(NOW + 10)
+    await store.append([user_event(USER_B, 2), balance_event(3)], [CRM], NOW + 10.5)
+    await store.append([user_event(USER_C, 4)], [CRM], NOW + 11)  # the window is over
+
+    due = sorted(info.next_attempt_at or 0 for info in await everything(store))
+    assert due == [NOW, NOW + 10.5, NOW + 11, NOW + 11.5]
+
+
+async def test_ingest_tells_the_store_when_the_feed_subscribed(replicas: Replicas) -> None:
+    store = await replicas.open(reorder_window=1.5)
+    ingest = Ingest(
+        store, [CRM], Metrics(lambda: NOW), None, on_stored=lambda: None, clock=lambda: NOW
+    )
+
+    await ingest.on_subscribed()
+    await ingest.append([user_event(USER_A, 1)])
+
+    (info,) = await everything(store)
+    assert info.next_attempt_at == NOW + 1.5
 
 
 async def test_claims_from_replicas_never_hand_out_a_delivery_twice(replicas: Replicas) -> None:

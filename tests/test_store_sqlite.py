@@ -272,3 +272,11 @@ async def test_quarantined_frame_is_kept_redacted(store: SQLiteStore, tmp_path: 
     assert rows == [(NOW, frame.reason, frame.text)]
     assert "[redacted]" in rows[0][2]
     assert TOKEN not in rows[0][2]
+
+
+async def test_sqlite_ignores_subscriptions_one_feed_is_in_order(tmp_path: Path) -> None:
+    """RELAY_REORDER_WINDOW is for replicas sharing PostgreSQL; SQLite has one feed."""
+    async with open_store(tmp_path / "relay.db", daemon=True) as store:
+        store.mark_subscribed(NOW)
+        await store.append([user_event(USER_A, 1)], [CRM], NOW)
+        assert len(await store.claim("crm", NOW, 10)) == 1
