@@ -7,7 +7,8 @@ version in CI). It checks CONTRACT.md section 5 from the outside, after a scenar
   ended acknowledged by that endpoint (a 2xx seen at the receiver), or dead where the scenario
   made the endpoint refuse it for good; anything else is *lost*;
 - for each endpoint and user, the first acknowledged (and the first attempted) deliveries
-  follow the order in which the store received the events;
+  follow the lane's order: sFOX's timestamp, then the order the store received them; a
+  ``superseded`` delivery is fine only where a later one of its lane was delivered;
 - an endpoint acknowledged the same event twice only if that delivery was in flight when the
   relay was killed;
 - optionally, every well-formed message the feed sent was stored, and nothing else was;
@@ -19,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sqlite3
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,8 +49,9 @@ class StoredDelivery:
     event_id: str
     endpoint: str
     user_id: str | None
-    position: int
-    """Store order within the (endpoint, user) lane (the delivery's ``ord``)."""
+    position: tuple[int, int]
+    """Its place in the (endpoint, user) lane: sFOX timestamp (the delivery's ``ts``), then
+    store order (``ord``)."""
     state: str
     """Internal state: waiting, pending, inflight, delivered, dead, superseded."""
     attempts: int
@@ -78,6 +80,8 @@ class AuditReport:
     delivered: int = 0
     """(endpoint, event) pairs some endpoint acknowledged."""
     dead: int = 0
+    superseded: int = 0
+    """Not sent: a later event of the same lane had been delivered (CONTRACT section 5)."""
     lost: int = 0
     duplicates: int = 0
     unexpected_duplicates: int = 0
@@ -117,7 +121,7 @@ class AuditReport:
 
     def explain(self) -> str:
         """Everything in the report, for an assertion message or the bench's log."""
-        lines = [f"{self.scenario}: {self.row()} dead={self.dead}"]
+        lines = [f"{self.scenario}: {self.row()} dead={self.dead} superseded={self.superseded}"]
         if self.unexpected_duplicates:
             lines.append(f"  unexpected duplicates: {self.unexpected_duplicates}")
         lines += [f"  problem: {p}" for p in self.problems]
@@ -177,6 +181,11 @@ def audit(
 
     # 1. every stored event, every endpoint: acknowledged, or dead on purpose.
     by_key = {(d.endpoint, d.event_id): d for d in rows}
+    newest: dict[tuple[str, str], tuple[int, int]] = {}
+    for d in rows:
+        if d.state == "delivered" and d.user_id is not None:
+            lane = (d.endpoint, d.user_id)
+            newest[lane] = max(newest.get(lane, d.position), d.position)
     for event_id in sorted(events):
         for endpoint in sorted(endpoints):
             if (endpoint, event_id) not in by_key:
@@ -188,6 +197,12 @@ def audit(
             if not acked[key]:
                 report.lost += 1
                 report.problem(f"{d.event_id} marked delivered, {d.endpoint} never acknowledged")
+        elif d.state == "superseded":
+            report.superseded += 1
+            top = newest.get((d.endpoint, d.user_id or ""))
+            if top is None or top <= d.position:
+                report.lost += 1
+                report.problem(f"{d.event_id} superseded at {d.endpoint} by nothing delivered")
         elif d.state == "dead":
             report.dead += 1
             if dead_ok is None or not dead_ok(d):
@@ -212,14 +227,10 @@ def audit(
     for endpoint, event_id in sorted(strangers):
         report.problem(f"{endpoint} received {event_id}, which the store does not hold")
 
-    # 3. per-user order: first acknowledgements and first attempts follow store order.
-    lanes: dict[tuple[str, str], dict[str, int]] = defaultdict(dict)
-    for d in rows:
-        if d.user_id is not None:
-            lanes[(d.endpoint, d.user_id)][d.event_id] = d.position
+    # 3. per-user order: first acknowledgements and first attempts follow the lanes.
     for which, keep in (("acknowledged", True), ("attempted", False)):
         seen: set[tuple[str, str]] = set()
-        highest: dict[tuple[str, str], tuple[int, str]] = {}
+        highest: dict[tuple[str, str], tuple[tuple[int, int], str]] = {}
         for arrival in got:
             if keep and not arrival.ok:
                 continue
@@ -236,7 +247,7 @@ def audit(
                 report.order_violations += 1
                 report.problem(
                     f"{d.endpoint}, user {d.user_id}: {d.event_id} first {which} after "
-                    f"{top[1]}, which the store received later"
+                    f"{top[1]}, which comes later in its lane"
                 )
             else:
                 highest[lane] = (d.position, d.event_id)
@@ -303,9 +314,9 @@ def find_leaks(
 # -- reading the store ------------------------------------------------------------------------
 
 _DELIVERIES_SQL = """
-    SELECT e.event_id, d.endpoint, d.user_id, d.ord, d.state, d.attempts, d.last_status,
+    SELECT e.event_id, d.endpoint, d.user_id, d.ts, d.ord, d.state, d.attempts, d.last_status,
         d.last_error
-    FROM deliveries d JOIN events e ON e.seq = d.event_seq ORDER BY d.ord, d.id
+    FROM deliveries d JOIN events e ON e.seq = d.event_seq ORDER BY d.ts, d.ord, d.id
 """
 
 
@@ -314,11 +325,11 @@ def _row(row: Sequence[Any]) -> StoredDelivery:
         event_id=row[0],
         endpoint=row[1],
         user_id=row[2],
-        position=int(row[3]),
-        state=row[4],
-        attempts=int(row[5]),
-        last_status=row[6],
-        last_error=row[7],
+        position=(int(row[3]), int(row[4])),
+        state=row[5],
+        attempts=int(row[6]),
+        last_status=row[7],
+        last_error=row[8],
     )
 
 

@@ -115,6 +115,8 @@ class Sizes:
     store_outage: float
     fuzz_frames: int
     config_examples: int
+    broadcast_runs: int
+    broadcast_seconds: float
 
 
 CI = Sizes(
@@ -130,6 +132,8 @@ CI = Sizes(
     store_outage=1.5,
     fuzz_frames=300,
     config_examples=300,
+    broadcast_runs=3,
+    broadcast_seconds=3.0,
 )
 FULL = Sizes(
     kills=20,
@@ -144,6 +148,8 @@ FULL = Sizes(
     store_outage=8.0,
     fuzz_frames=10_000,
     config_examples=5_000,
+    broadcast_runs=50,
+    broadcast_seconds=3.0,
 )
 
 
@@ -1518,6 +1524,101 @@ async def postgres_cut(workdir: Path, *, outage: float, rate: float = 200.0) -> 
     return Outcome(report, facts)
 
 
+async def replicas_broadcast(
+    workdir: Path,
+    *,
+    runs: int,
+    seconds: float,
+    rate: float = 150.0,
+    users: int = 20,
+    window: str = "1s",
+) -> Outcome:
+    """Three ``relay run`` replicas on one PostgreSQL store, one simulator broadcasting each
+    message to every subscribed replica (CONTRACT section 7). While the feed runs, the second
+    and the third replica each lose their connection once and subscribe again: what they
+    receive next includes users' later events, whose earlier ones only the first replica
+    has (it stores them a moment later). Repeated ``runs`` times on a fresh schema; each run
+    is audited, a lane's order being sFOX's timestamp at the receiver. ``window`` is
+    ``RELAY_REORDER_WINDOW``: with a tiny one, the late replicas' events go out before the
+    earlier ones are stored, which then arrive too late and are superseded (counted).
+    """
+    reason = await postgres_available()
+    if reason is not None:
+        raise ScenarioSkipped(reason)
+    total = AuditReport(
+        f"replicas: 3 on PostgreSQL, a broadcast feed, resubscriptions ({runs} runs, "
+        f"window {window})",
+        0,
+        0,
+    )
+    facts: dict[str, Any] = {"runs": runs, "runs_with_violations": 0}
+    for run in range(runs):
+        report = await _broadcast_once(
+            workdir, run, count=int(rate * seconds), rate=rate, users=users, window=window
+        )
+        for name in ("sent", "stored", "delivered", "dead", "superseded", "lost", "duplicates"):
+            setattr(total, name, getattr(total, name) + getattr(report, name))
+        total.unexpected_duplicates += report.unexpected_duplicates
+        total.order_violations += report.order_violations
+        facts["runs_with_violations"] += bool(report.order_violations)
+        for problem in report.problems:
+            total.problem(f"run {run + 1}: {problem}")
+    total.notes.append(
+        f"{runs} runs: {total.order_violations} order violations in "
+        f"{facts['runs_with_violations']} runs; {total.superseded} deliveries superseded"
+    )
+    return Outcome(total, facts)
+
+
+async def _broadcast_once(
+    workdir: Path, run: int, *, count: int, rate: float, users: int, window: str
+) -> AuditReport:
+    rng = random.Random(run)
+    secret = new_whsec()
+    view = PostgresView(f"relay_chaos_{uuid.uuid4().hex[:10]}")
+    await view.create()
+    async with contextlib.AsyncExitStack() as stack:
+        stack.push_async_callback(view.close)
+        sim = await _sim(stack, rate=rate, users=users, count=count, seed=run)
+        sim.pause()  # until every replica listens
+        sink = await _endpoint(stack, "sink", [secret])
+        env = relay_env(
+            sim, [sink], secret, view.url, RELAY_REPLICAS="3", RELAY_REORDER_WINDOW=window
+        )
+        procs = [
+            await RelayProcess.start(env, workdir / f"broadcast-{run}-{n}.log") for n in range(3)
+        ]
+
+        async def probe() -> tuple[int, ...]:
+            return (len(sim.sent), *await view.counts())
+
+        try:
+            await sim.wait_subscribed(3, timeout=30)
+            sim.resume()
+            stream = count / rate
+            for index in rng.sample([1, 2], 2):  # never the first: it receives everything
+                await asyncio.sleep(rng.uniform(0.1, stream / 3))
+                sim.disconnect(index)
+            await wait_until(sim.finished.is_set, stream + 20, "the feed sent everything")
+            await settle(probe, timeout=30)
+            await wait_until(lambda: sim.subscribed == 3, 10, "every replica subscribed again")
+        finally:
+            for proc in procs:
+                proc.terminate()
+            for proc in procs:
+                await proc.wait()
+        deliveries, events = await view.deliveries()
+    return audit(
+        "replicas broadcast",
+        deliveries,
+        sink.arrivals,
+        endpoints=[sink.name],
+        stored_events=events,
+        sent=sent_ids(sim),
+        must_store_sent=True,
+    )
+
+
 # -- 5. hostile input ----------------------------------------------------------------------------
 
 
@@ -2437,6 +2538,9 @@ def scenarios(sizes: Sizes, *, real_timings: bool) -> dict[str, Callable[[Path],
         "store-sqlite": lambda w: store_full(w, outage=s.store_outage),
         "quarantine": quarantine_while_down,
         "store-postgres": lambda w: postgres_cut(w, outage=s.store_outage),
+        "replicas-broadcast": lambda w: replicas_broadcast(
+            w, runs=s.broadcast_runs, seconds=s.broadcast_seconds
+        ),
         "hostile": lambda w: hostile_frames(w, frames=s.fuzz_frames),
         "config": lambda w: config_fuzz(w, examples=s.config_examples),
         "admin": admin_tricks,

@@ -415,6 +415,15 @@ class Simulator:
             while len(self._subscribers) < n:
                 await self._sub_changed.wait()
 
+    def disconnect(self, index: int) -> bool:
+        """Abort one subscribed connection (``index`` in subscription order, oldest first)
+        as a network fault would; False if there is none. Its client reconnects and misses
+        what is sent meanwhile, while the other subscribers receive it."""
+        if not 0 <= index < len(self._subscribers):
+            return False
+        self._subscribers[index].conn.transport.abort()
+        return True
+
     def pause(self) -> None:
         """Stop the generator (connections stay open)."""
         self._running.clear()

@@ -40,9 +40,9 @@ async def skip_unless_possible(scenario: Awaitable[chaos.Outcome]) -> chaos.Outc
 
 
 def stored(
-    event_id: str, position: int, *, user: str = "u1", state: str = "delivered"
+    event_id: str, ts: int, *, user: str = "u1", state: str = "delivered", ord: int = 0
 ) -> StoredDelivery:
-    return StoredDelivery(event_id, "ep", user, position, state, 1, 204)
+    return StoredDelivery(event_id, "ep", user, (ts, ord), state, 1, 204)
 
 
 def test_audit_passes_a_clean_run() -> None:
@@ -82,6 +82,22 @@ def test_audit_finds_order_violations_per_user_only() -> None:
     got = [Arrival("ep", "x1", True), Arrival("ep", "e2", True), Arrival("ep", "e1", True)]
     report = audit("order", rows, got, endpoints=["ep"])
     assert report.order_violations == 2  # first acknowledged and first attempted
+
+
+def test_audit_orders_lanes_by_sfox_timestamp_then_store_order() -> None:
+    rows = [stored("late", 1, ord=9), stored("early", 2, ord=1), stored("tie", 2, ord=5)]
+    got = [Arrival("ep", e, True) for e in ("late", "early", "tie")]
+    assert audit("order", rows, got, endpoints=["ep"]).ok
+    swapped = [Arrival("ep", e, True) for e in ("early", "late", "tie")]
+    assert audit("order", rows, swapped, endpoints=["ep"]).order_violations == 2
+
+
+def test_audit_accepts_superseded_only_behind_a_delivered_later_event() -> None:
+    rows = [stored("old", 1, state="superseded"), stored("new", 2)]
+    report = audit("superseded", rows, [Arrival("ep", "new", True)], endpoints=["ep"])
+    assert report.ok and report.superseded == 1
+    alone = audit("alone", rows[:1], [], endpoints=["ep"])
+    assert alone.lost == 1
 
 
 def test_audit_compares_the_feed_with_the_store() -> None:
@@ -188,6 +204,19 @@ async def test_sqlite_disk_full_holds_the_feed_and_resumes(tmp_path: Path) -> No
 async def test_a_bad_frame_during_a_store_outage_is_still_kept(tmp_path: Path) -> None:
     outcome = await skip_unless_possible(chaos.quarantine_while_down(tmp_path))
     assert_clean(outcome)
+
+
+@pytest.mark.postgres
+async def test_replicas_keep_per_user_order_when_subscribing_mid_feed(tmp_path: Path) -> None:
+    """Section 7: three replicas, one broadcast feed, two of them subscribing while it runs."""
+    outcome = await skip_unless_possible(
+        chaos.replicas_broadcast(
+            tmp_path, runs=chaos.CI.broadcast_runs, seconds=chaos.CI.broadcast_seconds
+        )
+    )
+    assert_clean(outcome)
+    assert outcome.report.order_violations == 0
+    assert outcome.report.stored == outcome.report.sent
 
 
 @pytest.mark.postgres
