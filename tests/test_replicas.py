@@ -85,16 +85,15 @@ def start(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
 
 
 async def audit(sim: Simulator, receiver: Receiver, db: str) -> tuple[set[str], Counter[str]]:
-    """Every simulator message delivered; per user, first deliveries in store order.
+    """Every simulator message delivered (or superseded); per user, first deliveries in lane
+    order: sFOX's timestamp, then the order the store received them (CONTRACT section 5).
 
-    Store order, not the simulator's: with several replicas, two events of one user sent a
-    few milliseconds apart can be committed by different replicas in either order (see the
-    README's note on replicas); the contract orders by what the store received first.
+    With several replicas, two events of one user sent a few milliseconds apart can be
+    committed by different replicas in either order; the lanes still follow the timestamps.
     """
     sent = [m for m in sim.sent if m.get("recipient") == "private.enterprise.users"]
     expected = {expected_event_id(m) for m in sent}
     arrivals = Counter(r.webhook_id for r in receiver.received)
-    missing = expected - set(arrivals)
     first: dict[str, list[str]] = defaultdict(list)
     for item in receiver.received:
         lane = first[item.json["payload"]["user_id"]]
@@ -103,17 +102,20 @@ async def audit(sim: Simulator, receiver: Receiver, db: str) -> tuple[set[str], 
     conn = await asyncpg.connect(db)
     try:
         rows = await conn.fetch(
-            "SELECT d.user_id, e.event_id FROM deliveries d JOIN events e ON e.seq = d.event_seq "
-            "ORDER BY d.ord, d.id"
+            "SELECT d.user_id, e.event_id, d.state FROM deliveries d "
+            "JOIN events e ON e.seq = d.event_seq ORDER BY d.ts, d.ord, d.id"
         )
     finally:
         await conn.close()
+    superseded = {row["event_id"] for row in rows if row["state"] == "superseded"}
+    missing = expected - set(arrivals) - superseded
     stored: dict[str, list[str]] = defaultdict(list)
     for row in rows:
-        stored[row["user_id"]].append(row["event_id"])
+        if row["state"] != "superseded":
+            stored[row["user_id"]].append(row["event_id"])
     for user_id, ids in stored.items():
         got = first[user_id]
-        assert got == ids[: len(got)], f"store order broken for {user_id}"
+        assert got == ids[: len(got)], f"lane order broken for {user_id}"
     return missing, arrivals
 
 

@@ -37,6 +37,7 @@ from relay.store.records import (
     EndpointStats,
     Outcome,
     PublicState,
+    Target,
     UserState,
 )
 
@@ -242,7 +243,7 @@ class FanOut:
 
 def fan_out(
     stored: Sequence[tuple[int, NewEvent]],
-    targets: Sequence[Any],
+    targets: Sequence[Target],
     states: dict[str, StateRow],
     now: float,
     *,
