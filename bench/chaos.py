@@ -57,7 +57,7 @@ from bench.audit import (  # noqa: E402
     postgres_deliveries,
     sqlite_deliveries,
 )
-from bench.procs import child_env  # noqa: E402
+from bench.procs import child_env, eventually, new_key, new_whsec  # noqa: E402
 from relay.app import Relay  # noqa: E402
 from relay.config import load_settings, secret_values  # noqa: E402
 from relay.errors import ConfigError  # noqa: E402
@@ -166,32 +166,6 @@ class Outcome:
 
 
 # -- small helpers ---------------------------------------------------------------------------
-
-
-def new_whsec() -> str:
-    return "whsec_" + base64.b64encode(os.urandom(32)).decode()
-
-
-def new_key() -> str:
-    return base64.b64encode(os.urandom(32)).decode()
-
-
-async def wait_until(
-    cond: Callable[[], Any], timeout: float, what: str | Callable[[], str] = "", interval=0.05
-) -> Any:
-    """Poll ``cond`` (sync or async) until truthy; AssertionError naming ``what`` after
-    ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if inspect.isawaitable(value):
-            value = await value
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            text = what() if callable(what) else what
-            raise AssertionError(f"not within {timeout:g}s: {text}")
-        await asyncio.sleep(interval)
 
 
 async def settle(probe: Callable[[], Any], *, timeout: float, quiet: float = 0.5) -> Any:
@@ -661,7 +635,7 @@ async def crash_loop(
                 await asyncio.sleep(rng.uniform(0.2, 2.0))
             else:
                 with contextlib.suppress(AssertionError):
-                    await wait_until(lambda s=subscribes: sim.subscribes > s, 15)
+                    await eventually(lambda s=subscribes: sim.subscribes > s, 15)
                 await asyncio.sleep(rng.uniform(0.1, dwell))
             killed_while_subscribed += sim.subscribed > 0
             mode = KILL_MODES[n] if n < len(KILL_MODES) else rng.choice(KILL_MODES * 2 + ["kill"])
@@ -689,7 +663,7 @@ async def crash_loop(
             crashed |= await view.in_flight()
             committed |= await view.event_ids()
         last = await RelayProcess.start(env, workdir / "crash-final.log")
-        await wait_until(lambda: sim.subscribed > 0, 20, last.output)
+        await eventually(lambda: sim.subscribed > 0, 20, last.output)
         await asyncio.sleep(tail)
         sim.pause()
 
@@ -774,7 +748,7 @@ async def feed_faults(
         async with in_process(env, feed_options=options) as running:
             mark("started")
             # Rejected keys: each retry waits auth_retry_after; then subscribed.
-            await wait_until(lambda: sim.subscribed > 0, wait, "subscribed after the rejections")
+            await eventually(lambda: sim.subscribed > 0, wait, "subscribed after the rejections")
             times = sim.connection_times
             facts["auth_gaps"] = [round(times[i + 1] - times[i], 2) for i in range(rejections)]
             facts["auth_retry_after"] = options.auth_retry_after
@@ -790,24 +764,24 @@ async def feed_faults(
             before = sim.connections
             mark("drops done")
             sim.faults.handshake_delay = options.handshake_timeout * 1.5
-            await wait_until(lambda: sim.connections >= before + 2, wait, "handshake timeouts")
+            await eventually(lambda: sim.connections >= before + 2, wait, "handshake timeouts")
             mark("handshake timeouts seen")
             sim.faults.handshake_delay = options.handshake_timeout / 4
-            await wait_until(lambda: sim.subscribed > 0, wait, "subscribed after slow handshakes")
+            await eventually(lambda: sim.subscribed > 0, wait, "subscribed after slow handshakes")
             await asyncio.sleep(phase / 2)
 
             mark("slow handshakes done")
             # A stall: the server stops sending and answering pings; keepalive must notice.
             sim.faults.drop_every = None
-            await wait_until(lambda: sim.subscribed > 0, wait, "subscribed before the stall")
+            await eventually(lambda: sim.subscribed > 0, wait, "subscribed before the stall")
             before = sim.connections
             sim.faults.stall_after = 1
-            await wait_until(lambda: sim.subscribed == 0, 5, "the connection stalled")
+            await eventually(lambda: sim.subscribed == 0, 5, "the connection stalled")
             stalled_at = time.monotonic()
             sim.faults.stall_after = None  # that connection stays stalled; the next ones not
-            await wait_until(lambda: sim.connections > before, wait, "a reconnection after a stall")
+            await eventually(lambda: sim.connections > before, wait, "a reconnection after a stall")
             facts["stall_detected_s"] = round(time.monotonic() - stalled_at, 2)
-            await wait_until(lambda: sim.subscribed > 0, wait, "subscribed after the stall")
+            await eventually(lambda: sim.subscribed > 0, wait, "subscribed after the stall")
             await asyncio.sleep(phase / 2)
 
             mark("stall done")
@@ -876,19 +850,19 @@ async def feed_faults_real_timings(workdir: Path, *, rate: float = 100.0) -> Out
         env = relay_env(sim, [sink], secret, f"sqlite:///{db}")
         proc = await RelayProcess.start(env, workdir / "feed-real.log")
         try:
-            await wait_until(lambda: sim.subscribed > 0, 90, "subscribed after a rejected key")
+            await eventually(lambda: sim.subscribed > 0, 90, "subscribed after a rejected key")
             times = sim.connection_times
             facts["auth_gaps"] = [round(times[1] - times[0], 2)]
             facts["auth_retry_after"] = 60.0
             await asyncio.sleep(3)
             before = sim.connections
             sim.faults.stall_after = 1
-            await wait_until(lambda: sim.subscribed == 0, 5, "the connection stalled")
+            await eventually(lambda: sim.subscribed == 0, 5, "the connection stalled")
             stalled_at = time.monotonic()
             sim.faults.stall_after = None  # that connection stays stalled; the next ones not
-            await wait_until(lambda: sim.connections > before, 60, "a reconnection after a stall")
+            await eventually(lambda: sim.connections > before, 60, "a reconnection after a stall")
             facts["stall_detected_s"] = round(time.monotonic() - stalled_at, 1)
-            await wait_until(lambda: sim.subscribed > 0, 30, "subscribed after the stall")
+            await eventually(lambda: sim.subscribed > 0, 30, "subscribed after the stall")
             sim.faults.bad_every = 50
             await asyncio.sleep(3)
             sim.pause()
@@ -978,7 +952,7 @@ async def endpoint_faults(
         env = relay_env(sim, [chaos, healthy], secret, f"sqlite:///{db}")
         proc = await RelayProcess.start(env, workdir / "endpoints.log")
         try:
-            await wait_until(sim.finished.is_set, 60, "the simulator sent everything")
+            await eventually(sim.finished.is_set, 60, "the simulator sent everything")
             await settle(sqlite_probe(sim, db), timeout=90)
         finally:
             proc.terminate()
@@ -1059,7 +1033,7 @@ async def excerpt_size(workdir: Path) -> Outcome:
         db = workdir / "excerpt.db"
         env = relay_env(sim, [binary], secret, f"sqlite:///{db}", RELAY_RETRY_SCHEDULE="0s,50ms")
         async with in_process(env):
-            await wait_until(sim.finished.is_set, 10, "the simulator sent everything")
+            await eventually(sim.finished.is_set, 10, "the simulator sent everything")
             await settle(sqlite_probe(sim, db), timeout=20)
         sizes = [r[0] for r in rows(db, "SELECT length(CAST(excerpt AS BLOB)) FROM attempts")]
         deliveries, events = sqlite_deliveries(db)
@@ -1096,7 +1070,7 @@ async def large_event(workdir: Path, *, size: int = 1_500_000) -> Outcome:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             async with in_process(env):
-                await wait_until(lambda: sim.subscribed > 0, 10, "subscribed")
+                await eventually(lambda: sim.subscribed > 0, 10, "subscribed")
                 await sim.publish(message)
                 with contextlib.suppress(AssertionError):  # the audit says what is left
                     await settle(sqlite_probe(sim, db), timeout=10)
@@ -1138,7 +1112,7 @@ async def hostile_retry_after(workdir: Path, *, patience: float = 8.0) -> Outcom
         db = workdir / "retry-after.db"
         env = relay_env(sim, [odd], secret, f"sqlite:///{db}")
         async with in_process(env) as running:
-            await wait_until(sim.finished.is_set, 10, "the simulator sent everything")
+            await eventually(sim.finished.is_set, 10, "the simulator sent everything")
             with contextlib.suppress(AssertionError):  # the audit says what is left
                 await settle(sqlite_probe(sim, db), timeout=patience)
             alive = running.alive()
@@ -1218,7 +1192,7 @@ async def store_full(workdir: Path, *, outage: float, rate: float = 200.0) -> Ou
                 in_process(env) as running,
                 httpx.AsyncClient(base_url=running.admin, timeout=5) as http,
             ):
-                await wait_until(lambda: count(db, "SELECT COUNT(*) FROM events") >= 200, 15)
+                await eventually(lambda: count(db, "SELECT COUNT(*) FROM events") >= 200, 15)
                 filler = fill(mount)
 
                 async def down() -> bool:
@@ -1226,7 +1200,7 @@ async def store_full(workdir: Path, *, outage: float, rate: float = 200.0) -> Ou
                     return status == 503 and checks.get("store") == "failing"
 
                 t0 = time.monotonic()
-                await wait_until(down, 15, "/readyz 503 naming store after the disk filled")
+                await eventually(down, 15, "/readyz 503 naming store after the disk filled")
                 facts["readyz_503_after_s"] = round(time.monotonic() - t0, 2)
                 facts["store_check_during_outage"] = (await readyz(http))[1]
                 # The feed is held: after the buffers fill, the simulator can send no more.
@@ -1252,7 +1226,7 @@ async def store_full(workdir: Path, *, outage: float, rate: float = 200.0) -> Ou
                 async def up() -> bool:
                     return (await readyz(http))[0] == 200
 
-                await wait_until(up, 20, "/readyz 200 once space returned")
+                await eventually(up, 20, "/readyz 200 once space returned")
                 facts["recovered_after_s"] = round(time.monotonic() - t0, 2)
                 await asyncio.sleep(1.0)
                 sim.pause()
@@ -1312,14 +1286,14 @@ async def quarantine_while_down(workdir: Path) -> Outcome:
             async with in_process(env, feed_options=fast_feed(feed)) as running:
                 await asyncio.wait_for(feed.subscribed.wait(), 10)
                 await feed.send(_dumps(messages[0]))
-                await wait_until(lambda: count(db, "SELECT COUNT(*) FROM events") == 1, 10)
+                await eventually(lambda: count(db, "SELECT COUNT(*) FROM events") == 1, 10)
                 filler = fill(mount)
                 await feed.send('{"recipient": "private.enterprise.users", "payload": ')
                 await feed.send(_dumps(messages[1]))
                 await asyncio.sleep(1.5)
                 filler.unlink()
                 await feed.send(_dumps(messages[2]))
-                await wait_until(lambda: count(db, "SELECT COUNT(*) FROM events") == 3, 15)
+                await eventually(lambda: count(db, "SELECT COUNT(*) FROM events") == 3, 15)
                 await settle(
                     lambda: (count(db, "SELECT COUNT(*) FROM events"), count(db, UNFINISHED)),
                     timeout=15,
@@ -1464,7 +1438,7 @@ async def postgres_cut(workdir: Path, *, outage: float, rate: float = 200.0) -> 
                 async def stored_some() -> bool:
                     return (await probe())[1] >= 200
 
-                await wait_until(stored_some, 15, "200 events stored through the proxy")
+                await eventually(stored_some, 15, "200 events stored through the proxy")
                 proxy.sever()
 
                 async def down() -> bool:
@@ -1472,7 +1446,7 @@ async def postgres_cut(workdir: Path, *, outage: float, rate: float = 200.0) -> 
                     return status == 503 and checks.get("store") == "failing"
 
                 t0 = time.monotonic()
-                await wait_until(down, 15, "/readyz 503 naming store while PostgreSQL is cut")
+                await eventually(down, 15, "/readyz 503 naming store while PostgreSQL is cut")
                 facts["readyz_503_after_s"] = round(time.monotonic() - t0, 2)
                 codes = []
                 taken = []
@@ -1490,7 +1464,7 @@ async def postgres_cut(workdir: Path, *, outage: float, rate: float = 200.0) -> 
                 async def up() -> bool:
                     return (await readyz(http))[0] == 200
 
-                await wait_until(up, 30, "/readyz 200 after PostgreSQL came back")
+                await eventually(up, 30, "/readyz 200 after PostgreSQL came back")
                 facts["recovered_after_s"] = round(time.monotonic() - t0, 2)
                 await asyncio.sleep(1.0)
                 sim.pause()
@@ -1599,9 +1573,9 @@ async def _broadcast_once(
             for index in rng.sample([1, 2], 2):  # never the first: it receives everything
                 await asyncio.sleep(rng.uniform(0.1, stream / 3))
                 sim.disconnect(index)
-            await wait_until(sim.finished.is_set, stream + 20, "the feed sent everything")
+            await eventually(sim.finished.is_set, stream + 20, "the feed sent everything")
             await settle(probe, timeout=30)
-            await wait_until(lambda: sim.subscribed == 3, 10, "every replica subscribed again")
+            await eventually(lambda: sim.subscribed == 3, 10, "every replica subscribed again")
         finally:
             for proc in procs:
                 proc.terminate()
@@ -1916,7 +1890,7 @@ async def hostile_frames(workdir: Path, *, frames: int, seed: int = 5) -> Outcom
                     expected["good"].add(expected_event_id(message))
                     await feed.send(_dumps(message))
                     want = expected_event_id(message)
-                    await wait_until(
+                    await eventually(
                         lambda: count(db, f"SELECT COUNT(*) FROM events WHERE event_id = '{want}'"),
                         30,
                         "a marker frame stored",
@@ -2214,7 +2188,7 @@ async def admin_tricks(workdir: Path) -> Outcome:
         db = workdir / "admin.db"
         env = relay_env(sim, [sink], secret, f"sqlite:///{db}", RELAY_ADMIN_TOKEN=token)
         async with in_process(env) as running:
-            await wait_until(lambda: count(db, "SELECT COUNT(*) FROM deliveries") >= 30, 15)
+            await eventually(lambda: count(db, "SELECT COUNT(*) FROM deliveries") >= 30, 15)
             port = running.relay.admin.port
             data_markers = ["sink-secret-name", "evt_", "client_", '"pending"']
             good = await raw_get(port, "/api/endpoints", f"Authorization: Bearer {token}\r\n")
@@ -2361,7 +2335,7 @@ async def leak_audit(
                 in_process(env, feed_options=fast_feed(sim, auth_retry_after=0.5)) as running,
                 httpx.AsyncClient(base_url=running.admin, timeout=10) as http,
             ):
-                await wait_until(sim.finished.is_set, 20, "the simulator sent everything")
+                await eventually(sim.finished.is_set, 20, "the simulator sent everything")
                 await settle(sqlite_probe(sim, db), timeout=30)
                 auth = {"authorization": f"Bearer {admin_token}"}
                 for path in ("/metrics", "/readyz", "/healthz", "/api/openapi.json"):
@@ -2385,11 +2359,11 @@ async def leak_audit(
         if daemon:
             proc = await RelayProcess.start(env, workdir / "leak-daemon.log")
             try:
-                await wait_until(lambda: sim.subscribed > 0, 20, proc.output)
+                await eventually(lambda: sim.subscribed > 0, 20, proc.output)
                 before = count(db, "SELECT COUNT(*) FROM events")
                 for n in range(6):
                     await sim.publish(fresh_message(rng, 10_000 + n))
-                await wait_until(lambda: count(db, "SELECT COUNT(*) FROM events") >= before + 6, 10)
+                await eventually(lambda: count(db, "SELECT COUNT(*) FROM events") >= before + 6, 10)
                 await settle(sqlite_probe(sim, db), timeout=30)
             finally:
                 proc.terminate()

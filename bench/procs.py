@@ -2,13 +2,20 @@
 
 Every participant (simulator, receiver, relay, naive baseline, wrk) runs in its own OS process
 so that none shares an event loop, or a core's time slice, with another by construction.
+
+Also the helpers ``tests/`` and ``bench/`` both need, written once: a child's environment
+(:func:`child_env`), polling (:func:`eventually`), fresh secrets (:func:`new_whsec`,
+:func:`new_key`).
 """
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import contextlib
 import ctypes
 import http.client
+import inspect
 import os
 import signal
 import socket
@@ -32,9 +39,12 @@ __all__ = [
     "Procs",
     "RssSampler",
     "child_env",
+    "eventually",
     "free_port",
     "http_get",
     "metric",
+    "new_key",
+    "new_whsec",
     "parse_metrics",
     "wait_until",
 ]
@@ -53,6 +63,41 @@ def free_port() -> int:
 
 
 _DROPPED_VARIABLES = ("http_proxy", "https_proxy", "all_proxy", "enterprise_api_key")
+
+
+def new_whsec() -> str:
+    """A fresh Standard Webhooks secret."""
+    return "whsec_" + base64.b64encode(os.urandom(32)).decode()
+
+
+def new_key() -> str:
+    """A fresh 32-byte AES key, base64 (``RELAY_TOKEN_KEY``, an endpoint's ``token_key``)."""
+    return base64.b64encode(os.urandom(32)).decode()
+
+
+async def eventually(
+    cond: Callable[[], Any],
+    timeout: float = 5.0,
+    message: str | Callable[[], str] = "",
+    *,
+    interval: float = 0.02,
+) -> Any:
+    """Poll ``cond`` (sync or async) until it returns something truthy; return that value.
+
+    Raises AssertionError after ``timeout`` seconds, with ``message`` (or a callable giving
+    one, evaluated at the time of failure so it can show the latest state).
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            text = message() if callable(message) else message
+            raise AssertionError(f"not true within {timeout:g}s: {text or cond}")
+        await asyncio.sleep(interval)
 
 
 def child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:

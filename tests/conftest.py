@@ -10,12 +10,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import hashlib
-import inspect
 import json
 import os
 import sqlite3
-import time
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -28,31 +26,18 @@ from relay.receiver import Behaviour, Receiver
 from relay.signing import decode_secret
 from relay.simulator import Faults, Simulator
 
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # the helpers tests and bench share live in bench/
+    sys.path.insert(0, str(ROOT))
+
+from bench.audit import expected_event_id  # noqa: E402
+from bench.procs import eventually, new_key, new_whsec  # noqa: E402
+
+__all__ = ["eventually", "expected_event_id", "new_key", "new_whsec"]
+
 SimFactory = Callable[..., Awaitable[Simulator]]
 ReceiverFactory = Callable[..., Awaitable[Receiver]]
 EnvBuilder = Callable[..., dict[str, str]]
-
-
-def new_whsec() -> str:
-    """A fresh Standard Webhooks secret."""
-    return "whsec_" + base64.b64encode(os.urandom(32)).decode()
-
-
-def new_key() -> str:
-    """A fresh 32-byte AES key, base64 (``RELAY_TOKEN_KEY``, an endpoint's ``token_key``)."""
-    return base64.b64encode(os.urandom(32)).decode()
-
-
-def expected_event_id(message: Mapping[str, Any]) -> str:
-    """CONTRACT.md section 4, written out independently of ``relay.events``."""
-    payload = {k: v for k, v in message["payload"].items() if k != "user_token"}
-    basis = {
-        "recipient": message["recipient"],
-        "timestamp": message["timestamp"],
-        "payload": payload,
-    }
-    canonical = json.dumps(basis, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return "evt_" + hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def wire_body(message: Mapping[str, Any], *, token: bool) -> bytes:
@@ -66,31 +51,6 @@ def wire_body(message: Mapping[str, Any], *, token: bool) -> bytes:
 def sent_tokens(sim: Simulator) -> list[str]:
     """Every plaintext user token the simulator sent."""
     return [m["payload"]["user_token"]["token"] for m in sim.sent if "user_token" in m["payload"]]
-
-
-async def eventually(
-    cond: Callable[[], Any],
-    timeout: float = 5.0,
-    *,
-    interval: float = 0.02,
-    message: str | Callable[[], str] = "",
-) -> Any:
-    """Poll ``cond`` (sync or async) until it returns something truthy; return that value.
-
-    Raises AssertionError after ``timeout`` seconds, with ``message`` (or a callable giving
-    one, evaluated at the time of failure so it can show the latest state).
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if inspect.isawaitable(value):
-            value = await value
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            text = message() if callable(message) else message
-            raise AssertionError(f"not true within {timeout}s: {text or cond}")
-        await asyncio.sleep(interval)
 
 
 def store_path(env: Mapping[str, str]) -> Path:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import inspect
 import itertools
 import json
 import ssl
@@ -30,6 +29,7 @@ import httpx
 import pytest
 import pytest_asyncio
 import respx
+from conftest import eventually
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from hypothesis import HealthCheck, given, settings
@@ -73,21 +73,6 @@ Cond = Callable[[], Any]
 
 
 # -- helpers --------------------------------------------------------------------------------
-
-
-async def eventually(cond: Cond, timeout: float = 5.0, interval: float = 0.005) -> Any:
-    """Poll ``cond`` (sync or async) until it is truthy; fail after ``timeout`` seconds."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        result = cond()
-        if inspect.isawaitable(result):
-            result = await result
-        if result:
-            return result
-        if loop.time() > deadline:
-            raise AssertionError(f"not true within {timeout}s: {getattr(cond, '__name__', cond)}")
-        await asyncio.sleep(interval)
 
 
 class FakeClock:

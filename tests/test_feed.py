@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from typing import Any
 
 import pytest
+from conftest import eventually
 
 from relay.events import USERS_FEED, BadFrame, Message
 from relay.feed import (
@@ -57,12 +58,6 @@ def sample(metrics: Metrics, name: str, **labels: str) -> float:
     return 0.0 if value is None else value
 
 
-async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.005)
-
-
 def options(sim: Simulator, **overrides: Any) -> FeedOptions:
     base = FeedOptions(
         url=sim.ws_url,
@@ -97,7 +92,7 @@ async def test_handshake_subscribe_and_receive() -> None:
     async with Simulator(api_key=KEY, count=50) as sim:
         client = fast(sim, handler, metrics)
         async with running(client):
-            await wait_until(lambda: len(handler.messages) == 50)
+            await eventually(lambda: len(handler.messages) == 50)
             assert client.state is FeedState.SUBSCRIBED
             assert sample(metrics, "relay_feed_connected") == 1
             assert sample(metrics, "relay_feed_state", state="subscribed") == 1
@@ -111,7 +106,7 @@ async def test_handshake_subscribe_and_receive() -> None:
         assert client.last_sequence == 50
         assert sim.auth_attempts == 1 and sim.subscribes == 1 and sim.connections == 1
         assert sample(metrics, "relay_feed_reconnects_total") == 0
-        await wait_until(lambda: sim.subscribed == 0)
+        await eventually(lambda: sim.subscribed == 0)
 
 
 async def test_feed_states_match_metrics() -> None:
@@ -138,7 +133,7 @@ async def test_feed_states_match_metrics() -> None:
                     "payload": {"user_id": "client_a"},
                 }
             )
-            await wait_until(lambda: client.connections == 2 and client.state == "subscribed")
+            await eventually(lambda: client.connections == 2 and client.state == "subscribed")
     assert seen[0] == "stopped"  # a new client, not yet running
     assert seen[1:6] == ["connecting", "authenticating", "subscribing", "subscribed", "backing_off"]
     assert seen[6:10] == ["connecting", "authenticating", "subscribing", "subscribed"]
@@ -153,7 +148,7 @@ async def test_group_commit_and_back_pressure() -> None:
         client = fast(sim, handler, metrics, max_batch=50, ping_interval=10.0, dead_after=30.0)
         async with running(client):
             try:
-                await wait_until(lambda: len(handler.batches) == 1)
+                await eventually(lambda: len(handler.batches) == 1)
                 # Blocked in the handler: nothing more is taken, whatever is buffered, and the
                 # back-pressure reaches the server, whose generator stops.
                 generated = -1
@@ -166,7 +161,7 @@ async def test_group_commit_and_back_pressure() -> None:
                 gate.set()
             # ~10k frames buffered by then; on a loaded CI box with DEBUG logging (two records a
             # frame) they took over 5 s to drain.
-            await wait_until(lambda: len(handler.messages) >= generated, timeout=60)
+            await eventually(lambda: len(handler.messages) >= generated, timeout=60)
     assert max(handler.batches) <= 50
     assert max(handler.batches[1:]) > 1  # frames that arrived together share one commit
     sequences = [m.sequence for m in handler.messages]
@@ -236,7 +231,7 @@ async def test_auth_rejected_once_then_accepted() -> None:
             clock=fake.clock,
         )
         async with running(client):
-            await wait_until(lambda: len(handler.messages) == 5)
+            await eventually(lambda: len(handler.messages) == 5)
         assert fake.delays == [90.0]
         assert sim.auth_attempts == 2
         assert sample(metrics, "relay_feed_reconnects_total") == 1
@@ -248,7 +243,7 @@ async def test_reconnects_after_drops_and_keeps_receiving() -> None:
         client = fast(sim, handler, metrics)
         async with running(client):
             await asyncio.wait_for(sim.finished.wait(), 10)
-            await wait_until(lambda: client.state is FeedState.SUBSCRIBED and sim.subscribed > 0)
+            await eventually(lambda: client.state is FeedState.SUBSCRIBED and sim.subscribed > 0)
         assert client.connections >= 4
         assert handler.subscribed == client.connections
         assert sample(metrics, "relay_feed_reconnects_total") == client.connections - 1
@@ -264,7 +259,7 @@ async def test_stalled_connection_is_detected_by_keepalive() -> None:
     async with Simulator(api_key=KEY, rate=200, faults=Faults(stall_after=5)) as sim:
         client = fast(sim, handler, metrics, ping_interval=0.2, dead_after=0.6)
         async with running(client):
-            await wait_until(
+            await eventually(
                 lambda: client.connections >= 2 and len(handler.messages) > 5, timeout=5
             )
         assert sample(metrics, "relay_feed_reconnects_total") >= 1
@@ -277,9 +272,9 @@ async def test_handshake_timeout_reconnects(caplog: pytest.LogCaptureFixture) ->
     async with Simulator(api_key=KEY, count=3, faults=faults) as sim:
         client = fast(sim, handler, metrics, handshake_timeout=0.1)
         async with running(client):
-            await wait_until(lambda: "no authenticate reply" in caplog.text)
+            await eventually(lambda: "no authenticate reply" in caplog.text)
             faults.handshake_delay = 0.0
-            await wait_until(lambda: len(handler.messages) == 3)
+            await eventually(lambda: len(handler.messages) == 3)
         assert client.connections >= 2
 
 
@@ -295,7 +290,7 @@ async def test_unreachable_server_backs_off_and_stops_promptly() -> None:
 
     client = FeedClient(options(sim, url=url), handler, metrics, backoff=backoff)
     async with running(client):
-        await wait_until(lambda: len(attempts) == 4)
+        await eventually(lambda: len(attempts) == 4)
         assert client.state is FeedState.BACKING_OFF
         assert sample(metrics, "relay_feed_state", state="backing_off") == 1
     assert attempts == [0, 1, 2, 3]  # exponential: the attempt number grows
@@ -328,7 +323,7 @@ async def test_backoff_resets_after_a_healthy_connection(
                         "payload": {"user_id": "client_a"},
                     }
                 )
-                await wait_until(lambda: len(attempts) == n + 1)  # noqa: B023
+                await eventually(lambda: len(attempts) == n + 1)  # noqa: B023
     assert attempts[:3] == expected
 
 
@@ -391,7 +386,7 @@ async def test_garbage_is_counted_quarantined_and_skipped() -> None:
     async with Simulator(api_key=KEY, count=30, faults=Faults(bad_every=3)) as sim:
         client = fast(sim, handler, metrics)
         async with running(client):
-            await wait_until(lambda: len(handler.messages) == 30 and len(handler.bad) == 10)
+            await eventually(lambda: len(handler.messages) == 30 and len(handler.bad) == 10)
         assert client.connections == 1  # the connection lived on
     assert sample(metrics, "relay_feed_bad_frames_total") == 10
     assert sample(metrics, "relay_feed_messages_total") == 30
@@ -418,10 +413,10 @@ async def test_a_frame_over_the_size_limit_is_counted_and_the_feed_reconnects() 
 
             await sim.publish(message(1, 10))
             await sim.publish(message(2, 20_000))  # websockets closes the connection (1009)
-            await wait_until(lambda: len(handler.bad) == 1)
-            await wait_until(lambda: client.connections == 2 and state_of(client) == "subscribed")
+            await eventually(lambda: len(handler.bad) == 1)
+            await eventually(lambda: client.connections == 2 and state_of(client) == "subscribed")
             await sim.publish(message(3, 10))
-            await wait_until(lambda: [m.sequence for m in handler.messages] == [1, 3])
+            await eventually(lambda: [m.sequence for m in handler.messages] == [1, 3])
     assert "10,000-byte limit" in handler.bad[0].reason
     assert sample(metrics, "relay_feed_bad_frames_total") == 1
 
@@ -441,7 +436,7 @@ async def test_sequence_gaps_are_counted(caplog: pytest.LogCaptureFixture) -> No
                         "payload": {"user_id": f"client_{seq}"},
                     }
                 )
-            await wait_until(lambda: len(handler.messages) == 8)
+            await eventually(lambda: len(handler.messages) == 8)
     # 3 and 4 missing after 2; 4, 5 again, 6 and null are not gaps; 7 and 8 missing after 6.
     assert sample(metrics, "relay_feed_sequence_gaps_total") == 4
     assert client.last_sequence == 9
@@ -463,7 +458,7 @@ async def test_exact_timestamps_and_unknown_fields_survive() -> None:
         async with running(client):
             await sim.wait_subscribed()
             await sim.publish(message)
-            await wait_until(lambda: len(handler.messages) == 1)
+            await eventually(lambda: len(handler.messages) == 1)
     got = handler.messages[0]
     assert got.timestamp == 1717005327995988841
     assert got.raw == message
@@ -480,7 +475,7 @@ async def test_control_frames_after_subscription_are_logged(
         async with running(client):
             await sim.wait_subscribed()
             await sim.publish({"type": "error", "payload": {"action": "x", "message": KEY}})
-            await wait_until(
+            await eventually(
                 lambda: any(getattr(r, "event", None) == "feed.control" for r in caplog.records)
             )
     assert KEY not in caplog.text
@@ -512,7 +507,7 @@ async def test_api_key_never_logged(caplog: pytest.LogCaptureFixture) -> None:
         )
         async with running(client):
             await asyncio.wait_for(sim.finished.wait(), 5)
-            await wait_until(lambda: client.state is FeedState.SUBSCRIBED)
+            await eventually(lambda: client.state is FeedState.SUBSCRIBED)
         wrong = FeedClient(
             options(sim, api_key=KEY + "-wrong"),
             handler,
@@ -520,7 +515,7 @@ async def test_api_key_never_logged(caplog: pytest.LogCaptureFixture) -> None:
             sleep=lambda d: asyncio.sleep(min(d, 0.01)),
         )
         async with running(wrong):
-            await wait_until(lambda: wrong.state is FeedState.AUTH_FAILED)
+            await eventually(lambda: wrong.state is FeedState.AUTH_FAILED)
     text = _all_log_text(caplog)
     assert any(r.name.startswith("relay.feed.websockets") for r in caplog.records)
     assert "rejected the API key" in text

@@ -13,6 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
+from conftest import eventually
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosedError
 
@@ -75,12 +76,6 @@ async def receive(ws: ClientConnection, n: int, timeout: float = 5.0) -> list[di
         for _ in range(n):
             out.append(json.loads(await ws.recv()))
     return out
-
-
-async def wait_until(predicate: Any, timeout: float = 5.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.005)
 
 
 # -- protocol ---------------------------------------------------------------------------
@@ -235,7 +230,7 @@ async def test_generator_waits_while_nobody_is_subscribed() -> None:
     async with simulator(rate=500) as sim:
         async with subscribed(sim) as ws:
             await receive(ws, 10)
-        await wait_until(lambda: sim.subscribed == 0)
+        await eventually(lambda: sim.subscribed == 0)
         generated = sim.generated
         await asyncio.sleep(0.2)
         assert sim.generated - generated <= 2  # at most what was already due
@@ -248,8 +243,8 @@ async def test_lose_while_disconnected() -> None:
     async with simulator(rate=500, faults=Faults(lose_while_disconnected=True)) as sim:
         async with subscribed(sim) as ws:
             first = await receive(ws, 10)
-        await wait_until(lambda: sim.subscribed == 0)
-        await wait_until(lambda: sim.generated > first[-1]["sequence"] + 50)
+        await eventually(lambda: sim.subscribed == 0)
+        await eventually(lambda: sim.generated > first[-1]["sequence"] + 50)
         async with subscribed(sim) as ws:
             later = await receive(ws, 5)
         assert later[0]["sequence"] > first[-1]["sequence"] + 50  # a gap: those were lost
@@ -439,7 +434,7 @@ async def test_request_and_connection_audit_trail() -> None:
         for _ in range(3):
             async with subscribed(sim):
                 pass
-        await wait_until(lambda: len(sim.request_times) == 6)
+        await eventually(lambda: len(sim.request_times) == 6)
         assert sim.max_requests_per_minute() == 6
         assert sim.max_connections_per_minute() == 3
 
