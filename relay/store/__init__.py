@@ -1,4 +1,5 @@
-"""The outbox: a small Protocol with SQLite (embedded) and PostgreSQL (replicas) behind it."""
+"""The outbox: its rules in :mod:`relay.store.core`, one Protocol per role in
+:mod:`relay.store.base`, SQLite (embedded) and PostgreSQL (replicas) behind them."""
 
 from __future__ import annotations
 

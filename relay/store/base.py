@@ -67,6 +67,7 @@ __all__ = [
     "public_state",
 ]
 
+#: The states reported as ``pending`` (the names of :data:`relay.store.core.ACTIVE`).
 ACTIVE_STATES = tuple(s.value for s in ACTIVE)
 
 
