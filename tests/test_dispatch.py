@@ -817,6 +817,29 @@ async def test_metrics_count_each_outcome_and_each_attempt(h: Harness) -> None:
     assert CRM_URL.encode() not in h.metrics.render()
 
 
+async def test_metrics_count_deliveries_a_newer_delivered_event_superseded(h: Harness) -> None:
+    """An older event stored while a newer one of its lane is in flight (another replica, a
+    reconnect) waits; the newer one is delivered, so the older is superseded and counted."""
+    newer, older = new_event("user-a", 2), new_event("user-a", 1)
+    started = asyncio.Event()
+
+    async def respond(request: httpx.Request) -> httpx.Response:
+        started.set()
+        return await h.hang(request)
+
+    h.router.post(CRM_URL).mock(side_effect=respond)
+    await h.append([newer])
+    h.start(endpoint())
+    await asyncio.wait_for(started.wait(), 5)
+    await h.append([older])
+    h.release.set()
+
+    await h.wait_for(newer, "delivered", 1)
+    await h.wait_for(older, "superseded", 0)
+    assert deliveries_total(h.metrics, "crm", "superseded") == 1
+    assert deliveries_total(h.metrics, "crm", "success") == 1
+
+
 # -- the ordering property --------------------------------------------------------------------
 
 

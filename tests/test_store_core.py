@@ -238,6 +238,19 @@ def test_fan_out_keeps_the_newest_state_when_an_older_event_arrives_late() -> No
     assert [d.ts for d in plan.deliveries] == [100]
 
 
+@pytest.mark.parametrize(
+    ("timestamp", "key"),
+    [
+        (1_717_005_327_995_988_841, 1_717_005_327_995_988_841),
+        (2**70, 2**63 - 1),
+        (-(2**70), -(2**63)),
+    ],
+)
+def test_lane_keys_fit_64_bits(timestamp: int, key: int) -> None:
+    plan = core.fan_out([(1, event(ts=timestamp))], [CRM], {}, NOW)
+    assert (plan.deliveries[0].ts, plan.deliveries[0].feed_ts) == (key, key)
+
+
 def test_fan_out_holds_feed_events_of_users_until_the_window_ends() -> None:
     reconciled = event("u2", source="reconcile", status="VERIFIED")
     plan = core.fan_out(

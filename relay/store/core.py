@@ -67,6 +67,7 @@ __all__ = [
     "verdict_row",
     "endpoint_stats",
     "lane_row",
+    "lane_ts",
     "state_row",
     "user_state",
     "display_body",
@@ -214,6 +215,17 @@ def event_row(event: NewEvent) -> tuple[Any, ...]:
     )
 
 
+#: Lane keys are signed 64-bit columns on both stores. sFOX's timestamps (19 digits) fit;
+#: any integer a frame may carry beyond that is clamped, so it sorts last (or first), in
+#: store order, instead of failing the batch it came in.
+_TS_MIN, _TS_MAX = -(2**63), 2**63 - 1
+
+
+def lane_ts(timestamp: int) -> int:
+    """A feed event's place in its lane: its sFOX timestamp, within 64 bits."""
+    return max(_TS_MIN, min(timestamp, _TS_MAX))
+
+
 @dataclass(frozen=True, slots=True)
 class NewDelivery:
     """A delivery row to insert.
@@ -268,11 +280,11 @@ def fan_out(
         )
         high = before.high_ts if before is not None else 0
         if event.source == "feed" and event.timestamp is not None:
-            ts, feed_ts = event.timestamp, event.timestamp
+            ts = feed_ts = lane_ts(event.timestamp)
         else:  # a reconciled event goes after every event of its user stored before it
             ts, feed_ts = high, None
         if event.user_id is not None:
-            if ts >= high:  # the newest so far: reconciliation compares against it
+            if before is None or ts >= high:  # the newest so far: reconciliation compares it
                 after = StateRow(
                     event.user_id,
                     event.status,
@@ -282,7 +294,6 @@ def fan_out(
                     ts,
                 )
             else:  # an older event arriving late describes no current state
-                assert before is not None
                 after = before
             if after is not before:
                 states[event.user_id] = after
