@@ -53,8 +53,19 @@ def row(
     )
 
 
+def split(rows: list[LaneRow]) -> tuple[list[LaneRow], dict[core.Lane, int]]:
+    """Active rows, and the newest delivered feed timestamp per lane, as a store reads them."""
+    delivered: dict[core.Lane, int] = {}
+    for r in rows:
+        if r.state == D and r.feed_ts is not None:
+            lane = (r.endpoint, r.user_id)
+            delivered[lane] = max(delivered.get(lane, r.feed_ts), r.feed_ts)
+    return [r for r in rows if r.state in ("waiting", "pending", "inflight")], delivered
+
+
 def moves(rows: list[LaneRow]) -> dict[int, DeliveryState]:
-    return {c.id: c.state for c in core.settle(rows, NOW)}
+    active, delivered = split(rows)
+    return {c.id: c.state for c in core.settle(active, NOW, delivered)}
 
 
 @pytest.mark.parametrize(
@@ -129,7 +140,8 @@ def test_settle(rows: list[LaneRow], expected: dict[int, DeliveryState]) -> None
 
 def test_settle_is_idempotent() -> None:
     rows = [row(1, D, 20), row(2, P, 40), row(3, W, 10), row(4, W, 30), row(5, W, 50)]
-    changes = core.settle(rows, NOW)
+    active, delivered = split(rows)
+    changes = core.settle(active, NOW, delivered)
     by_id = {c.id: c for c in changes}
     after = [
         replace(r, state=by_id[r.id].state.value, next_at=by_id[r.id].next_at)
@@ -137,7 +149,7 @@ def test_settle_is_idempotent() -> None:
         else r
         for r in rows
     ]
-    assert core.settle(after, NOW) == []
+    assert core.settle(split(after)[0], NOW, delivered) == []
     assert {c.id: c.state for c in changes} == {3: S, 2: W, 4: P}
 
 
@@ -146,6 +158,20 @@ def test_settle_keeps_a_later_schedule_and_names_what_it_saw() -> None:
     assert changes == [Change(1, "crm", "waiting", P, NOW + 5)]
     promoted = core.settle([row(2, W, 20, next_at=NOW - 5)], NOW)
     assert promoted[0].next_at == NOW  # never due in the past
+
+
+def test_place_decides_new_deliveries_before_they_are_written() -> None:
+    plan = core.fan_out(
+        [(7, event(ts=10)), (8, event("u2", ts=5)), (9, event(None, ts=1))], [CRM], {}, NOW
+    )
+    active = [row(1, P, 20), row(2, I, 9, user="u2")]
+    placed, changes, superseded = core.place(plan.deliveries, active, {}, NOW)
+    assert [(d.seq, d.state) for d in placed] == [(7, P), (8, W), (9, P)]
+    assert changes == [Change(1, "crm", "pending", W, 0.0)]  # u1's newer one was untouched
+    assert superseded == {}
+    stale, _, counted = core.place(plan.deliveries[:1], [], {("crm", "u1"): 11}, NOW)
+    assert stale[0].state == S
+    assert counted == {"crm": 1}
 
 
 def test_superseded_counts_per_endpoint() -> None:

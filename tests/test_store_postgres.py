@@ -625,7 +625,7 @@ async def test_hot_paths_read_partial_indexes_not_the_history(
     )
     assert "deliveries_pkey" in record
     lanes = await plan(db, sql.lane_rows("= ANY($1::text[])"), [USER_A])
-    assert "deliveries_user" in lanes
+    assert "deliveries_lane" in lanes  # the partial index of active rows
     locks = await plan(db, pg._LOCK_USERS_OF, [1, 2])
     assert "user_locks_pkey" in locks
     pending = await plan(

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any
 
@@ -65,7 +65,10 @@ __all__ = [
     "replay_plan",
     "superseded",
     "verdict_row",
+    "just_delivered",
+    "overtaking",
     "endpoint_stats",
+    "delivered_high",
     "lane_row",
     "lane_ts",
     "state_row",
@@ -77,6 +80,7 @@ __all__ = [
     "format_delivery_id",
     "is_stale",
     "parse_delivery_id",
+    "place",
     "public_state",
     "segments",
     "settle",
@@ -171,6 +175,17 @@ class StateRow:
     source: str
     high_ts: int = 0
 
+    def values(self) -> tuple[Any, ...]:
+        """The columns in the order the stores write them (cheaper than ``astuple``)."""
+        return (
+            self.user_id,
+            self.status,
+            self.requirements,
+            self.event_id,
+            self.source,
+            self.high_ts,
+        )
+
 
 def is_stale(event: NewEvent, state: StateRow | None) -> bool:
     """A reconciled event whose base state changed meanwhile (the feed was newer): not stored.
@@ -251,6 +266,9 @@ class FanOut:
     deliveries: list[NewDelivery] = field(default_factory=list)
     states: list[StateRow] = field(default_factory=list)  # upserts, one per user
     superseded: dict[str, int] = field(default_factory=dict)
+    #: Users whose new feed event is older than the newest one stored for them: only their
+    #: lanes can hold a delivered event that makes it stale.
+    late: list[str] = field(default_factory=list)
 
 
 def fan_out(
@@ -284,6 +302,8 @@ def fan_out(
         else:  # a reconciled event goes after every event of its user stored before it
             ts, feed_ts = high, None
         if event.user_id is not None:
+            if before is not None and feed_ts is not None and ts < high:
+                plan.late.append(event.user_id)
             if before is None or ts >= high:  # the newest so far: reconciliation compares it
                 after = StateRow(
                     event.user_id,
@@ -361,8 +381,14 @@ def _untouched(row: LaneRow) -> bool:
     return row.state == DeliveryState.PENDING and row.attempts == 0
 
 
-def settle(rows: Iterable[LaneRow], now: float) -> list[Change]:
-    """The changes that restore every lane's rules, given all its active and delivered rows.
+Lane = tuple[str, str]  # (endpoint, user_id)
+
+
+def settle(
+    rows: Iterable[LaneRow], now: float, delivered: Mapping[Lane, int] | None = None
+) -> list[Change]:
+    """The changes that restore every lane's rules, given its active rows (waiting, pending,
+    in flight) and, per lane, the newest sFOX timestamp of a feed event delivered on it.
 
     Per lane, in key order (``ts``, then ``ord``):
 
@@ -376,15 +402,12 @@ def settle(rows: Iterable[LaneRow], now: float) -> list[Change]:
 
     Idempotent: rows that already keep the rules produce no change.
     """
-    lanes: dict[tuple[str, str], list[LaneRow]] = {}
+    lanes: dict[Lane, list[LaneRow]] = {}
     for row in rows:
         lanes.setdefault((row.endpoint, row.user_id), []).append(row)
     changes: list[Change] = []
-    for lane in lanes.values():
-        delivered = [
-            r.feed_ts for r in lane if r.state == DeliveryState.DELIVERED and r.feed_ts is not None
-        ]
-        newest = max(delivered) if delivered else None
+    for name, lane in lanes.items():
+        newest = (delivered or {}).get(name)
         waiting: list[LaneRow] = []
         active: LaneRow | None = None
         for row in sorted(lane, key=lambda r: (r.ts, r.ord, r.id)):
@@ -424,6 +447,81 @@ def settle(rows: Iterable[LaneRow], now: float) -> list[Change]:
             )
         )
     return changes
+
+
+def place(
+    new: Sequence[NewDelivery],
+    rows: Iterable[LaneRow],
+    delivered: Mapping[Lane, int],
+    now: float,
+) -> tuple[list[NewDelivery], list[Change], Counter[str]]:
+    """New deliveries with the state :func:`settle` gives them among their lanes' active
+    ``rows``, the changes to those rows (an older event taking an untouched one's place),
+    and how many deliveries, new or not, this superseded per endpoint.
+
+    Decided before inserting, so that a new delivery is written once, in its final state.
+    """
+    virtual = {
+        -(i + 1): d for i, d in enumerate(new) if d.state == DeliveryState.WAITING and d.user_id
+    }
+    lane_rows = [*rows]
+    for key, d in virtual.items():
+        assert d.user_id is not None
+        lane_rows.append(
+            LaneRow(
+                key, d.endpoint, d.user_id, d.state, 0, d.ts, d.seq, d.feed_ts, False, d.next_at
+            )
+        )
+    decided: dict[int, Change] = {}
+    changes: list[Change] = []
+    everything = settle(lane_rows, now, delivered)
+    for change in everything:
+        if change.id < 0:
+            decided[change.id] = change
+        else:
+            changes.append(change)
+    placed = list(new)
+    for key, change in decided.items():
+        index = -key - 1
+        placed[index] = replace(new[index], state=change.state, next_at=change.next_at)
+    return placed, changes, superseded(everything)
+
+
+def overtaking(new: Iterable[NewDelivery], heads: Iterable[LaneRow]) -> list[str]:
+    """Users for whom :func:`place` needs their lanes' waiting rows too, beyond each lane's
+    head (its pending or in-flight delivery): where a new delivery is older than an
+    untouched head. Elsewhere a lane's waiting rows cannot change the new one's state."""
+    untouched = {(h.endpoint, h.user_id): (h.ts, h.ord) for h in heads if _untouched(h)}
+    return sorted(
+        {
+            d.user_id
+            for d in new
+            if d.user_id is not None
+            and (d.endpoint, d.user_id) in untouched
+            and (d.ts, d.seq) < untouched[d.endpoint, d.user_id]
+        }
+    )
+
+
+def delivered_high(rows: Iterable[Row]) -> dict[Lane, int]:
+    """``(endpoint, user_id, feed_ts)`` rows, the newest delivered feed event of each lane."""
+    return {(row["endpoint"], row["user_id"]): row["feed_ts"] for row in rows}
+
+
+def just_delivered(verdicts: Iterable[tuple[str, str | None, str, int | None]]) -> dict[Lane, int]:
+    """Per lane, the newest feed event among ``(endpoint, user_id, state, feed_ts)`` verdicts
+    that were delivered.
+
+    Enough to settle those lanes: no waiting delivery is ever older than a feed event
+    delivered before (it was superseded then, or when it was placed), so only the one just
+    delivered can make another stale.
+    """
+    newest: dict[Lane, int] = {}
+    for endpoint, user_id, state, feed_ts in verdicts:
+        if state == DeliveryState.DELIVERED and user_id is not None and feed_ts is not None:
+            lane = (endpoint, user_id)
+            newest[lane] = max(newest.get(lane, feed_ts), feed_ts)
+    return newest
 
 
 def superseded(changes: Iterable[Change]) -> Counter[str]:
@@ -510,6 +608,16 @@ class Health:
     last_success_at: float | None
     last_failure_at: float | None
     last_error: str | None
+
+    def values(self) -> tuple[Any, ...]:
+        """The columns in the order :data:`relay.store.sql.UPSERT_HEALTH` takes them."""
+        return (
+            self.endpoint,
+            self.delivered,
+            self.last_success_at,
+            self.last_failure_at,
+            self.last_error,
+        )
 
 
 def error_text(status: int | None, error: str | None) -> str:

@@ -36,8 +36,7 @@ import random
 import secrets
 import socket
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import astuple
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar, Unpack
 from urllib.parse import urlsplit, urlunsplit
 
@@ -262,7 +261,8 @@ _APPLY = """
             claimed_by = NULL, lease_until = NULL
         FROM verdict v
         WHERE d.id = v.id AND d.claimed_by = $1
-        RETURNING d.id, d.endpoint, d.user_id, v.state, v.at, v.status, v.error, v.i
+        RETURNING d.id, d.endpoint, d.user_id, d.feed_ts, v.state, v.at, v.status, v.error,
+            v.i
     ), logged AS (
         INSERT INTO attempts (delivery_id, n, at, status, latency, error, excerpt)
         SELECT v.id,
@@ -270,7 +270,7 @@ _APPLY = """
             v.at, v.status, v.latency, v.error, v.excerpt
         FROM verdict v JOIN applied a ON a.id = v.id
     )
-    SELECT id, endpoint, user_id, state, at, status, error FROM applied ORDER BY i
+    SELECT id, endpoint, user_id, feed_ts, state, at, status, error FROM applied ORDER BY i
 """
 
 
@@ -329,8 +329,8 @@ def display_url(url: str) -> str:
 
 
 def _columns(rows: Sequence[Any], width: int) -> list[list[Any]]:
-    """Rows (tuples or dataclasses) as ``width`` column lists, for ``unnest``."""
-    tuples = [row if isinstance(row, tuple) else astuple(row) for row in rows]
+    """Rows (tuples, or records with ``values()``) as ``width`` column lists, for ``unnest``."""
+    tuples = [row if isinstance(row, tuple) else row.values() for row in rows]
     return [[row[i] for row in tuples] for i in range(width)]
 
 
@@ -652,37 +652,58 @@ class PostgresStore:
             superseded.update(plan.superseded)
             if plan.states:
                 await conn.execute(_UPSERT_USER_STATES, *_columns(plan.states, 6), now)
-            if plan.deliveries:
+            users_of_run = sorted({e.user_id for _, e in new if e.user_id})
+            lanes, delivered = await self._lanes(conn, users_of_run, plan.late)
+            placed, changes, moved = core.place(plan.deliveries, lanes, delivered, now)
+            superseded.update(moved)
+            if placed:
                 rows_ = [
                     (d.seq, d.endpoint, d.user_id, d.state.value, d.next_at, d.ts, d.feed_ts)
-                    for d in plan.deliveries
+                    for d in placed
                 ]
                 await conn.execute(_INSERT_DELIVERIES, *_columns(rows_, 7), now)
-                due = due or any(d.state == core.DeliveryState.PENDING for d in plan.deliveries)
-            changes = await self._settle(
-                conn, sorted({e.user_id for _, e in new if e.user_id}), now
-            )
-            superseded.update(core.superseded(changes))
-            due = due or any(c.state == core.DeliveryState.PENDING for c in changes)
+            await self._apply(conn, changes, now)
+            pending = core.DeliveryState.PENDING
+            due = due or any(d.state == pending for d in placed)
+            due = due or any(c.state == pending for c in changes)
         if due:
             await self._notify(conn)
         return records.AppendResult(stored, duplicates, stale, dict(superseded))
 
     @staticmethod
-    async def _settle(conn: Conn, users: Sequence[str], now: float) -> list[core.Change]:
-        """Apply :func:`core.settle` to these users' lanes (their locks are held).
+    async def _lanes(
+        conn: Conn, users: Sequence[str], late: Sequence[str]
+    ) -> tuple[list[core.LaneRow], dict[core.Lane, int]]:
+        """These users' active lane rows (their locks are held), and for the ``late`` ones
+        (a new event older than their newest) the newest delivered feed timestamp of their
+        lanes.
 
         The rows are locked too: a claim skips them meanwhile, so an untouched pending
         delivery that goes back to waiting is never in flight at the same time.
         """
         if not users:
-            return []
-        rows = await conn.fetch(sql.lane_rows("= ANY($1::text[])") + " FOR UPDATE", list(users))
-        changes = core.settle(map(core.lane_row, rows), now)
+            return [], {}
+        found = await conn.fetch(sql.lane_rows("= ANY($1::text[])") + " FOR UPDATE", list(users))
+        rows = [core.lane_row(row) for row in found]
+        if not late:
+            return rows, {}
+        high = await conn.fetch(sql.delivered_high("= ANY($1::text[])"), list(late))
+        return rows, core.delivered_high(high)
+
+    @staticmethod
+    async def _apply(conn: Conn, changes: Sequence[core.Change], now: float) -> None:
         if changes:
             await conn.executemany(
                 sql.SETTLE, [(c.state.value, c.next_at, now, c.id, c.was) for c in changes]
             )
+
+    async def _settle(
+        self, conn: Conn, users: Sequence[str], now: float, delivered: Mapping[core.Lane, int]
+    ) -> list[core.Change]:
+        """Apply :func:`core.settle` to these users' lanes (their locks are held)."""
+        rows, _ = await self._lanes(conn, users, ())
+        changes = core.settle(rows, now, delivered)
+        await self._apply(conn, changes, now)
         return changes
 
     async def quarantine(self, frame: BadFrame, now: float) -> None:
@@ -752,9 +773,12 @@ class PostgresStore:
                     ]
                 )
                 if health:
-                    await conn.executemany(sql.UPSERT_HEALTH, [astuple(h) for h in health])
+                    await conn.executemany(sql.UPSERT_HEALTH, [h.values() for h in health])
                 users = core.finished_users((r["user_id"], r["state"]) for r in applied)
-                changes = await self._settle(conn, users, now)
+                delivered = core.just_delivered(
+                    (r["endpoint"], r["user_id"], r["state"], r["feed_ts"]) for r in applied
+                )
+                changes = await self._settle(conn, users, now, delivered)
             back = "UPDATE 0"
             if released:
                 back = await conn.execute(
@@ -819,7 +843,7 @@ class PostgresStore:
             await conn.executemany(
                 sql.REPLAY, [(r.id, r.state.value, r.ord, now, r.ts) for r in plan]
             )
-            changes = await self._settle(conn, core.lane_users(plan), now)
+            changes = await self._settle(conn, core.lane_users(plan), now, {})
             pending = core.DeliveryState.PENDING
             if any(r.state == pending for r in plan) or any(c.state == pending for c in changes):
                 await self._notify(conn)

@@ -18,6 +18,7 @@ __all__ = [
     "DELIVERY",
     "DELIVERY_COLUMNS",
     "DELIVERY_INSERT_COLUMNS",
+    "HEAD_STATES",
     "HEALTH_STATS",
     "Filters",
     "LANE_COLUMNS",
@@ -28,6 +29,8 @@ __all__ = [
     "UPSERT_HEALTH",
     "USER_STATES",
     "USER_STATE_COLUMNS",
+    "WAITING_STATES",
+    "delivered_high",
     "for_sqlite",
     "insert_deliveries",
     "upsert_user_states",
@@ -46,16 +49,24 @@ DELIVERY_COLUMNS = """
 #: What :func:`relay.store.core.settle` needs of a lane's delivery.
 LANE_COLUMNS = "id, endpoint, user_id, state, attempts, ts, ord, feed_ts, replayed, next_at"
 
-#: The rows that decide lanes: active ones and delivered ones (for staleness).
-_LANE_STATES = sql_states(
-    (DeliveryState.WAITING, DeliveryState.PENDING, DeliveryState.INFLIGHT, DeliveryState.DELIVERED)
-)
+
+def lane_rows(users: str, states: str = ACTIVE_SQL) -> str:
+    """The lane rows of the users ``users`` names (a backend's ``IN`` or ``ANY``) in these
+    states (default: every active one)."""
+    return f"SELECT {LANE_COLUMNS} FROM deliveries WHERE user_id {users} AND state IN {states}"
 
 
-def lane_rows(users: str) -> str:
-    """The lane rows of the users ``users`` names (a backend's ``IN`` or ``ANY`` term)."""
+#: The one delivery of each lane that is pending or in flight.
+HEAD_STATES = sql_states((DeliveryState.PENDING, DeliveryState.INFLIGHT))
+WAITING_STATES = sql_states((DeliveryState.WAITING,))
+
+
+def delivered_high(users: str) -> str:
+    """Per lane of these users, the newest sFOX timestamp of a feed event delivered on it."""
     return (
-        f"SELECT {LANE_COLUMNS} FROM deliveries WHERE user_id {users} AND state IN {_LANE_STATES}"
+        "SELECT endpoint, user_id, MAX(feed_ts) AS feed_ts FROM deliveries "
+        f"WHERE user_id {users} AND state = '{DeliveryState.DELIVERED.value}' "
+        "AND feed_ts IS NOT NULL GROUP BY endpoint, user_id"
     )
 
 

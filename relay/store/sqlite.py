@@ -15,9 +15,8 @@ import os
 import sqlite3
 import threading
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import astuple
 from pathlib import Path
 from typing import TypeVar, Unpack
 
@@ -426,8 +425,11 @@ class SQLiteStore:
                 superseded.update(plan.superseded)
                 conn.executemany(
                     _UPSERT_USER_STATE,
-                    [(*astuple(s), now) for s in plan.states],
+                    [(*s.values(), now) for s in plan.states],
                 )
+                rows, delivered = self._heads(conn, users, plan)
+                placed, changes, moved = core.place(plan.deliveries, rows, delivered, now)
+                superseded.update(moved)
                 conn.executemany(
                     _INSERT_DELIVERY,
                     [
@@ -442,23 +444,65 @@ class SQLiteStore:
                             d.ts,
                             d.feed_ts,
                         )
-                        for d in plan.deliveries
+                        for d in placed
                     ],
                 )
-                superseded.update(self._settle(conn, users, now))
+                self._apply(conn, changes, now)
         return records.AppendResult(stored, duplicates, stale, dict(superseded))
 
     @staticmethod
-    def _settle(conn: sqlite3.Connection, users: Sequence[str], now: float) -> Counter[str]:
-        """Apply :func:`core.settle` to these users' lanes; superseded counts per endpoint."""
+    def _heads(
+        conn: sqlite3.Connection, users: Sequence[str], plan: core.FanOut
+    ) -> tuple[list[core.LaneRow], dict[core.Lane, int]]:
+        """What :func:`core.place` needs: each lane's head, its waiting rows where a new
+        delivery may overtake the head, the newest delivered timestamp where one is late."""
+        rows = SQLiteStore._rows(conn, users, sql.HEAD_STATES)
+        rows += SQLiteStore._rows(conn, core.overtaking(plan.deliveries, rows), sql.WAITING_STATES)
+        if not plan.late:
+            return rows, {}
+        high = conn.execute(sql.delivered_high(f"IN ({_marks(plan.late)})"), plan.late)
+        return rows, core.delivered_high(high)
+
+    @staticmethod
+    def _rows(conn: sqlite3.Connection, users: Sequence[str], states: str) -> list[core.LaneRow]:
         if not users:
-            return Counter()
-        rows = conn.execute(sql.lane_rows(f"IN ({_marks(users)})"), list(users)).fetchall()
-        changes = core.settle(map(core.lane_row, rows), now)
+            return []
+        found = conn.execute(sql.lane_rows(f"IN ({_marks(users)})", states), list(users))
+        return [core.lane_row(row) for row in found]
+
+    @staticmethod
+    def _lanes(
+        conn: sqlite3.Connection, users: Sequence[str], late: Sequence[str]
+    ) -> tuple[list[core.LaneRow], dict[core.Lane, int]]:
+        """These users' active lane rows, and for the ``late`` ones (a new event older than
+        their newest) the newest delivered feed timestamp of their lanes."""
+        if not users:
+            return [], {}
+        found = conn.execute(sql.lane_rows(f"IN ({_marks(users)})"), list(users))
+        rows = [core.lane_row(row) for row in found]
+        if not late:
+            return rows, {}
+        high = conn.execute(sql.delivered_high(f"IN ({_marks(late)})"), list(late))
+        return rows, core.delivered_high(high)
+
+    @staticmethod
+    def _apply(conn: sqlite3.Connection, changes: Sequence[core.Change], now: float) -> None:
         conn.executemany(
             sql.for_sqlite(sql.SETTLE),
             [(c.state.value, c.next_at, now, c.id, c.was) for c in changes],
         )
+
+    def _settle(
+        self,
+        conn: sqlite3.Connection,
+        users: Sequence[str],
+        now: float,
+        delivered: Mapping[core.Lane, int],
+    ) -> Counter[str]:
+        """Apply :func:`core.settle` to these users' lanes; superseded counts per endpoint."""
+        rows, _ = self._lanes(conn, users, ())
+        changes = core.settle(rows, now, delivered)
+        self._apply(conn, changes, now)
         return core.superseded(changes)
 
     async def quarantine(self, frame: BadFrame, now: float) -> None:
@@ -538,10 +582,11 @@ class SQLiteStore:
             if not tried:
                 return {}
             ids = [out.delivery_id for out in tried]
-            lanes: dict[int, tuple[str, str | None]] = {
-                row[0]: (row[1], row[2])
+            lanes: dict[int, tuple[str, str | None, int | None]] = {
+                row[0]: (row[1], row[2], row[3])
                 for row in conn.execute(
-                    f"SELECT id, endpoint, user_id FROM deliveries WHERE id IN ({_marks(ids)})",
+                    "SELECT id, endpoint, user_id, feed_ts FROM deliveries "
+                    f"WHERE id IN ({_marks(ids)})",
                     ids,
                 )
             }
@@ -573,11 +618,15 @@ class SQLiteStore:
                     for out, a in attempts
                 ]
             )
-            conn.executemany(sql.for_sqlite(sql.UPSERT_HEALTH), [astuple(h) for h in health])
+            conn.executemany(sql.for_sqlite(sql.UPSERT_HEALTH), [h.values() for h in health])
             users = core.finished_users(
                 (lanes[out.delivery_id][1], out.state) for out, _ in attempts
             )
-            return dict(self._settle(conn, users, now))
+            delivered = core.just_delivered(
+                (*lanes[out.delivery_id][:2], out.state, lanes[out.delivery_id][2])
+                for out, _ in attempts
+            )
+            return dict(self._settle(conn, users, now, delivered))
 
     # -- inspection and replay --------------------------------------------------------------
 
@@ -620,7 +669,7 @@ class SQLiteStore:
                     sql.for_sqlite(sql.REPLAY),
                     [(r.id, r.state.value, r.ord, now, r.ts) for r in plan],
                 )
-                self._settle(conn, core.lane_users(plan), now)
+                self._settle(conn, core.lane_users(plan), now, {})
                 return len(rows)
 
         return await self._run(replay)
