@@ -653,7 +653,7 @@ class PostgresStore:
             if plan.states:
                 await conn.execute(_UPSERT_USER_STATES, *_columns(plan.states, 6), now)
             users_of_run = sorted({e.user_id for _, e in new if e.user_id})
-            lanes, delivered = await self._lanes(conn, users_of_run, plan.late)
+            lanes, delivered = await self._heads(conn, users_of_run, plan)
             placed, changes, moved = core.place(plan.deliveries, lanes, delivered, now)
             superseded.update(moved)
             if placed:
@@ -671,24 +671,28 @@ class PostgresStore:
         return records.AppendResult(stored, duplicates, stale, dict(superseded))
 
     @staticmethod
-    async def _lanes(
-        conn: Conn, users: Sequence[str], late: Sequence[str]
+    async def _heads(
+        conn: Conn, users: Sequence[str], plan: core.FanOut
     ) -> tuple[list[core.LaneRow], dict[core.Lane, int]]:
-        """These users' active lane rows (their locks are held), and for the ``late`` ones
-        (a new event older than their newest) the newest delivered feed timestamp of their
-        lanes.
-
-        The rows are locked too: a claim skips them meanwhile, so an untouched pending
-        delivery that goes back to waiting is never in flight at the same time.
-        """
-        if not users:
-            return [], {}
-        found = await conn.fetch(sql.lane_rows("= ANY($1::text[])") + " FOR UPDATE", list(users))
-        rows = [core.lane_row(row) for row in found]
-        if not late:
+        """What :func:`core.place` needs (the users' locks are held): each lane's head, its
+        waiting rows where a new delivery may overtake the head, the newest delivered
+        timestamp where one is late."""
+        rows = await PostgresStore._rows(conn, users, sql.HEAD_STATES)
+        overtaking = core.overtaking(plan.deliveries, rows)
+        rows += await PostgresStore._rows(conn, overtaking, sql.WAITING_STATES)
+        if not plan.late:
             return rows, {}
-        high = await conn.fetch(sql.delivered_high("= ANY($1::text[])"), list(late))
+        high = await conn.fetch(sql.delivered_high("= ANY($1::text[])"), plan.late)
         return rows, core.delivered_high(high)
+
+    @staticmethod
+    async def _rows(conn: Conn, users: Sequence[str], states: str) -> list[core.LaneRow]:
+        """Lane rows, locked: a claim skips them meanwhile, so an untouched pending delivery
+        that goes back to waiting is never in flight at the same time."""
+        if not users:
+            return []
+        query = sql.lane_rows("= ANY($1::text[])", states) + " FOR UPDATE"
+        return [core.lane_row(row) for row in await conn.fetch(query, list(users))]
 
     @staticmethod
     async def _apply(conn: Conn, changes: Sequence[core.Change], now: float) -> None:
@@ -701,7 +705,7 @@ class PostgresStore:
         self, conn: Conn, users: Sequence[str], now: float, delivered: Mapping[core.Lane, int]
     ) -> list[core.Change]:
         """Apply :func:`core.settle` to these users' lanes (their locks are held)."""
-        rows, _ = await self._lanes(conn, users, ())
+        rows = await self._rows(conn, users, core.ACTIVE_SQL)
         changes = core.settle(rows, now, delivered)
         await self._apply(conn, changes, now)
         return changes

@@ -471,21 +471,6 @@ class SQLiteStore:
         return [core.lane_row(row) for row in found]
 
     @staticmethod
-    def _lanes(
-        conn: sqlite3.Connection, users: Sequence[str], late: Sequence[str]
-    ) -> tuple[list[core.LaneRow], dict[core.Lane, int]]:
-        """These users' active lane rows, and for the ``late`` ones (a new event older than
-        their newest) the newest delivered feed timestamp of their lanes."""
-        if not users:
-            return [], {}
-        found = conn.execute(sql.lane_rows(f"IN ({_marks(users)})"), list(users))
-        rows = [core.lane_row(row) for row in found]
-        if not late:
-            return rows, {}
-        high = conn.execute(sql.delivered_high(f"IN ({_marks(late)})"), list(late))
-        return rows, core.delivered_high(high)
-
-    @staticmethod
     def _apply(conn: sqlite3.Connection, changes: Sequence[core.Change], now: float) -> None:
         conn.executemany(
             sql.for_sqlite(sql.SETTLE),
@@ -500,7 +485,7 @@ class SQLiteStore:
         delivered: Mapping[core.Lane, int],
     ) -> Counter[str]:
         """Apply :func:`core.settle` to these users' lanes; superseded counts per endpoint."""
-        rows, _ = self._lanes(conn, users, ())
+        rows = self._rows(conn, users, core.ACTIVE_SQL)
         changes = core.settle(rows, now, delivered)
         self._apply(conn, changes, now)
         return core.superseded(changes)
