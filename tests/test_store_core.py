@@ -373,3 +373,12 @@ def test_delivery_ids(text: str, number: int | None) -> None:
     assert core.parse_delivery_id(text) == number
     if number is not None:
         assert core.format_delivery_id(number) == text
+
+
+def test_only_finished_lanes_move_on_and_only_the_event_just_delivered_makes_others_stale() -> None:
+    verdicts = [("crm", "u1", "delivered"), ("crm", "u2", "pending"), ("vault", None, "dead")]
+    assert core.finished_lanes(verdicts) == {("crm", "u1")}
+    delivered = core.just_delivered(
+        [("crm", "u1", "delivered", 5), ("crm", "u1", "delivered", 9), ("crm", "u2", "dead", 20)]
+    )
+    assert delivered == {("crm", "u1"): 9}

@@ -60,7 +60,7 @@ __all__ = [
     "delivery_detail",
     "delivery_info",
     "event_row",
-    "finished_users",
+    "finished_lanes",
     "lane_users",
     "replay_plan",
     "superseded",
@@ -529,10 +529,14 @@ def superseded(changes: Iterable[Change]) -> Counter[str]:
     return Counter(c.endpoint for c in changes if c.state == DeliveryState.SUPERSEDED)
 
 
-def finished_users(verdicts: Iterable[tuple[str | None, str]]) -> list[str]:
-    """The users (sorted, once each) whose lane's active delivery a verdict finished, from
-    ``(user_id, new state)`` pairs: only their lanes can move on."""
-    return sorted({user for user, state in verdicts if user is not None and state != "pending"})
+def finished_lanes(verdicts: Iterable[tuple[str, str | None, str]]) -> set[Lane]:
+    """The lanes whose head a verdict finished, from ``(endpoint, user_id, new state)``:
+    only they can move on, and they have no head left, so their waiting rows suffice."""
+    return {
+        (endpoint, user)
+        for endpoint, user, state in verdicts
+        if user is not None and state != DeliveryState.PENDING
+    }
 
 
 @dataclass(frozen=True, slots=True)

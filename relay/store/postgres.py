@@ -702,10 +702,20 @@ class PostgresStore:
             )
 
     async def _settle(
-        self, conn: Conn, users: Sequence[str], now: float, delivered: Mapping[core.Lane, int]
+        self,
+        conn: Conn,
+        users: Sequence[str],
+        now: float,
+        delivered: Mapping[core.Lane, int],
+        only: set[core.Lane] | None = None,
     ) -> list[core.Change]:
-        """Apply :func:`core.settle` to these users' lanes (their locks are held)."""
-        rows = await self._rows(conn, users, core.ACTIVE_SQL)
+        """Apply :func:`core.settle` to these users' lanes (their locks are held; ``only``:
+        to these lanes, whose head is gone, by their waiting rows)."""
+        if only is None:
+            rows = await self._rows(conn, users, core.ACTIVE_SQL)
+        else:
+            found = await self._rows(conn, users, sql.WAITING_STATES)
+            rows = [r for r in found if (r.endpoint, r.user_id) in only]
         changes = core.settle(rows, now, delivered)
         await self._apply(conn, changes, now)
         return changes
@@ -778,11 +788,14 @@ class PostgresStore:
                 )
                 if health:
                     await conn.executemany(sql.UPSERT_HEALTH, [h.values() for h in health])
-                users = core.finished_users((r["user_id"], r["state"]) for r in applied)
+                finished = core.finished_lanes(
+                    (r["endpoint"], r["user_id"], r["state"]) for r in applied
+                )
                 delivered = core.just_delivered(
                     (r["endpoint"], r["user_id"], r["state"], r["feed_ts"]) for r in applied
                 )
-                changes = await self._settle(conn, users, now, delivered)
+                users = sorted({user for _, user in finished})
+                changes = await self._settle(conn, users, now, delivered, finished)
             back = "UPDATE 0"
             if released:
                 back = await conn.execute(

@@ -483,9 +483,15 @@ class SQLiteStore:
         users: Sequence[str],
         now: float,
         delivered: Mapping[core.Lane, int],
+        only: set[core.Lane] | None = None,
     ) -> Counter[str]:
-        """Apply :func:`core.settle` to these users' lanes; superseded counts per endpoint."""
-        rows = self._rows(conn, users, core.ACTIVE_SQL)
+        """Apply :func:`core.settle` to these users' lanes (``only``: to these lanes, whose
+        head is gone, by their waiting rows); superseded counts per endpoint."""
+        if only is None:
+            rows = self._rows(conn, users, core.ACTIVE_SQL)
+        else:
+            found = self._rows(conn, users, sql.WAITING_STATES)
+            rows = [r for r in found if (r.endpoint, r.user_id) in only]
         changes = core.settle(rows, now, delivered)
         self._apply(conn, changes, now)
         return core.superseded(changes)
@@ -604,14 +610,15 @@ class SQLiteStore:
                 ]
             )
             conn.executemany(sql.for_sqlite(sql.UPSERT_HEALTH), [h.values() for h in health])
-            users = core.finished_users(
-                (lanes[out.delivery_id][1], out.state) for out, _ in attempts
+            finished = core.finished_lanes(
+                (*lanes[out.delivery_id][:2], out.state) for out, _ in attempts
             )
             delivered = core.just_delivered(
                 (*lanes[out.delivery_id][:2], out.state, lanes[out.delivery_id][2])
                 for out, _ in attempts
             )
-            return dict(self._settle(conn, users, now, delivered))
+            users = sorted({user for _, user in finished})
+            return dict(self._settle(conn, users, now, delivered, finished))
 
     # -- inspection and replay --------------------------------------------------------------
 
