@@ -29,7 +29,7 @@ from relay.metrics import Metrics
 from relay.reconcile import Reconciler
 from relay.store import Store, open_store
 from relay.store.base import Target
-from relay.transport import AiohttpSender, Sender
+from relay.transport import Sender, Senders
 
 __all__ = ["Ingest", "Relay", "reconciler_for", "seal_key_of", "targets_of"]
 
@@ -163,12 +163,16 @@ class Relay:
         self.clock = clock
         self.metrics = metrics or Metrics(clock)
         self.store = store or open_store(settings.store.get_secret_value(), lease=settings.lease)
-        self.sender = sender or AiohttpSender()
+        self.senders = (
+            Senders.only(sender, settings.endpoints)
+            if sender is not None
+            else Senders.for_endpoints(settings.endpoints)
+        )
         seal_key = seal_key_of(settings)
         self.dispatcher = Dispatcher(
             self.store,
             settings.endpoints,
-            self.sender,
+            self.senders,
             self.metrics,
             seal_key=seal_key,
             clock=clock,
@@ -249,7 +253,7 @@ class Relay:
                 await self.admin.stop()
         finally:
             await self.reconciler.close()
-            await self.sender.close()
+            await self.senders.close()
             await self.store.close()
 
     async def _serve(self) -> None:

@@ -22,7 +22,7 @@ from relay.config import EndpointConfig
 from relay.errors import StoreUnavailableError
 from relay.metrics import Metrics
 from relay.store.base import Attempt, Claim, Outcome, Store
-from relay.transport import Sender, SendResult
+from relay.transport import Sender, Senders, SendResult
 
 __all__ = ["Dispatcher", "build_request"]
 
@@ -81,7 +81,7 @@ class Dispatcher:
         self,
         store: Store,
         endpoints: Sequence[EndpointConfig],
-        sender: Sender,
+        sender: Sender | Senders,
         metrics: Metrics,
         *,
         seal_key: bytes | None = None,
@@ -95,7 +95,8 @@ class Dispatcher:
         self._store = store
         self._redact = redact
         self._endpoints: Mapping[str, EndpointConfig] = {ep.name: ep for ep in endpoints}
-        self._sender = sender
+        # One sender for all is what tests inject; ``relay run`` passes each endpoint's own.
+        self._senders = sender if isinstance(sender, Senders) else Senders.only(sender, endpoints)
         self._metrics = metrics
         self._seal_key = seal_key
         self._clock = clock
@@ -218,7 +219,7 @@ class Dispatcher:
         attempt_no = claim.attempts + 1
         try:
             request = build_request(endpoint, claim, seal_key=self._seal_key, now=self._clock())
-            result = await self._sender.post(
+            result = await self._senders[endpoint.name].post(
                 endpoint.url.get_secret_value(), request.body, request.headers, endpoint.timeout
             )
         except asyncio.CancelledError:

@@ -1,6 +1,9 @@
-"""The dispatcher's HTTP seam: POST bytes, get a status, a Retry-After and an excerpt back.
+"""The dispatcher's delivery seam: send bytes, get a status, a Retry-After and an excerpt back.
 
-Two implementations behind one small Protocol. :class:`AiohttpSender` is the hot path (httpx
+:class:`Senders` gives each endpoint its sender, chosen once at start-up from the endpoint's
+configuration (:func:`sender_for`): destinations that need a client of their own (a broker, a
+TLS identity, a proxy) plug in there, and the dispatcher never changes. HTTP has two
+implementations behind the one small Protocol. :class:`AiohttpSender` is the hot path (httpx
 alone caps near 1.2k requests/s on this class of machine, see bench/http_clients.py);
 :class:`HttpxSender` serves tests that mock with respx and anyone who prefers httpx. Both
 never follow redirects, always time out, honour ``HTTPS_PROXY``/``HTTP_PROXY``/``NO_PROXY``
@@ -15,16 +18,27 @@ import io
 import os
 import ssl
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import aiohttp
 import httpx
 from aiohttp.helpers import get_env_proxy_for_url
 from yarl import URL
 
-__all__ = ["EXCERPT_BYTES", "AiohttpSender", "HttpxSender", "SendResult", "Sender"]
+if TYPE_CHECKING:
+    from relay.config import EndpointConfig
+
+__all__ = [
+    "EXCERPT_BYTES",
+    "AiohttpSender",
+    "HttpxSender",
+    "SendResult",
+    "Sender",
+    "Senders",
+    "sender_for",
+]
 
 EXCERPT_BYTES = 1024
 _RAW_BODY_LIMIT = 1024 * 1024
@@ -42,13 +56,53 @@ class SendResult:
 
 
 class Sender(Protocol):
-    """POSTs one webhook. Never raises for network trouble: that is a result too."""
+    """Sends one webhook. Never raises for network trouble: that is a result too."""
 
     async def post(
         self, url: str, body: bytes, headers: Mapping[str, str], timeout: float
     ) -> SendResult: ...
 
     async def close(self) -> None: ...
+
+
+def sender_for(endpoint: EndpointConfig, http: Sender) -> Sender:
+    """The sender one endpoint's deliveries go through; ``http`` is the shared HTTP pool.
+
+    The one place a destination is chosen: endpoints whose URL or options need a client of
+    their own get it here, built once.
+    """
+    del endpoint  # every endpoint is plain HTTP(S) through the shared pool, for now
+    return http
+
+
+class Senders:
+    """Each endpoint's sender, by endpoint name; closes each distinct sender once."""
+
+    def __init__(self, by_endpoint: Mapping[str, Sender]) -> None:
+        self._by_endpoint = dict(by_endpoint)
+
+    @classmethod
+    def for_endpoints(
+        cls, endpoints: Iterable[EndpointConfig], *, http: Sender | None = None
+    ) -> Senders:
+        """What ``relay run`` uses: :func:`sender_for` each endpoint."""
+        pool = http if http is not None else AiohttpSender()
+        return cls({ep.name: sender_for(ep, pool) for ep in endpoints})
+
+    @classmethod
+    def only(cls, sender: Sender, endpoints: Iterable[EndpointConfig]) -> Senders:
+        """Every endpoint through ``sender`` (tests inject one this way)."""
+        return cls(dict.fromkeys((ep.name for ep in endpoints), sender))
+
+    def __getitem__(self, endpoint: str) -> Sender:
+        return self._by_endpoint[endpoint]
+
+    async def close(self) -> None:
+        closed: list[Sender] = []
+        for sender in self._by_endpoint.values():
+            if not any(sender is done for done in closed):
+                closed.append(sender)
+                await sender.close()
 
 
 def _ssl_context() -> ssl.SSLContext:

@@ -1006,3 +1006,26 @@ async def test_signature_covers_the_bytes_sent(policy: str) -> None:
     tampered = request.body.replace(b"Brando", b"Brandon")
     with pytest.raises(AssertionError):
         _signed_by((SECRET_1, SECRET_2), request.headers, tampered)
+
+
+async def test_senders_close_each_distinct_sender_once() -> None:
+    from relay.config import EndpointConfig
+    from relay.transport import Senders
+
+    class Counting:
+        closed = 0
+
+        async def post(self, url: str, body: bytes, headers: Any, timeout: float) -> Any:
+            raise AssertionError("not used")
+
+        async def close(self) -> None:
+            self.closed += 1
+
+    shared, own = Counting(), Counting()
+    endpoints = [
+        EndpointConfig(url=f"https://{host}.example/hook", name=host) for host in ("a", "b")
+    ]
+    senders = Senders.only(shared, endpoints)
+    assert senders["a"] is shared and senders["b"] is shared
+    await Senders({"a": shared, "b": shared, "c": own}).close()
+    assert (shared.closed, own.closed) == (1, 1)
