@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from http import HTTPStatus
 from ssl import SSLContext
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
 
 from relay.signing import SignatureError, decode_secret, verify
 
@@ -145,8 +145,8 @@ class _Connection(asyncio.Protocol):
     # asyncio.Protocol -------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # A stream transport (uvloop's are not asyncio.Transport subclasses: no isinstance).
+        self._transport = cast(asyncio.Transport, transport)
         self._receiver._connections.add(self)
         self._receiver.connections += 1
         sock = transport.get_extra_info("socket")
