@@ -19,6 +19,7 @@ import re
 import tomllib
 from collections.abc import Iterable, Mapping
 from contextvars import ContextVar
+from functools import cached_property
 from typing import Any, Literal, Self
 from urllib.parse import unquote, urlsplit, urlunsplit
 
@@ -37,6 +38,7 @@ from pydantic.fields import FieldInfo
 from pydantic_core import ErrorDetails
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from relay import fields as payload_fields
 from relay.errors import ConfigError
 from relay.events import KNOWN_FEEDS
 from relay.signing import decode_secret
@@ -95,6 +97,11 @@ _ENDPOINT_KEYS = frozenset(
         "timeout",
         "retry_schedule",
         "max_in_flight",
+        "fields",
+        "ca_file",
+        "client_cert",
+        "client_key",
+        "proxy",
     ]
 )
 # Input keys: the variables' names without RELAY_, lower-cased (also the TOML keys).
@@ -493,6 +500,7 @@ class EndpointConfig(BaseModel):
     timeout: float = parse_duration(DEFAULT_DELIVERY_TIMEOUT)
     retry_schedule: tuple[float, ...] = _schedule(DEFAULT_RETRY_SCHEDULE)
     max_in_flight: int = Field(default=64, ge=1)
+    fields: tuple[str, ...] | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -563,6 +571,25 @@ class EndpointConfig(BaseModel):
     @classmethod
     def _check_schedule(cls, value: object) -> tuple[float, ...]:
         return _schedule(value)
+
+    @field_validator("fields", mode="before")
+    @classmethod
+    def _check_fields(cls, value: object) -> tuple[str, ...] | None:
+        if value is None:
+            return None
+        if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+            raise _Invalid('expected a list of payload keys, e.g. ["user_id", "status"]')
+        paths = tuple(dict.fromkeys(v.strip() for v in value))
+        try:
+            payload_fields.parse(paths)
+        except ValueError as exc:  # its reason names a position, never a value
+            raise _Invalid(str(exc)) from None
+        return paths
+
+    @cached_property
+    def field_tree(self) -> payload_fields.FieldTree | None:
+        """``fields`` as the tree :func:`relay.fields.select` walks, built on first use."""
+        return None if self.fields is None else payload_fields.parse(self.fields)
 
     @property
     def display_url(self) -> str:
@@ -1020,6 +1047,7 @@ def _describe_endpoint(endpoint: EndpointConfig) -> dict[str, object]:
         "timeout": _format_duration(endpoint.timeout),
         "retry_schedule": [_format_duration(step) for step in endpoint.retry_schedule],
         "max_in_flight": endpoint.max_in_flight,
+        "fields": None if endpoint.fields is None else list(endpoint.fields),
     }
 
 

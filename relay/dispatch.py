@@ -56,6 +56,7 @@ def build_request(
         endpoint_key=token_key,
         webhook_id=claim.event_id,
         now=now,
+        fields=endpoint.field_tree,
     )
     timestamp = int(now)
     headers = {name: value.get_secret_value() for name, value in endpoint.headers.items()}
