@@ -39,6 +39,7 @@ from pydantic_core import ErrorDetails
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from relay import fields as payload_fields
+from relay import tls
 from relay.errors import ConfigError
 from relay.events import KNOWN_FEEDS
 from relay.signing import decode_secret
@@ -477,6 +478,18 @@ def _is_postgres(store: SecretStr) -> bool:
     return store.get_secret_value().startswith(("postgresql://", "postgres://"))
 
 
+def _scheme_of(info: ValidationInfo) -> str | None:
+    """The endpoint URL's scheme, when the URL (validated before) is valid."""
+    url = info.data.get("url")
+    return urlsplit(url.get_secret_value()).scheme if isinstance(url, SecretStr) else None
+
+
+def _needs_tls(info: ValidationInfo) -> None:
+    scheme = _scheme_of(info)
+    if scheme is not None and scheme not in tls.TLS_SCHEMES:
+        raise _Invalid(f"{scheme}:// has no TLS (use https://, or leave {info.field_name} out)")
+
+
 # -- models --------------------------------------------------------------------------------------
 
 
@@ -501,6 +514,10 @@ class EndpointConfig(BaseModel):
     retry_schedule: tuple[float, ...] = _schedule(DEFAULT_RETRY_SCHEDULE)
     max_in_flight: int = Field(default=64, ge=1)
     fields: tuple[str, ...] | None = None
+    ca_file: str | None = None
+    client_cert: str | None = None
+    client_key: str | None = Field(default=None, validate_default=True)
+    proxy: SecretStr | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -585,6 +602,51 @@ class EndpointConfig(BaseModel):
         except ValueError as exc:  # its reason names a position, never a value
             raise _Invalid(str(exc)) from None
         return paths
+
+    @field_validator("ca_file", "client_cert", mode="before")
+    @classmethod
+    def _check_tls_file(cls, value: object, info: ValidationInfo) -> str | None:
+        if value is None:
+            return None
+        path = _text(value)
+        _needs_tls(info)
+        check = tls.check_ca_file if info.field_name == "ca_file" else tls.check_client_cert
+        try:
+            check(path)
+        except ValueError as exc:  # names the path, never the file's contents
+            raise _Invalid(str(exc)) from None
+        return path
+
+    @field_validator("client_key", mode="before")
+    @classmethod
+    def _check_client_key(cls, value: object, info: ValidationInfo) -> str | None:
+        if "client_cert" not in info.data:
+            return None  # client_cert is invalid, and that error is the one reported
+        cert = info.data["client_cert"]
+        if value is None:
+            if cert is not None:
+                raise _Invalid("required with client_cert: the certificate's PEM private key")
+            return None
+        path = _text(value)
+        if cert is None:
+            raise _Invalid("given without client_cert")
+        try:
+            tls.check_client_key(path, cert)
+        except ValueError as exc:
+            raise _Invalid(str(exc)) from None
+        return path
+
+    @field_validator("proxy", mode="before")
+    @classmethod
+    def _check_proxy(cls, value: object, info: ValidationInfo) -> str | None:
+        if value is None:
+            return None
+        scheme = _scheme_of(info)
+        if scheme is not None and scheme not in ("http", "https"):
+            raise _Invalid(f"only for http(s) endpoints, not {scheme}://")
+        if _secret_text(value).lower() == "none":
+            return "none"
+        return _url(value, ("http", "https"), 'an http(s) proxy URL or "none"')
 
     @cached_property
     def field_tree(self) -> payload_fields.FieldTree | None:
@@ -1048,7 +1110,19 @@ def _describe_endpoint(endpoint: EndpointConfig) -> dict[str, object]:
         "retry_schedule": [_format_duration(step) for step in endpoint.retry_schedule],
         "max_in_flight": endpoint.max_in_flight,
         "fields": None if endpoint.fields is None else list(endpoint.fields),
+        "ca_file": endpoint.ca_file,
+        "client_cert": endpoint.client_cert,
+        "client_key": endpoint.client_key,
+        "proxy": _proxy_display(endpoint.proxy),
     }
+
+
+def _proxy_display(proxy: SecretStr | None) -> str | None:
+    """``none``, or the proxy URL with its credentials and query values masked."""
+    if proxy is None:
+        return None
+    text = proxy.get_secret_value()
+    return text if text == "none" else _endpoint_display(text)
 
 
 def _url_secrets(url: str, *, query: bool) -> list[str]:
@@ -1104,5 +1178,7 @@ def secret_values(settings: Settings) -> list[str]:
         found += _key_texts(endpoint.token_key)
         found += [value.get_secret_value() for value in endpoint.headers.values()]
         found += _url_secrets(endpoint.url.get_secret_value(), query=True)
+        if endpoint.proxy is not None:
+            found += _url_secrets(endpoint.proxy.get_secret_value(), query=True)
     unique = {text for text in found if text}
     return sorted(unique, key=lambda text: (-len(text), text))

@@ -14,8 +14,8 @@ name the failure, never the URL (it may carry credentials).
 from __future__ import annotations
 
 import asyncio
+import errno
 import io
-import os
 import ssl
 import time
 from collections.abc import Iterable, Mapping
@@ -26,6 +26,8 @@ import aiohttp
 import httpx
 from aiohttp.helpers import get_env_proxy_for_url
 from yarl import URL
+
+from relay import tls
 
 if TYPE_CHECKING:
     from relay.config import EndpointConfig
@@ -69,9 +71,15 @@ def sender_for(endpoint: EndpointConfig, http: Sender) -> Sender:
     """The sender one endpoint's deliveries go through; ``http`` is the shared HTTP pool.
 
     The one place a destination is chosen: endpoints whose URL or options need a client of
-    their own get it here, built once.
+    their own get it here, built once. An endpoint with its own TLS files or proxy gets its own
+    connection pool: a pool's connections carry one TLS identity and one route.
     """
-    del endpoint  # every endpoint is plain HTTP(S) through the shared pool, for now
+    has_tls_files = endpoint.ca_file is not None or endpoint.client_cert is not None
+    if has_tls_files or endpoint.proxy is not None:
+        return AiohttpSender(
+            ssl_context=tls.context_for(endpoint) if has_tls_files else None,
+            proxy=endpoint.proxy.get_secret_value() if endpoint.proxy is not None else None,
+        )
     return http
 
 
@@ -106,7 +114,7 @@ class Senders:
 
 
 def _ssl_context() -> ssl.SSLContext:
-    return ssl.create_default_context(cafile=os.environ.get("SSL_CERT_FILE") or None)
+    return tls.context()
 
 
 def _excerpt(data: bytes) -> str | None:
@@ -117,18 +125,83 @@ def _excerpt(data: bytes) -> str | None:
     return text.encode()[:EXCERPT_BYTES].decode("utf-8", "ignore")
 
 
-class AiohttpSender:
-    """aiohttp behind the seam: several times the throughput of httpx's own transport."""
+def _failure(exc: BaseException, *, over_tls: bool) -> str:
+    """Why an aiohttp request got no answer, in words an operator can act on.
 
-    def __init__(self, *, max_connections: int = 0) -> None:
+    Built from exception types, OpenSSL's reason codes and errno texts only: aiohttp's own
+    messages name the host and may name the proxy URL, credentials included.
+    """
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        cert_error = exc.certificate_error
+        detail = getattr(cert_error, "verify_message", None) or _ssl_reason(cert_error)
+        return f"TLS: the endpoint's certificate is not trusted ({detail})"
+    if isinstance(exc, aiohttp.ClientHttpProxyError):
+        return f"proxy refused the connection: {exc.status}"
+    tls_error = _ssl_error(exc)
+    if tls_error is not None:
+        return f"TLS failed: {_ssl_reason(tls_error)}"
+    if isinstance(exc, aiohttp.ClientProxyConnectionError):
+        return f"proxy connection failed: {_os_reason(exc.os_error)}"
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        if over_tls and isinstance(exc.os_error, ConnectionResetError):
+            return "TLS handshake failed: connection reset by the endpoint"
+        return f"connection failed: {_os_reason(exc.os_error)}"
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return "connection closed by the endpoint"
+    if isinstance(exc, aiohttp.ClientOSError) and exc.errno == errno.ECONNRESET:
+        return "connection reset by the endpoint"
+    return f"request failed: {type(exc).__name__}"
+
+
+def _ssl_error(exc: BaseException) -> ssl.SSLError | None:
+    """The OpenSSL error behind ``exc`` (its os_error or cause), if any."""
+    for candidate in (getattr(exc, "os_error", None), exc.__cause__, exc):
+        if isinstance(candidate, ssl.SSLError):
+            return candidate
+    return None
+
+
+def _ssl_reason(error: BaseException) -> str:
+    """OpenSSL's reason code, readable: ``TLSV13_ALERT_CERTIFICATE_REQUIRED`` -> words."""
+    reason = getattr(error, "reason", None)
+    return reason.replace("_", " ").lower() if isinstance(reason, str) else type(error).__name__
+
+
+def _os_reason(error: OSError) -> str:
+    return error.strerror or type(error).__name__
+
+
+class AiohttpSender:
+    """aiohttp behind the seam: several times the throughput of httpx's own transport.
+
+    Args:
+        max_connections: cap on open connections (0: none).
+        ssl_context: how TLS is verified and which client certificate is shown; the default
+            trusts ``SSL_CERT_FILE`` (else the system's CAs).
+        proxy: ``None`` resolves ``HTTPS_PROXY``/``HTTP_PROXY``/``NO_PROXY`` per host;
+            ``"none"`` always connects directly; an http(s) URL (credentials in it are sent as
+            ``Proxy-Authorization``) is used for every request.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_connections: int = 0,
+        ssl_context: ssl.SSLContext | None = None,
+        proxy: str | None = None,
+    ) -> None:
         self._max_connections = max_connections
+        self._ssl_context = ssl_context
         self._session: aiohttp.ClientSession | None = None
-        self._proxies: dict[tuple[str, str], tuple[URL | None, aiohttp.BasicAuth | None]] = {}
+        self._proxies: dict[tuple[str, str], URL | None] = {}
+        self._fixed_proxy = proxy is not None
+        self._proxy_url = None if proxy in (None, "none") else URL(proxy)
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None:
+            context = self._ssl_context if self._ssl_context is not None else _ssl_context()
             connector = aiohttp.TCPConnector(
-                limit=self._max_connections, ssl=_ssl_context(), enable_cleanup_closed=True
+                limit=self._max_connections, ssl=context, enable_cleanup_closed=True
             )
             # trust_env would read ~/.netrc on every request; proxies are resolved below.
             self._session = aiohttp.ClientSession(
@@ -136,22 +209,32 @@ class AiohttpSender:
             )
         return self._session
 
-    def _proxy(self, url: str) -> tuple[URL | None, aiohttp.BasicAuth | None]:
-        """The proxy ``HTTPS_PROXY``/``HTTP_PROXY``/``NO_PROXY`` choose, cached per host."""
+    def _proxy(self, url: str) -> URL | None:
+        """The configured proxy, or the one the environment chooses, cached per host.
+
+        Credentials ride in the proxy URL: aiohttp sends them as ``Proxy-Authorization`` (its
+        ``proxy_auth`` argument is deprecated, and a warning per request is no way to run).
+        """
+        if self._fixed_proxy:
+            return self._proxy_url
         target = URL(url)
         key = (target.scheme, target.host or "")
         if key not in self._proxies:
             try:
-                self._proxies[key] = get_env_proxy_for_url(target)
+                proxy, auth = get_env_proxy_for_url(target)
             except LookupError:
-                self._proxies[key] = (None, None)
+                self._proxies[key] = None
+            else:
+                if auth is not None:
+                    proxy = proxy.with_user(auth.login).with_password(auth.password)
+                self._proxies[key] = proxy
         return self._proxies[key]
 
     async def post(
         self, url: str, body: bytes, headers: Mapping[str, str], timeout: float
     ) -> SendResult:
         start = time.perf_counter()
-        proxy, proxy_auth = self._proxy(url)
+        proxy = self._proxy(url)
         try:
             async with self._client().post(
                 url,
@@ -161,7 +244,6 @@ class AiohttpSender:
                 headers=headers,
                 allow_redirects=False,
                 proxy=proxy,
-                proxy_auth=proxy_auth,
                 timeout=aiohttp.ClientTimeout(total=timeout),
             ) as response:
                 excerpt = await response.content.read(EXCERPT_BYTES)
@@ -173,12 +255,8 @@ class AiohttpSender:
                 )
         except TimeoutError:
             error = f"timeout after {timeout:g}s"
-        except aiohttp.ClientConnectorError as exc:
-            error = f"connection failed: {exc.os_error.strerror or type(exc.os_error).__name__}"
-        except aiohttp.ServerDisconnectedError:
-            error = "connection closed by the endpoint"
         except (aiohttp.ClientError, OSError) as exc:
-            error = f"request failed: {type(exc).__name__}"
+            error = _failure(exc, over_tls=url.startswith("https:"))
         return SendResult(status=None, latency=time.perf_counter() - start, error=error)
 
     async def close(self) -> None:
