@@ -21,6 +21,7 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
+from urllib.parse import urlsplit
 
 import aiohttp
 import httpx
@@ -74,8 +75,9 @@ def sender_for(endpoint: EndpointConfig, http: Sender) -> Sender:
     their own get it here, built once. An endpoint with its own TLS files or proxy gets its own
     connection pool: a pool's connections carry one TLS identity and one route.
     """
+    is_http = urlsplit(endpoint.url.get_secret_value()).scheme in ("http", "https")
     has_tls_files = endpoint.ca_file is not None or endpoint.client_cert is not None
-    if has_tls_files or endpoint.proxy is not None:
+    if is_http and (has_tls_files or endpoint.proxy is not None):
         return AiohttpSender(
             ssl_context=tls.context_for(endpoint) if has_tls_files else None,
             proxy=endpoint.proxy.get_secret_value() if endpoint.proxy is not None else None,
@@ -256,7 +258,7 @@ class AiohttpSender:
         except TimeoutError:
             error = f"timeout after {timeout:g}s"
         except (aiohttp.ClientError, OSError) as exc:
-            error = _failure(exc, over_tls=url.startswith("https:"))
+            error = _failure(exc, over_tls=url[:6].lower() == "https:")
         return SendResult(status=None, latency=time.perf_counter() - start, error=error)
 
     async def close(self) -> None:

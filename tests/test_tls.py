@@ -358,7 +358,7 @@ async def test_only_endpoints_with_their_own_tls_or_proxy_get_their_own_sender(
     shared = AiohttpSender()
     plain = endpoint("https://a.example.com/")
     own_ca = endpoint("https://b.example.com/", ca_file=pki.ca)
-    own_proxy = endpoint("https://c.example.com/", proxy="none")
+    own_proxy = endpoint("HTTPS://c.example.com/", proxy="none")
     assert sender_for(plain, shared) is shared
     for ep in (own_ca, own_proxy):
         sender = sender_for(ep, shared)
