@@ -18,6 +18,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from relay.receiver import server_tls
+
 __all__ = ["TLSFiles", "make_certs"]
 
 
@@ -35,12 +37,8 @@ class TLSFiles:
     def server_context(self, *, require_client_cert: bool = False) -> ssl.SSLContext:
         """What an HTTPS receiver serves with; optionally demanding a client certificate
         signed by this CA (mutual TLS)."""
-        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        context.load_cert_chain(self.server_cert, self.server_key)
-        if require_client_cert:
-            context.verify_mode = ssl.CERT_REQUIRED
-            context.load_verify_locations(cafile=str(self.ca))
-        return context
+        client_ca = str(self.ca) if require_client_cert else None
+        return server_tls(str(self.server_cert), str(self.server_key), client_ca)
 
     def client_context(self, *, with_client_cert: bool = False) -> ssl.SSLContext:
         """A client trusting this CA (and presenting the client certificate if asked)."""

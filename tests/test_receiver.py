@@ -23,7 +23,7 @@ if str(ROOT) not in sys.path:  # pytest puts tests/ on sys.path, not the reposit
     sys.path.insert(0, str(ROOT))
 
 from bench.certs import make_certs  # noqa: E402
-from relay.receiver import Received, Receiver, Response, _serve  # noqa: E402
+from relay.receiver import Received, Receiver, Response, _serve, main  # noqa: E402
 from relay.signing import sign  # noqa: E402
 
 KEY = b"k" * 32
@@ -335,7 +335,9 @@ async def test_https(tmp_path: Path) -> None:
 
 
 async def test_serve_counts_until_signalled(capsys: pytest.CaptureFixture[str]) -> None:
-    args = argparse.Namespace(host="127.0.0.1", port=0, secret=[], interval=0.05)
+    args = argparse.Namespace(
+        host="127.0.0.1", port=0, secret=[], interval=0.05, cert=None, key=None, client_ca=None
+    )
     serving = asyncio.create_task(_serve(args))
     for _ in range(100):
         await asyncio.sleep(0.01)
@@ -351,6 +353,42 @@ async def test_serve_counts_until_signalled(capsys: pytest.CaptureFixture[str]) 
     captured = capsys.readouterr()
     assert captured.out.strip() == "count=2"
     assert "count=2 rate=" in captured.err
+
+
+async def test_serve_mutual_tls(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pki = make_certs(tmp_path)
+    args = argparse.Namespace(
+        host="127.0.0.1",
+        port=0,
+        secret=[],
+        interval=0,
+        cert=str(pki.server_cert),
+        key=str(pki.server_key),
+        client_ca=str(pki.ca),
+    )
+    serving = asyncio.create_task(_serve(args))
+    for _ in range(100):
+        await asyncio.sleep(0.01)
+        url = capsys.readouterr().out.strip()
+        if url:
+            break
+    assert url.startswith("https://")
+    async with httpx.AsyncClient(verify=pki.client_context(with_client_cert=True)) as client:
+        assert (await client.post(url, content=BODY)).status_code == 204
+    async with httpx.AsyncClient(verify=pki.client_context()) as client:
+        with pytest.raises(httpx.TransportError):  # no client certificate: refused
+            await client.post(url, content=BODY)
+    os.kill(os.getpid(), signal.SIGTERM)
+    await asyncio.wait_for(serving, 5)
+    assert capsys.readouterr().out.strip() == "count=1"
+
+
+def test_tls_options_go_together(capsys: pytest.CaptureFixture[str]) -> None:
+    for argv in (["--cert", "c.pem"], ["--key", "k.pem"], ["--client-ca", "ca.pem"]):
+        with pytest.raises(SystemExit) as info:
+            main(argv)
+        assert info.value.code == 2
+    assert "--cert and --key go together" in capsys.readouterr().err
 
 
 @pytest.mark.slow
