@@ -70,12 +70,13 @@ def _read(path: str) -> bytes:
 
 def check_ca_file(path: str) -> None:
     """ValueError unless ``path`` is a readable PEM bundle that OpenSSL loads as CAs."""
-    data = _read(path)
+    # OpenSSL alone would also take DER here; the contract says PEM. Bundles often carry
+    # comments in UTF-8 (certifi's does), which OpenSSL skips.
+    if b"-----BEGIN CERTIFICATE-----" not in _read(path):
+        raise ValueError(f"{path} is not a PEM bundle of CA certificates")
     try:
-        if b"-----BEGIN CERTIFICATE-----" not in data:
-            raise ssl.SSLError
-        ssl.create_default_context(cadata=data.decode("ascii"))
-    except (ssl.SSLError, UnicodeDecodeError):
+        ssl.create_default_context(cafile=path)
+    except ssl.SSLError:
         raise ValueError(f"{path} is not a PEM bundle of CA certificates") from None
 
 

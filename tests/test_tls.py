@@ -179,6 +179,19 @@ def config_error(item: Mapping[str, object]) -> ConfigError:
     return info.value
 
 
+def test_a_ca_bundle_with_utf8_comments_and_several_cas_is_accepted(
+    pki: TLSFiles, other_pki: TLSFiles, tmp_path: Path
+) -> None:
+    """Regression: certifi's bundle has comments like this one; decoding as ASCII refused it."""
+    bundle = tmp_path / "bundle.pem"
+    bundle.write_bytes(
+        "# Issuer: CN=NetLock Arany (Class Gold) Főtanúsítvány\n".encode()
+        + pki.ca.read_bytes()
+        + other_pki.ca.read_bytes()
+    )
+    assert endpoint("https://a.example.com/", ca_file=bundle).ca_file == str(bundle)
+
+
 def test_tls_files_and_proxy_are_loaded_and_shown_by_check(pki: TLSFiles) -> None:
     proxy = f"http://relay:{PROXY_PASSWORD}@proxy.internal:3128"
     environ = {
