@@ -19,7 +19,6 @@ import re
 import tomllib
 from collections.abc import Iterable, Mapping
 from contextvars import ContextVar
-from functools import cached_property
 from typing import Any, Literal, Self
 from urllib.parse import unquote, urlsplit, urlunsplit
 
@@ -648,10 +647,10 @@ class EndpointConfig(BaseModel):
             return "none"
         return _url(value, ("http", "https"), 'an http(s) proxy URL or "none"')
 
-    @cached_property
+    @property
     def field_tree(self) -> payload_fields.FieldTree | None:
-        """``fields`` as the tree :func:`relay.fields.select` walks, built on first use."""
-        return None if self.fields is None else payload_fields.parse(self.fields)
+        """``fields`` as the tree :func:`relay.fields.select` walks (parsed once, cached)."""
+        return None if self.fields is None else payload_fields.compiled(self.fields)
 
     @property
     def display_url(self) -> str:

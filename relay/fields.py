@@ -14,10 +14,11 @@ wherever it sits at the top of the payload.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-__all__ = ["FieldTree", "parse", "select"]
+__all__ = ["FieldTree", "compiled", "parse", "select"]
 
 #: A key mapped to ``None`` is kept whole; to a tree, only those of its own keys are kept.
 FieldTree = Mapping[str, "FieldTree | None"]
@@ -54,6 +55,12 @@ def parse(paths: Iterable[str]) -> FieldTree:
     if count == 0:
         raise ValueError("empty: list at least one payload key (leave fields out for all)")
     return tree
+
+
+@functools.lru_cache(maxsize=256)
+def compiled(paths: tuple[str, ...]) -> FieldTree:
+    """:func:`parse`, once per distinct list: the dispatcher asks for it on every delivery."""
+    return parse(paths)
 
 
 def select(payload: Mapping[str, Any], tree: FieldTree) -> dict[str, Any]:

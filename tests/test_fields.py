@@ -339,6 +339,8 @@ def test_fields_configured_and_shown_by_check() -> None:
     assert endpoint.field_tree == {"user_id": None, "status": None, "requirements": {"sms": None}}
     shown = describe(loaded)["endpoints"][0]  # type: ignore[index]
     assert shown["fields"] == ["user_id", "status", "requirements.sms"]
+    copy = endpoint.model_copy(update={"fields": ("status",)})
+    assert copy.field_tree == {"status": None}  # never a stale tree
     default = load_settings(_endpoint())
     assert default.endpoints[0].fields is None and default.endpoints[0].field_tree is None
     assert describe(default)["endpoints"][0]["fields"] is None  # type: ignore[index]
