@@ -109,9 +109,10 @@ def from_environment() -> Tracing:
     try:
         return _Otel()
     except ImportError:
+        traces = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"
+        variable = traces if os.environ.get(traces) else "OTEL_EXPORTER_OTLP_ENDPOINT"
         raise ConfigError(
-            "OTEL_EXPORTER_OTLP_ENDPOINT",
-            "tracing needs OpenTelemetry: pip install 'sfox-relay[otel]'",
+            variable, "tracing needs OpenTelemetry: pip install 'sfox-relay[otel]'"
         ) from None
 
 

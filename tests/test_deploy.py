@@ -406,6 +406,13 @@ def _contract_series() -> set[str]:
 
 
 def test_the_dashboard_covers_what_operators_watch() -> None:
+    dashboard = json.loads(DASHBOARD.read_text())
+    panels = dashboard["panels"]
+    assert len({p["id"] for p in panels}) == len(panels)
+    for panel in panels:
+        for target in panel.get("targets", []):
+            assert target["expr"] and target["refId"]
+            assert target["datasource"]["uid"] == "${datasource}"  # picked at import
     queried = queried_metrics()
     for name in (
         "relay_feed_state",
