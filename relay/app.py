@@ -29,6 +29,7 @@ from relay.metrics import Metrics
 from relay.reconcile import Reconciler
 from relay.store import Store, open_store
 from relay.store.base import Target
+from relay.tracing import OFF, Tracing, from_environment
 from relay.transport import Sender, Senders
 
 __all__ = ["Ingest", "Relay", "reconciler_for", "seal_key_of", "targets_of"]
@@ -70,6 +71,7 @@ def reconciler_for(
     *,
     interval: float | None,
     clock: Callable[[], float] = time.time,
+    tracing: Tracing = OFF,
 ) -> Reconciler:
     """The reconciler ``relay run`` and ``relay reconcile`` both use: REST -> ingest."""
     return Reconciler(
@@ -80,6 +82,7 @@ def reconciler_for(
         api_key=api_key_of(settings),
         interval=interval,
         clock=clock,
+        tracing=tracing,
     )
 
 
@@ -100,9 +103,15 @@ class Ingest:
     retry_delay: float = 1.0
     store_ok: bool = True
     _subscribed_hooks: list[Callable[[], None]] = field(default_factory=list)
+    tracing: Tracing = OFF
 
     async def on_messages(self, messages: list[Message]) -> None:
-        await self.append([events.prepare(m, seal_key=self.seal_key) for m in messages])
+        with self.tracing.source("relay.ingest") as span:
+            span.set("relay.messages", len(messages))
+            stored = await self.append(
+                [events.prepare(m, seal_key=self.seal_key) for m in messages]
+            )
+            span.set("relay.stored", stored)
 
     async def append(self, new: Sequence[NewEvent]) -> int:
         """Store events (retrying while the store is down); returns how many were new."""
@@ -111,6 +120,7 @@ class Ingest:
         )
         self.metrics.events_stored.inc(len(result.stored))
         self.metrics.events_duplicate.inc(result.duplicates)
+        self.tracing.stored(e.event_id for e in result.stored)
         for endpoint, count in result.superseded.items():
             self.metrics.deliveries.labels(endpoint=endpoint, outcome="superseded").inc(count)
         if result.stored:
@@ -160,6 +170,8 @@ class Relay:
         stats_interval: float = 5.0,
     ) -> None:
         self.settings = settings
+        # OTEL_* decide (CONTRACT 6b); without them nothing of OpenTelemetry is imported.
+        self.tracing = from_environment()
         self.clock = clock
         self.metrics = metrics or Metrics(clock)
         self.store = store or open_store(settings.store.get_secret_value(), lease=settings.lease)
@@ -177,6 +189,7 @@ class Relay:
             seal_key=seal_key,
             clock=clock,
             redact=Redactor(secret_values(settings)),
+            tracing=self.tracing,
         )
         self.ingest = Ingest(
             self.store,
@@ -185,6 +198,7 @@ class Relay:
             seal_key,
             on_stored=self.dispatcher.wake,
             clock=clock,
+            tracing=self.tracing,
         )
         self.feed = FeedClient(
             feed_options
@@ -205,6 +219,7 @@ class Relay:
             self.metrics,
             interval=settings.reconcile_interval,
             clock=clock,
+            tracing=self.tracing,
         )
         self.ingest.when_subscribed(self.reconciler.trigger)
         self.admin = AdminServer(
@@ -255,6 +270,7 @@ class Relay:
             await self.reconciler.close()
             await self.senders.close()
             await self.store.close()
+            await self.tracing.close()  # export the last spans
 
     async def _serve(self) -> None:
         feed = asyncio.create_task(self.feed.run(), name="relay-feed")

@@ -22,6 +22,7 @@ from relay.config import EndpointConfig
 from relay.errors import StoreUnavailableError
 from relay.metrics import Metrics
 from relay.store.base import Attempt, Claim, Outcome, Store
+from relay.tracing import OFF, Tracing
 from relay.transport import Sender, Senders, SendResult
 
 __all__ = ["Dispatcher", "build_request"]
@@ -92,8 +93,10 @@ class Dispatcher:
         page: int = 256,
         idle_poll: float = 5.0,
         store_retry: float = 1.0,
+        tracing: Tracing = OFF,
     ) -> None:
         self._store = store
+        self._tracing = tracing
         self._redact = redact
         self._endpoints: Mapping[str, EndpointConfig] = {ep.name: ep for ep in endpoints}
         # One sender for all is what tests inject; ``relay run`` passes each endpoint's own.
@@ -218,12 +221,15 @@ class Dispatcher:
 
     async def _deliver(self, endpoint: EndpointConfig, claim: Claim) -> None:
         attempt_no = claim.attempts + 1
+        span = self._tracing.deliver(endpoint.name, claim.event_id, attempt_no)
         try:
             request = build_request(endpoint, claim, seal_key=self._seal_key, now=self._clock())
+            span.inject(request.headers)
             result = await self._senders[endpoint.name].post(
                 endpoint.url.get_secret_value(), request.body, request.headers, endpoint.timeout
             )
         except asyncio.CancelledError:
+            span.finish(None, "released at shutdown")
             self._push(Outcome(claim.delivery_id, "released", self._clock(), None))
             raise
         except Exception as exc:  # a bug in rendering must not lose the delivery
@@ -232,6 +238,7 @@ class Dispatcher:
                 extra={"event": "dispatch.error", "endpoint": endpoint.name},
             )
             result = SendResult(None, 0.0, error=f"internal error: {type(exc).__name__}")
+        span.finish(result.status, result.error)
         now = self._clock()
         try:
             decision = retry.decide(

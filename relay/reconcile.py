@@ -33,6 +33,7 @@ from relay.events import NewEvent
 from relay.metrics import Metrics
 from relay.retry import parse_retry_after
 from relay.store.base import Store, UserState
+from relay.tracing import OFF, Tracing
 
 __all__ = ["Change", "ReconcileError", "Reconciler", "Report", "diff"]
 
@@ -137,8 +138,10 @@ class Reconciler:
         attempts: int = 3,
         request_timeout: float = 30.0,
         sleep: Callable[[float], Any] = asyncio.sleep,
+        tracing: Tracing = OFF,
     ) -> None:
         self._store = store
+        self._tracing = tracing
         self._append = append
         self._metrics = metrics
         self._interval = interval
@@ -193,7 +196,10 @@ class Reconciler:
                 if not mine:
                     report = Report("skipped")
                 else:
-                    report = await self._reconcile(emit_all=emit_all, dry_run=dry_run)
+                    # Events stored in here link their delivery attempts to this span.
+                    with self._tracing.source("relay.reconcile") as span:
+                        report = await self._reconcile(emit_all=emit_all, dry_run=dry_run)
+                        span.set("relay.emitted", report.emitted)
         except (ReconcileError, StoreUnavailableError) as exc:
             report = Report("error", error=str(exc))
         self._metrics.reconcile_runs.labels(outcome=report.outcome).inc()
