@@ -157,23 +157,26 @@ class Ingest:
     async def _keep_bad(self, frame: BadFrame) -> None:
         """Quarantine ``frame``; if the store refuses it, an ASCII-only copy; else drop it,
         logged as an error: a bad frame must never end the run or hold the feed."""
-        safe = BadFrame(
-            events.without_controls(frame.reason.encode("ascii", "backslashreplace").decode()),
-            events.without_controls(frame.text.encode("ascii", "backslashreplace").decode()),
-        )
-        for attempt in (frame, safe):
-            try:
-                await self._quarantine(attempt)
-                return
-            except Exception:
-                log.exception(
-                    "store refused a bad frame's record",
-                    extra={"event": "ingest.quarantine_refused", "sanitised": attempt is safe},
-                )
+        if await self._quarantined(frame, sanitised=False):
+            return
+        safe = BadFrame(_ascii(frame.reason), _ascii(frame.text))
+        if await self._quarantined(safe, sanitised=True):
+            return
         log.error(
             "bad frame dropped: the store refused even its sanitised record",
             extra={"event": "ingest.bad_frame_dropped"},
         )
+
+    async def _quarantined(self, frame: BadFrame, *, sanitised: bool) -> bool:
+        try:
+            await self._quarantine(frame)
+        except Exception:
+            log.exception(
+                "store refused a bad frame's record",
+                extra={"event": "ingest.quarantine_refused", "sanitised": sanitised},
+            )
+            return False
+        return True
 
     async def _quarantine(self, frame: BadFrame) -> None:
         await self._until_stored(lambda: self.store.quarantine(frame, self.clock()))
@@ -200,6 +203,11 @@ class Ingest:
     def when_subscribed(self, hook: Callable[[], None]) -> None:
         """Call ``hook`` after every (re)subscription (reconciliation listens here)."""
         self._subscribed_hooks.append(hook)
+
+
+def _ascii(text: str) -> str:
+    """Printable ASCII only: what any store takes (non-ASCII shown as escapes)."""
+    return events.without_controls(text.encode("ascii", "backslashreplace").decode())
 
 
 class Relay:
