@@ -24,6 +24,7 @@ from relay.dispatch import Dispatcher
 from relay.errors import StoreUnavailableError
 from relay.events import BadFrame, Message, NewEvent
 from relay.feed import FeedClient, FeedOptions, FeedState
+from relay.isolation import write_isolating
 from relay.logs import Redactor
 from relay.metrics import Metrics
 from relay.reconcile import Reconciler
@@ -108,27 +109,84 @@ class Ingest:
     async def on_messages(self, messages: list[Message]) -> None:
         with self.tracing.source("relay.ingest") as span:
             span.set("relay.messages", len(messages))
-            stored = await self.append(
-                [events.prepare(m, seal_key=self.seal_key) for m in messages]
-            )
+            prepared: list[NewEvent] = []
+            for message in messages:
+                try:
+                    prepared.append(events.prepare(message, seal_key=self.seal_key))
+                except Exception as exc:  # the boundary admitted it: one message, not the batch
+                    log.exception(
+                        "feed message could not be prepared; quarantined",
+                        extra={"event": "ingest.unprepared", "error": type(exc).__name__},
+                    )
+                    reason = f"could not be prepared: {type(exc).__name__}"
+                    await self._keep_bad(BadFrame(reason, events.redact(message.raw)))
+            stored = await self.append(prepared)
             span.set("relay.stored", stored)
 
     async def append(self, new: Sequence[NewEvent]) -> int:
-        """Store events (retrying while the store is down); returns how many were new."""
-        result = await self._until_stored(
-            lambda: self.store.append(new, self.targets, self.clock())
+        """Store events (retrying while the store is down); returns how many were new.
+
+        An event the store refuses is quarantined on its own; the rest of its batch is stored.
+        """
+        results = await write_isolating(
+            new,
+            lambda part: self._until_stored(
+                lambda: self.store.append(part, self.targets, self.clock())
+            ),
+            self._refused,
         )
-        self.metrics.events_stored.inc(len(result.stored))
-        self.metrics.events_duplicate.inc(result.duplicates)
-        self.tracing.stored(e.event_id for e in result.stored)
-        for endpoint, count in result.superseded.items():
-            self.metrics.deliveries.labels(endpoint=endpoint, outcome="superseded").inc(count)
-        if result.stored:
+        stored = [event for result in results for event in result.stored]
+        self.metrics.events_stored.inc(len(stored))
+        self.metrics.events_duplicate.inc(sum(result.duplicates for result in results))
+        self.tracing.stored(e.event_id for e in stored)
+        for result in results:
+            for endpoint, count in result.superseded.items():
+                self.metrics.deliveries.labels(endpoint=endpoint, outcome="superseded").inc(count)
+        if stored:
             self.on_stored()
-        return len(result.stored)
+        return len(stored)
+
+    async def _refused(self, event: NewEvent, exc: Exception) -> None:
+        """An event the store refused on its own: kept (redacted) as a bad frame, counted."""
+        error = events.without_controls(f"{type(exc).__name__}: {exc}")[:300]
+        log.error(
+            "store refused one event; quarantined, the rest of its batch stored",
+            extra={"event": "ingest.refused", "event_id": event.event_id, "error": error},
+        )
+        self.metrics.feed_bad_frames.inc()
+        await self._keep_bad(
+            BadFrame(f"store refused the event: {error}", events.redact(event.body))
+        )
 
     async def on_bad_frame(self, frame: BadFrame) -> None:
         """Quarantine a malformed frame; like events, it waits for the store to return."""
+        await self._keep_bad(frame)
+
+    async def _keep_bad(self, frame: BadFrame) -> None:
+        """Quarantine ``frame``; if the store refuses it, an ASCII-only copy; else drop it,
+        logged as an error: a bad frame must never end the run or hold the feed."""
+        if await self._quarantined(frame, sanitised=False):
+            return
+        safe = BadFrame(_ascii(frame.reason), _ascii(frame.text))
+        if await self._quarantined(safe, sanitised=True):
+            return
+        log.error(
+            "bad frame dropped: the store refused even its sanitised record",
+            extra={"event": "ingest.bad_frame_dropped"},
+        )
+
+    async def _quarantined(self, frame: BadFrame, *, sanitised: bool) -> bool:
+        try:
+            await self._quarantine(frame)
+        except Exception:
+            log.exception(
+                "store refused a bad frame's record",
+                extra={"event": "ingest.quarantine_refused", "sanitised": sanitised},
+            )
+            return False
+        return True
+
+    async def _quarantine(self, frame: BadFrame) -> None:
         await self._until_stored(lambda: self.store.quarantine(frame, self.clock()))
 
     async def _until_stored(self, write: Callable[[], Awaitable[T]]) -> T:
@@ -153,6 +211,11 @@ class Ingest:
     def when_subscribed(self, hook: Callable[[], None]) -> None:
         """Call ``hook`` after every (re)subscription (reconciliation listens here)."""
         self._subscribed_hooks.append(hook)
+
+
+def _ascii(text: str) -> str:
+    """Printable ASCII only: what any store takes (non-ASCII shown as escapes)."""
+    return events.without_controls(text.encode("ascii", "backslashreplace").decode())
 
 
 class Relay:

@@ -64,6 +64,8 @@ MASK = "***"
 # Defaults as CONTRACT.md writes them.
 DEFAULT_RETRY_SCHEDULE = "0s,5s,5m,30m,2h,5h,10h,10h"
 DEFAULT_DELIVERY_TIMEOUT = "15s"
+#: RELAY_RECONCILE_INTERVAL below this is a configuration error (CONTRACT.md section 5a).
+MIN_RECONCILE_INTERVAL = 10.0
 
 _NOT_A_DURATION = "not a duration: expected e.g. 250ms, 5s, 5m, 2h, 7d"
 _DURATION = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h|d)")
@@ -905,7 +907,11 @@ class Settings(BaseSettings):
     def _check_reconcile_interval(cls, value: object) -> float | None:
         if value is None or (isinstance(value, str) and value.strip().lower() == "off"):
             return None
-        return _duration(value)
+        interval = _duration(value)
+        if interval < MIN_RECONCILE_INTERVAL:
+            # Each run lists every user over sFOX's REST API, whose limits are per IP.
+            raise _Invalid(f"below the minimum of {MIN_RECONCILE_INTERVAL:g}s (or 'off')")
+        return interval
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -14,12 +14,14 @@ import logging
 import random
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from relay import __version__, retry, signing, tokens
 from relay.config import EndpointConfig
 from relay.errors import StoreUnavailableError
+from relay.events import stored_excerpt
+from relay.isolation import write_isolating
 from relay.metrics import Metrics
 from relay.store.base import Attempt, Claim, Outcome, Store
 from relay.tracing import OFF, Tracing
@@ -262,7 +264,7 @@ class Dispatcher:
             result.status,
             result.latency,
             self._redact(result.error) if result.error else None,
-            self._redact(result.excerpt) if result.excerpt else None,
+            stored_excerpt(result.excerpt, self._redact),
         )
         self._push(Outcome(claim.delivery_id, decision.state, decision.next_at, attempt))
         outcome = _OUTCOMES[decision.state]
@@ -321,16 +323,50 @@ class Dispatcher:
         while self._outcomes:
             batch = self._outcomes
             self._outcomes = []
-            while True:
-                try:
-                    await self._store.record(batch, self._clock())
-                    self.store_ok = True
-                    break
-                except StoreUnavailableError as exc:
-                    self.store_ok = False
-                    log.error(
-                        "store unavailable; holding delivery results",
-                        extra={"event": "dispatch.store_down", "error": str(exc)},
-                    )
-                    await asyncio.sleep(self._store_retry)
+            await write_isolating(batch, self._record, self._refused)
             self._wake.set()
+
+    async def _record(self, batch: Sequence[Outcome]) -> None:
+        """Commit verdicts, waiting while the store is down."""
+        while True:
+            try:
+                await self._store.record(batch, self._clock())
+                self.store_ok = True
+                return
+            except StoreUnavailableError as exc:
+                self.store_ok = False
+                log.error(
+                    "store unavailable; holding delivery results",
+                    extra={"event": "dispatch.store_down", "error": str(exc)},
+                )
+                await asyncio.sleep(self._store_retry)
+
+    async def _refused(self, outcome: Outcome, exc: Exception) -> None:
+        """A verdict the store refused on its own: recorded without the attempt's details
+        (what the endpoint said is the likely culprit), else released, else dropped (the
+        claim then lapses like a crashed replica's): never the recorder's end."""
+        log.error(
+            "store refused a delivery result; recording it without its details",
+            extra={
+                "event": "dispatch.record_refused",
+                "delivery_id": outcome.delivery_id,
+                "error": f"{type(exc).__name__}: {exc}"[:300],
+            },
+        )
+        fallbacks = [Outcome(outcome.delivery_id, "released", self._clock(), None)]
+        if outcome.attempt is not None and outcome.state != "released":
+            bare = replace(outcome.attempt, error=None, excerpt=None)
+            fallbacks.insert(0, replace(outcome, attempt=bare))
+        for fallback in fallbacks:
+            try:
+                await self._record([fallback])
+                return
+            except Exception:
+                log.exception(
+                    "store refused a delivery result again",
+                    extra={"event": "dispatch.record_refused", "delivery_id": outcome.delivery_id},
+                )
+        log.error(
+            "delivery result dropped; the delivery is retried once its claim lapses",
+            extra={"event": "dispatch.record_dropped", "delivery_id": outcome.delivery_id},
+        )

@@ -9,6 +9,7 @@ Any other 3xx/4xx is permanent: a receiver that rejects the request will reject 
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -36,19 +37,29 @@ def is_retryable(status: int | None) -> bool:
 
 
 def parse_retry_after(value: str | None, now: float) -> float | None:
-    """Seconds to wait from a ``Retry-After`` header, or None when absent or unreadable."""
+    """Seconds to wait from a ``Retry-After`` header (at most :data:`RETRY_AFTER_CAP`), or
+    None when absent or unreadable.
+
+    The one parser for every ``Retry-After`` the relay obeys (endpoints and sFOX's REST API):
+    a value of 400 digits is a float of infinity, and a reconciler that slept on it held the
+    reconcile lock forever.
+    """
     if not value:
         return None
     value = value.strip()
     if value.isascii() and value.isdigit():
-        return float(value)
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError, OverflowError):  # e.g. a year no calendar holds
+        digits = value.lstrip("0") or "0"
+        # More digits than the cap has mean more than the cap (and float() says inf).
+        seconds = float(digits) if len(digits) <= 10 else RETRY_AFTER_CAP
+    else:
+        try:
+            when = parsedate_to_datetime(value)
+            seconds = when.timestamp() - now if when.tzinfo is not None else math.nan
+        except (TypeError, ValueError, OverflowError):  # e.g. a year no calendar holds
+            return None
+    if not math.isfinite(seconds):
         return None
-    if when.tzinfo is None:
-        return None
-    return max(0.0, when.timestamp() - now)
+    return min(max(0.0, seconds), RETRY_AFTER_CAP)
 
 
 def decide(
@@ -73,6 +84,6 @@ def decide(
     delay = schedule[attempt]
     wait = parse_retry_after(retry_after, now)
     if wait is not None:
-        delay = max(delay, min(wait, RETRY_AFTER_CAP))
+        delay = max(delay, wait)
     delay *= 0.9 + 0.2 * rand()
     return Decision("pending", now + delay, "retry")

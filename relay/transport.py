@@ -7,7 +7,10 @@ implementations behind the one small Protocol. :class:`AiohttpSender` is the hot
 alone caps near 1.2k requests/s on this class of machine, see bench/http_clients.py);
 :class:`HttpxSender` serves tests that mock with respx and anyone who prefers httpx. Both
 never follow redirects, always time out, honour ``HTTPS_PROXY``/``HTTP_PROXY``/``NO_PROXY``
-and ``SSL_CERT_FILE``, and read at most :data:`EXCERPT_BYTES` of a response. Error texts
+and ``SSL_CERT_FILE``, ask for an uncompressed response (``accept-encoding: identity``: a
+compressed body would be stored as binary) and read at most :data:`READ_BYTES` of it, twice
+what is stored, so that a secret the endpoint echoes is whole when the dispatcher redacts the
+text before cutting it (:func:`relay.events.stored_excerpt`). Error texts
 name the failure, never the URL (it may carry credentials).
 """
 
@@ -29,12 +32,13 @@ from aiohttp.helpers import get_env_proxy_for_url
 from yarl import URL
 
 from relay import tls
+from relay.events import EXCERPT_BYTES
 
 if TYPE_CHECKING:
     from relay.config import EndpointConfig
 
 __all__ = [
-    "EXCERPT_BYTES",
+    "READ_BYTES",
     "AiohttpSender",
     "HttpxSender",
     "SendResult",
@@ -43,7 +47,10 @@ __all__ = [
     "sender_for",
 ]
 
-EXCERPT_BYTES = 1024
+#: How much of a response body is read: twice the stored excerpt (1 KiB), see above.
+READ_BYTES = 2 * EXCERPT_BYTES
+#: Sent with every request: endpoints answer uncompressed.
+_IDENTITY = {"accept-encoding": "identity"}
 _RAW_BODY_LIMIT = 1024 * 1024
 
 
@@ -120,11 +127,10 @@ def _ssl_context() -> ssl.SSLContext:
 
 
 def _excerpt(data: bytes) -> str | None:
-    """At most :data:`EXCERPT_BYTES` of UTF-8, whatever the body's encoding."""
+    """The head of a body as text, whatever its encoding (the dispatcher cleans and cuts it)."""
     if not data:
         return None
-    text = data[:EXCERPT_BYTES].decode("utf-8", "replace")
-    return text.encode()[:EXCERPT_BYTES].decode("utf-8", "ignore")
+    return data[:READ_BYTES].decode("utf-8", "replace")
 
 
 def _failure(exc: BaseException, *, over_tls: bool) -> str:
@@ -243,12 +249,12 @@ class AiohttpSender:
                 # aiohttp warns (and, with warnings as errors, fails) on raw bytes over 1 MiB;
                 # a BytesIO sends the same bytes, the ones signed, with a Content-Length.
                 data=body if len(body) <= _RAW_BODY_LIMIT else io.BytesIO(body),
-                headers=headers,
+                headers={**headers, **_IDENTITY},
                 allow_redirects=False,
                 proxy=proxy,
                 timeout=aiohttp.ClientTimeout(total=timeout),
             ) as response:
-                excerpt = await response.content.read(EXCERPT_BYTES)
+                excerpt = await response.content.read(READ_BYTES)
                 return SendResult(
                     status=response.status,
                     latency=time.perf_counter() - start,
@@ -285,12 +291,12 @@ class HttpxSender:
         start = time.perf_counter()
         try:
             async with self._client.stream(
-                "POST", url, content=body, headers=dict(headers), timeout=timeout
+                "POST", url, content=body, headers={**headers, **_IDENTITY}, timeout=timeout
             ) as response:
                 excerpt = b""
                 async for chunk in response.aiter_raw():
                     excerpt += chunk
-                    if len(excerpt) >= EXCERPT_BYTES:
+                    if len(excerpt) >= READ_BYTES:
                         break
                 return SendResult(
                     status=response.status_code,

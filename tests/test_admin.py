@@ -520,6 +520,10 @@ async def test_delivery_detail_has_attempts_and_no_plaintext_token(
         "dlv_%20",
         "dlv_²",  # str.isdigit() is true for it, int() refuses it
         "dlv_１",  # a full-width 1: not an alias of dlv_1
+        "dlv_9223372036854775807",  # the largest key a store holds: unknown, not an error
+        "dlv_9223372036854775808",  # one more than a 64-bit key
+        "dlv_99999999999999999999",
+        "dlv_" + "9" * 5000,  # beyond what int() parses
     ],
 )
 async def test_unknown_or_malformed_delivery_ids_answer_404(

@@ -152,6 +152,14 @@ def test_reconcile_interval_off_disables_it() -> None:
     assert fail({"RELAY_RECONCILE_INTERVAL": "never"}).variable == "RELAY_RECONCILE_INTERVAL"
 
 
+@pytest.mark.parametrize("value", ["3s", "9999ms", "1ms"])
+def test_a_reconcile_interval_below_10s_is_refused(value: str) -> None:
+    error = fail({"RELAY_RECONCILE_INTERVAL": value})
+    assert error.variable == "RELAY_RECONCILE_INTERVAL"
+    assert "10s" in error.reason
+    assert load_settings({"RELAY_RECONCILE_INTERVAL": "10s"}).reconcile_interval == 10.0
+
+
 # -- scalars -------------------------------------------------------------------------------------
 
 

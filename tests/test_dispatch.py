@@ -40,11 +40,11 @@ from relay import __version__
 from relay.codec import compact_json, loads
 from relay.config import EndpointConfig
 from relay.dispatch import Dispatcher, build_request
-from relay.events import USERS_FEED, Message, NewEvent, parse_frame, prepare
+from relay.events import EXCERPT_BYTES, USERS_FEED, Message, NewEvent, parse_frame, prepare
 from relay.metrics import Metrics
 from relay.store.base import Claim, DeliveryDetail, DeliveryInfo, Target, parse_delivery_id
 from relay.store.sqlite import SQLiteStore
-from relay.transport import EXCERPT_BYTES, HttpxSender
+from relay.transport import HttpxSender
 
 T0_NS = 1_717_005_327_995_988_841  # 19 digits, beyond 2**53: must arrive exactly
 TOKEN = "2000611e8c3f4a9b7d6e5f4a3b2c1d0e9f8a7b6c5d4e3f2a1b0c9d8e7f6a3979"

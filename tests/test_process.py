@@ -293,6 +293,19 @@ async def test_deliveries_list_pages_with_the_cursor_it_prints(
     assert len(ids) == len(set(ids)) == 40
 
 
+@pytest.mark.parametrize("delivery_id", ["dlv_99999999999999999999", "dlv_" + "9" * 5000])
+async def test_an_out_of_range_delivery_id_is_one_line_exit_1(
+    sim: Simulator, receiver: Receiver, relay_env, run_relay, delivery_id: str
+) -> None:
+    env = relay_env()
+    async with run_relay(env):
+        await receiver.wait_for(1, timeout=10)
+    done = await cli("deliveries", "show", delivery_id, env=env)
+    assert done.code == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    assert done.stderr.startswith("relay: no delivery dlv_999"), done.stderr
+
+
 # -- configuration and the other commands --------------------------------------------------
 
 

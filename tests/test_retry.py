@@ -174,6 +174,12 @@ PARSE = [
     ("plus sign", "+5", None),
     ("garbage", "Tuesday", None),
     ("unterminated date", "Wed, 29 May", None),
+    ("over the cap", "7200", RETRY_AFTER_CAP),
+    ("a date beyond the cap", _http_date(90_000), RETRY_AFTER_CAP),
+    ("400 digits (a float of infinity)", "9" * 400, RETRY_AFTER_CAP),
+    ("5,000 digits (beyond int())", "1" * 5000, RETRY_AFTER_CAP),
+    ("leading zeros, many", "0" * 30 + "12", 12.0),
+    ("a year no calendar holds", "Mon, 01 Jan 99999999999 00:00:00 GMT", None),
 ]
 
 

@@ -90,12 +90,23 @@ def format_delivery_id(number: int) -> str:
     return f"dlv_{number}"
 
 
+#: Delivery keys are 64-bit signed integers in both stores.
+_MAX_DELIVERY_KEY = 2**63 - 1
+
+
 def parse_delivery_id(text: str) -> int | None:
-    """The store's key for an opaque id, or None if it is not one of ours."""
+    """The store's key for an opaque id, or None if it is not one of ours.
+
+    An id no store can hold (``dlv_99999999999999999999``, or thousands of digits, which
+    ``int()`` refuses) is not one of ours either: a 404, never a store or parser error.
+    """
     digits = text[4:]
     if not text.startswith("dlv_") or not (digits.isascii() and digits.isdigit()):
         return None
-    return int(text[4:])
+    if len(digits.lstrip("0")) > 19:
+        return None
+    number = int(digits)
+    return number if number <= _MAX_DELIVERY_KEY else None
 
 
 @dataclass(frozen=True, slots=True)

@@ -322,6 +322,7 @@ class SQLiteStore:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if daemon:
                 self._take_lock()
+            self._create_private()
             conn = sqlite3.connect(
                 self.path, timeout=self._busy_timeout, isolation_level=None, check_same_thread=False
             )
@@ -347,6 +348,15 @@ class SQLiteStore:
         except BaseException:
             self._close()
             raise
+
+    def _create_private(self) -> None:
+        """Create the database file readable by its owner only, before SQLite does (0644).
+
+        SQLite gives the ``-wal`` and ``-shm`` files the database file's permissions, so
+        they are owner-only too. An existing file is left as it is.
+        """
+        with contextlib.suppress(FileExistsError):
+            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
 
     def _take_lock(self) -> None:
         fd = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
