@@ -95,7 +95,7 @@ RELAY = (sys.executable, "-m", "relay")
 SHORT_SCHEDULE = "0s,100ms,200ms,300ms,500ms,1s"
 SCHEDULE_STEPS = 6
 DELIVERY_TIMEOUT = 1.0
-PG_URL = os.environ.get("RELAY_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
+PG_URL = os.environ.get("SFOX_RELAY_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 RESULTS = ROOT / "bench" / "results" / "chaos.md"
 
 
@@ -1409,7 +1409,7 @@ async def postgres_available() -> str | None:
         conn = await asyncpg.connect(PG_URL, timeout=3)
         await conn.close()
     except Exception as exc:
-        return f"PostgreSQL unreachable at RELAY_TEST_PG ({type(exc).__name__})"
+        return f"PostgreSQL unreachable at SFOX_RELAY_TEST_PG ({type(exc).__name__})"
     return None
 
 

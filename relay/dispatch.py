@@ -239,6 +239,7 @@ class Dispatcher:
                 now=now,
                 retry_after=result.retry_after,
                 rand=self._rand,
+                retry_statuses=endpoint.retry_statuses,
             )
         except Exception:  # a claim must never be left unrecorded (its lane would wedge)
             log.exception(

@@ -1,6 +1,6 @@
 """The PostgreSQL outbox: the shared store contract, plus what replicas sharing one store need.
 
-Runs against the server at ``RELAY_TEST_PG`` (default ``postgresql://postgres@127.0.0.1:5432/
+Runs against the server at ``SFOX_RELAY_TEST_PG`` (default ``postgresql://postgres@127.0.0.1:5432/
 test``); skipped when it is unreachable. Every test works in a fresh schema, dropped afterwards.
 """
 
@@ -47,7 +47,7 @@ from store_suite import (  # noqa: E402
     user_event,
 )
 
-PG_URL = os.environ.get("RELAY_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
+PG_URL = os.environ.get("SFOX_RELAY_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 NOW = 1_717_005_400.0
 #: The suite's clock is injected, so a long lease costs no waiting; it must exceed the hour
 #: ``test_claim_marks_deliveries_in_flight`` waits while expecting its claims to hold.
@@ -64,7 +64,7 @@ def _unreachable() -> str | None:
     except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         return (
             f"PostgreSQL unreachable at {display_url(PG_URL)} ({type(exc).__name__}); "
-            "set RELAY_TEST_PG to a server these tests may create schemas in"
+            "set SFOX_RELAY_TEST_PG to a server these tests may create schemas in"
         )
     return None
 

@@ -8,11 +8,12 @@ from relay.store.base import Store
 __all__ = ["Store", "open_store"]
 
 
-def open_store(url: str, *, lease: float = 60.0) -> Store:
+def open_store(url: str, *, lease: float = 60.0, schema: str | None = None) -> Store:
     """The store a ``RELAY_STORE`` URL names (not yet opened).
 
     ``lease`` (``RELAY_LEASE``) is how long a PostgreSQL replica's claim lasts; SQLite has a
-    single daemon and no leases.
+    single daemon and no leases. ``schema`` (``RELAY_PG_SCHEMA``) is the PostgreSQL schema
+    that holds the tables; SQLite ignores it.
     """
     if url.startswith("sqlite:///"):
         from relay.store.sqlite import SQLiteStore
@@ -21,5 +22,5 @@ def open_store(url: str, *, lease: float = 60.0) -> Store:
     if url.startswith(("postgresql://", "postgres://")):
         from relay.store.postgres import PostgresStore
 
-        return PostgresStore(url, lease=lease)
+        return PostgresStore(url, lease=lease, schema=schema)
     raise ConfigError("RELAY_STORE", "expected sqlite:///path or postgresql://...")

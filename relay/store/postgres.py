@@ -193,9 +193,12 @@ _ACTIVE = "('waiting', 'pending', 'inflight')"
 _FINISHED = "('delivered', 'dead', 'superseded')"
 
 _DELIVERY_COLUMNS = """
-    d.id, d.endpoint, e.event_id, d.user_id, d.state, d.attempts, e.source, e.status,
-    d.next_at, d.created_at, d.updated_at, d.last_status, d.last_error
+    d.id, d.endpoint, e.event_id, d.user_id, d.state, e.source, e.status,
+    d.next_at, d.created_at, d.updated_at, d.last_status, d.last_error,
+    (SELECT COUNT(*) FROM attempts a WHERE a.delivery_id = d.id)::int AS attempts
 """
+# (``attempts`` shown is the attempt records; d.attempts is the retry schedule's position,
+# which a replay resets.)
 
 _LOCK_USERS = (
     "SELECT user_id FROM user_locks WHERE user_id = ANY($1::text[]) ORDER BY user_id FOR UPDATE"
@@ -416,7 +419,13 @@ class _Filters:
         self.terms.append(term.format(*marks))
 
     @classmethod
-    def of(cls, state: PublicState | None, endpoint: str | None, user_id: str | None) -> _Filters:
+    def of(
+        cls,
+        state: PublicState | None,
+        endpoint: str | None,
+        user_id: str | None,
+        event_id: str | None = None,
+    ) -> _Filters:
         found = cls()
         if state == "pending":
             found.add(f"d.state IN {_ACTIVE}")
@@ -426,6 +435,8 @@ class _Filters:
             found.add("d.endpoint = {}", endpoint)
         if user_id is not None:
             found.add("d.user_id = {}", user_id)
+        if event_id is not None:
+            found.add("d.event_seq = (SELECT seq FROM events WHERE event_id = {})", event_id)
         return found
 
     def where(self) -> str:
@@ -634,7 +645,9 @@ class PostgresStore:
                     "one with ?options=-csearch_path%3D<schema>"
                 )
         await conn.execute("SELECT pg_advisory_xact_lock($1)", _lock_key(namespace, "migrate"))
-        if self.schema is not None:
+        exists = "SELECT 1 FROM pg_namespace WHERE nspname = $1"
+        # CREATE SCHEMA checks the database's CREATE privilege even when the schema exists.
+        if self.schema is not None and not await conn.fetchval(exists, self.schema):
             await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {_quote_ident(self.schema)}")
         await conn.execute(_BOOKKEEPING)
         value = await conn.fetchval("SELECT value FROM meta WHERE key = 'schema_version'")
@@ -897,8 +910,9 @@ class PostgresStore:
         user_id: str | None = None,
         limit: int = 50,
         before: int | None = None,
+        event_id: str | None = None,
     ) -> list[DeliveryInfo]:
-        found = _Filters.of(state, endpoint, user_id)
+        found = _Filters.of(state, endpoint, user_id, event_id)
         if before is not None:
             found.add("d.id < {}", before)
         found.args.append(limit)
@@ -938,8 +952,9 @@ class PostgresStore:
         endpoint: str | None = None,
         user_id: str | None = None,
         now: float,
+        event_id: str | None = None,
     ) -> int:
-        found = _Filters.of(state, endpoint, user_id)
+        found = _Filters.of(state, endpoint, user_id, event_id)
         found.add(f"d.state IN {_FINISHED}")
         if ids is not None:
             if not ids:
@@ -1006,6 +1021,29 @@ class PostgresStore:
             return len(rows)
 
         return await self._run(replay)
+
+    async def retry_now(
+        self,
+        *,
+        endpoint: str | None = None,
+        user_id: str | None = None,
+        event_id: str | None = None,
+        now: float,
+    ) -> int:
+        found = _Filters.of(None, endpoint, user_id, event_id)
+        found.add("d.state = 'pending'")
+        found.add("d.next_at > {}", now)
+        found.args.append(now)
+        sql = (
+            f"UPDATE deliveries SET next_at = ${len(found.args)}, updated_at = "
+            f"${len(found.args)} WHERE id IN (SELECT d.id FROM deliveries d {found.where()})"
+        )
+
+        async def retry(conn: Conn) -> int:
+            status = await conn.execute(sql, *found.args)
+            return int(status.split()[-1])
+
+        return await self._run(retry)
 
     async def endpoint_stats(self) -> list[EndpointStats]:
         async def query(conn: Conn) -> list[EndpointStats]:

@@ -163,13 +163,19 @@ _PROMOTE = """
 _FINISHED = "state IN ('delivered', 'superseded', 'dead')"
 
 _DELIVERY_COLUMNS = """
-    d.id, d.endpoint, e.event_id, d.user_id, d.state, d.attempts, e.source, e.status,
-    d.next_at, d.created_at, d.updated_at, d.last_status, d.last_error
+    d.id, d.endpoint, e.event_id, d.user_id, d.state, e.source, e.status,
+    d.next_at, d.created_at, d.updated_at, d.last_status, d.last_error,
+    (SELECT COUNT(*) FROM attempts a WHERE a.delivery_id = d.id) AS attempts
 """
+# (``attempts`` shown is the attempt records; d.attempts is the retry schedule's position,
+# which a replay resets.)
 
 
 def _filters(
-    state: PublicState | None, endpoint: str | None, user_id: str | None
+    state: PublicState | None,
+    endpoint: str | None,
+    user_id: str | None,
+    event_id: str | None = None,
 ) -> tuple[list[str], list[Any]]:
     where: list[str] = []
     args: list[Any] = []
@@ -184,6 +190,9 @@ def _filters(
     if user_id is not None:
         where.append("d.user_id = ?")
         args.append(user_id)
+    if event_id is not None:
+        where.append("d.event_seq = (SELECT seq FROM events WHERE event_id = ?)")
+        args.append(event_id)
     return where, args
 
 
@@ -657,8 +666,9 @@ class SQLiteStore:
         user_id: str | None = None,
         limit: int = 50,
         before: int | None = None,
+        event_id: str | None = None,
     ) -> list[DeliveryInfo]:
-        where, args = _filters(state, endpoint, user_id)
+        where, args = _filters(state, endpoint, user_id, event_id)
         if before is not None:
             where.append("d.id < ?")
             args.append(before)
@@ -699,9 +709,10 @@ class SQLiteStore:
         endpoint: str | None = None,
         user_id: str | None = None,
         now: float,
+        event_id: str | None = None,
     ) -> int:
         def replay(conn: sqlite3.Connection) -> int:
-            where, args = _filters(state, endpoint, user_id)
+            where, args = _filters(state, endpoint, user_id, event_id)
             where.append("d.state IN ('delivered', 'dead', 'superseded')")
             if ids is not None:
                 if not ids:
@@ -736,6 +747,26 @@ class SQLiteStore:
             return len(rows)
 
         return await self._run(replay)
+
+    async def retry_now(
+        self,
+        *,
+        endpoint: str | None = None,
+        user_id: str | None = None,
+        event_id: str | None = None,
+        now: float,
+    ) -> int:
+        where, args = _filters("pending", endpoint, user_id, event_id)
+        sql = (
+            f"UPDATE deliveries SET next_at = ?, updated_at = ? WHERE id IN (SELECT d.id FROM "
+            f"deliveries d WHERE {' AND '.join(where)} AND d.state = 'pending' AND d.next_at > ?)"
+        )
+
+        def retry(conn: sqlite3.Connection) -> int:
+            with self._tx(conn):
+                return conn.execute(sql, [now, now, *args, now]).rowcount
+
+        return await self._run(retry)
 
     async def endpoint_stats(self) -> list[EndpointStats]:
         def query(conn: sqlite3.Connection) -> list[EndpointStats]:
