@@ -162,7 +162,9 @@ class Relay:
         self.settings = settings
         self.clock = clock
         self.metrics = metrics or Metrics(clock)
-        self.store = store or open_store(settings.store.get_secret_value(), lease=settings.lease)
+        self.store = store or open_store(
+            settings.store.get_secret_value(), lease=settings.lease, schema=settings.pg_schema
+        )
         self.sender = sender or AiohttpSender()
         seal_key = seal_key_of(settings)
         self.dispatcher = Dispatcher(

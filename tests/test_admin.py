@@ -78,6 +78,7 @@ API_ROUTES = (
     ("GET", "/api/deliveries/dlv_1"),
     ("POST", "/api/deliveries/dlv_1/replay"),
     ("POST", "/api/deliveries/replay"),
+    ("POST", "/api/deliveries/retry"),
 )
 
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -420,6 +421,31 @@ async def test_deliveries_filters(client: httpx.AsyncClient, seeded: Seeded) -> 
         ids["crm:a2"]
     ]
     assert await list_ids(client, endpoint="nowhere") == []
+
+
+async def test_deliveries_filter_by_event_id(client: httpx.AsyncClient, seeded: Seeded) -> None:
+    detail = (await client.get(f"/api/deliveries/{seeded.ids['crm:b1']}", headers=AUTH)).json()
+    found = await list_ids(client, event_id=detail["event_id"])
+    assert set(found) == {seeded.ids["crm:b1"], seeded.ids["old:b1"]}
+    assert await list_ids(client, event_id="evt_" + "0" * 64) == []
+
+
+async def test_retry_makes_waiting_retries_due_now(
+    client: httpx.AsyncClient, seeded: Seeded, harness: Harness
+) -> None:
+    [claim] = await seeded.store.claim("crm", NOW + 3, 10)  # a2, now that a1 is delivered
+    failed = Attempt(NOW + 4, 503, 0.01)
+    await seeded.store.record([Outcome(claim.delivery_id, "pending", NOW + 9999, failed)], NOW + 4)
+
+    none = await client.post(f"/api/deliveries/retry?user_id={USER_B}", headers=AUTH)
+    assert none.json() == {"retried": 0}
+    response = await client.post("/api/deliveries/retry?endpoint=crm", headers=AUTH)
+
+    assert response.status_code == 200
+    assert response.json() == {"retried": 1}
+    assert harness.replays == 2
+    [again] = await seeded.store.claim("crm", NOW + 100, 10)
+    assert (again.delivery_id, again.attempts) == (claim.delivery_id, 1)
 
 
 async def test_deliveries_show_what_the_cli_shows(

@@ -240,8 +240,13 @@ class _Checkpointer:
 class SQLiteStore:
     """The SQLite outbox (``RELAY_STORE=sqlite:///path``)."""
 
-    def __init__(self, path: str | os.PathLike[str], *, busy_timeout: float = 5.0) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], *, busy_timeout: float = 5.0, read_only: bool = False
+    ) -> None:
+        """``read_only`` (`relay check`): open an existing store without writing or creating
+        anything, not even a migration; an absent or older store is a StoreError."""
         self.path = Path(path)
+        self._read_only = read_only
         self.display = f"sqlite:///{self.path}"
         self._busy_timeout = busy_timeout
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relay-sqlite")
@@ -327,6 +332,9 @@ class SQLiteStore:
         await loop.run_in_executor(self._executor, self._open, daemon)
 
     def _open(self, daemon: bool) -> None:
+        if self._read_only:
+            self._open_read_only()
+            return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if daemon:
@@ -356,6 +364,42 @@ class SQLiteStore:
         except BaseException:
             self._close()
             raise
+
+    def _open_read_only(self) -> None:
+        if not self.path.is_file():
+            raise StoreError(f"{self.display}: no such store")
+        # Without a WAL (no daemon running) "immutable" creates no -wal/-shm files either.
+        wal = Path(f"{self.path}-wal").exists()
+        uri = f"{self.path.resolve().as_uri()}?{'mode=ro' if wal else 'immutable=1'}"
+        try:
+            conn = sqlite3.connect(
+                uri,
+                uri=True,
+                timeout=self._busy_timeout,
+                isolation_level=None,
+                check_same_thread=False,
+            )
+        except sqlite3.Error as exc:
+            raise StoreUnavailableError(f"{self.display}: {exc}") from exc
+        conn.row_factory = sqlite3.Row
+        self._conn = conn
+
+        def version(conn: sqlite3.Connection) -> int:
+            row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+            return int(row[0]) if row else 0
+
+        try:
+            found = self._call(version)
+        except StoreError:
+            self._close()
+            raise StoreError(f"{self.display}: not a relay store") from None
+        if found != len(MIGRATIONS):
+            self._close()
+            newer = found > len(MIGRATIONS)
+            raise (StoreSchemaError if newer else StoreError)(
+                f"{self.display} has schema version {found}; this relay knows "
+                f"{len(MIGRATIONS)} ({'upgrade sfox-relay' if newer else 'relay run migrates it'})"
+            )
 
     def _take_lock(self) -> None:
         fd = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
