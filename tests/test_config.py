@@ -1018,7 +1018,7 @@ def test_toml_values_of_the_wrong_type(tmp_path: Path, toml: str, variable: str)
 # -- issue 20: typos, every error at once -------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["RELAY_ADMIN_TOKN", "SFOX_RELAY_TEST_PG", "RELAY_STORE_FIEL"])
+@pytest.mark.parametrize("name", ["RELAY_ADMIN_TOKN", "RELAY_TEST_PG", "RELAY_STORE_FIEL"])
 def test_an_unknown_relay_variable_is_an_error_naming_it(name: str) -> None:
     error = fail({name: "x"})
     assert error.variable == name
