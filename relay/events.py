@@ -13,6 +13,7 @@ from typing import Any, Literal, Protocol, TypeGuard
 
 from relay import tokens
 from relay.codec import canonical_json, compact_json, loads
+from relay.masking import LONG_HEX
 
 __all__ = [
     "KNOWN_FEEDS",
@@ -162,7 +163,7 @@ _TOKEN_TEXT = re.compile(
     r'("(?:user_token|token|apiKey|api_key|apikey)"\s*:\s*)'
     r'("(?:[^"\\]|\\.)*"?|\{[^{}]*\}?|[^,}\]\s]+)',
 )
-_LONG_HEX = re.compile(r"\b[0-9a-fA-F]{32,}\b")
+_LONG_HEX = LONG_HEX  # one token pattern for the code base (relay.masking)
 
 
 def redact(data: str | bytes | Mapping[str, Any]) -> str:

@@ -152,7 +152,8 @@ REDACT = [
     ("user token, 64 hex", f"token {USER_TOKEN} end", "token *** end"),
     ("upper-case hex", f"t={USER_TOKEN.upper()}", "t=***"),
     ("40 hex", "x " + "a" * 40, "x ***"),
-    ("39 hex kept", "x " + "a" * 39, "x " + "a" * 39),
+    ("32 hex", "x " + "a" * 32, "x ***"),
+    ("31 hex kept", "x " + "a" * 31, "x " + "a" * 31),
     ("quoted hex", f'"token":"{USER_TOKEN}"', '"token":"***"'),
     ("event id kept", f"event {EVENT_ID} stored", f"event {EVENT_ID} stored"),
     ("event id in JSON kept", f'{{"event_id":"{EVENT_ID}"}}', f'{{"event_id":"{EVENT_ID}"}}'),
@@ -178,10 +179,45 @@ def test_redactor(text: str, expected: str) -> None:
 
 
 def test_redactor_longest_secret_first_and_short_ones_ignored() -> None:
-    redact = Redactor(["abcd", "abcd-efgh", "abc", ""])
-    assert redact("abcd-efgh abcd abc") == "*** *** abc"
-    redact.add(["abc-later"])
-    assert redact("abc-later") == "***"
+    redact = Redactor(["abcd-efgh-ijkl", "abcd-efgh-ijkl-mnop", "abcd-efgh-ij", "abc", ""])
+    assert redact("abcd-efgh-ijkl-mnop abcd-efgh-ijkl abc") == "*** *** abc"
+    redact.add(["abc-later-0123"])
+    assert redact("abc-later-0123") == "***"
+
+
+def test_a_short_secret_never_blanks_a_word_out_of_log_lines(capture: Capture) -> None:
+    """A header value `production` vanished from every line: `private.***.users`."""
+    stream = capture(secrets=["production", "postgres", "relay"])
+    log.info(
+        "subscribed to private.enterprise.users; store postgresql://relay@db/relay_production.db",
+        extra={"feed": "production", "authorization": "production"},
+    )
+    [line] = _lines(stream)
+    # (A lone user info may be a token, so the URL masker hides it; the words stay.)
+    assert line["msg"] == (
+        "subscribed to private.enterprise.users; store postgresql://***@db/relay_production.db"
+    )
+    assert (line["feed"], line["authorization"]) == ("production", "***")
+
+
+def test_secret_named_fields_are_masked_at_any_depth(capture: Capture) -> None:
+    stream = capture(secrets=[])
+    log.info("x", extra={"headers": {"Authorization": "Basic abc", "x-env": "prod"}, "token": 1})
+    [line] = _lines(stream)
+    assert line["headers"] == {"Authorization": "***", "x-env": "prod"}
+    assert line["token"] == "***"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("postgresql://relay@db/relay", "postgresql://***@db/relay"),
+        ("postgresql://db/relay", "postgresql://db/relay"),
+        ("https://h/x?token=abc&v=1 next", "https://h/x?token=***&v=*** next"),
+    ],
+)
+def test_urls_are_masked_by_the_one_url_masker(text: str, expected: str) -> None:
+    assert Redactor([])(text) == expected
 
 
 # --- redaction through the formatters --------------------------------------------------------
@@ -233,7 +269,8 @@ def test_console_format_and_redaction(capture: Capture) -> None:
     text = stream.getvalue()
     first = text.splitlines()[0]
     assert re.fullmatch(
-        r"\d\d:\d\d:\d\d\.\d{3} WARNING relay\.test: feed gap after 41  missing=2 user_id=u1",
+        r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} WARNING relay\.test: feed gap after 41  "
+        r"missing=2 user_id=u1",
         first,
     )
     for secret in (API_KEY, ADMIN_TOKEN, USER_TOKEN, "p4ss"):
@@ -257,7 +294,9 @@ def test_formatters_directly() -> None:
 # --- bugs ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("secret", ['pa"ss_Wq9z', "pa\\ss_Wq9z"], ids=["quote", "backslash"])
+@pytest.mark.parametrize(
+    "secret", ['pa"ss_Wq9z_4kT', "pa\\ss_Wq9z_4kT"], ids=["quote", "backslash"]
+)
 def test_json_redacts_secrets_with_escaped_characters(capture: Capture, secret: str) -> None:
     stream = capture(secrets=[secret])
     log.info("password %s", secret, extra={"header": secret})

@@ -37,13 +37,14 @@ import secrets
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import asyncpg
 
 from relay import events as ev
 from relay.errors import StoreError, StoreSchemaError, StoreUnavailableError
 from relay.events import BadFrame, NewEvent
+from relay.masking import mask_url
 from relay.store.base import (
     AppendResult,
     Attempt,
@@ -375,15 +376,7 @@ async def _keep_session(conn: asyncpg.Connection[asyncpg.Record]) -> None:
 
 def display_url(url: str) -> str:
     """``url`` with any password (user info or ``password`` parameter) masked."""
-    parts = urlsplit(url)
-    userinfo, at, host = parts.netloc.rpartition("@")
-    user, colon, _ = userinfo.partition(":")
-    netloc = f"{user}{':' + _MASK if colon else ''}{at}{host}"
-    pieces = []
-    for piece in parts.query.split("&") if parts.query else []:
-        name, eq, _ = piece.partition("=")
-        pieces.append(f"{name}={_MASK}" if eq and name.lower() == "password" else piece)
-    return urlunsplit((parts.scheme, netloc, parts.path, "&".join(pieces), parts.fragment))
+    return mask_url(url)
 
 
 def _password(url: str) -> str | None:
