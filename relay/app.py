@@ -13,7 +13,7 @@ import contextlib
 import gc
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -102,13 +102,34 @@ class Ingest:
     _subscribed_hooks: list[Callable[[], None]] = field(default_factory=list)
 
     async def on_messages(self, messages: list[Message]) -> None:
-        await self.append([events.prepare(m, seal_key=self.seal_key) for m in messages])
+        prepared = [events.prepare(m, seal_key=self.seal_key) for m in messages]
+        sequences = {e.event_id: m.sequence for e, m in zip(prepared, messages, strict=True)}
+        await self.append(prepared, sequences)
 
-    async def append(self, new: Sequence[NewEvent]) -> int:
-        """Store events (retrying while the store is down); returns how many were new."""
+    async def append(
+        self, new: Sequence[NewEvent], sequences: Mapping[str, int | None] | None = None
+    ) -> int:
+        """Store events (retrying while the store is down); returns how many were new.
+
+        Each new one is logged at INFO (``event.stored``) with its feed ``sequence`` when
+        ``sequences`` (event id -> sequence) has it: what an operator follows an event by.
+        """
         result = await self._until_stored(
             lambda: self.store.append(new, self.targets, self.clock())
         )
+        if log.isEnabledFor(logging.INFO):
+            for event in result.stored:
+                log.info(
+                    "event stored",
+                    extra={
+                        "event": "event.stored",
+                        "event_id": event.event_id,
+                        "user_id": event.user_id,
+                        "sequence": (sequences or {}).get(event.event_id),
+                        "feed": event.recipient,
+                        "source": event.source,
+                    },
+                )
         self.metrics.events_stored.inc(len(result.stored))
         self.metrics.events_duplicate.inc(result.duplicates)
         for endpoint, count in result.superseded.items():
@@ -322,15 +343,19 @@ class Relay:
             try:
                 await self.store.check_writable()
                 pending = await self.store.pending_stats()
+                # Dead deliveries now (an indexed count): the gauge an alert on "dead
+                # rising" reads, which the outcome counter cannot give after a restart.
+                dead = {s.endpoint: s.dead for s in await self.store.endpoint_stats() if s.dead}
                 self.ingest.store_ok = True
             except StoreUnavailableError:
                 self.ingest.store_ok = False
                 await asyncio.sleep(self._stats_interval)
                 continue
             now = self.clock()
-            for name in known | set(pending):
+            for name in known | set(pending) | set(dead):
                 count, oldest = pending.get(name, (0, now))
                 self.metrics.outbox_pending.labels(endpoint=name).set(count)
                 self.metrics.outbox_oldest_age.labels(endpoint=name).set(max(0.0, now - oldest))
-            known = configured | set(pending)
+                self.metrics.outbox_dead.labels(endpoint=name).set(dead.get(name, 0))
+            known = configured | set(pending) | set(dead)
             await asyncio.sleep(self._stats_interval)

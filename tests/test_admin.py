@@ -22,6 +22,7 @@ import pytest
 from conftest import EnvBuilder
 
 import relay.admin
+from relay import __version__
 from relay.admin import AdminServer, create_app
 from relay.config import Settings, load_settings
 from relay.metrics import Metrics
@@ -68,6 +69,8 @@ METRIC_NAMES = (
     "relay_reconcile_runs_total",
     "relay_reconcile_events_total",
     "relay_reconcile_last_success_timestamp_seconds",
+    "relay_outbox_dead",
+    "relay_build_info",
 )
 
 #: Every /api route, as (method, path) with a real delivery id where one is needed.
@@ -259,6 +262,9 @@ async def test_metrics_has_every_contract_metric(client: httpx.AsyncClient) -> N
     # One relay_feed_state series per state, 1 for the current one.
     states = re.findall(r'^relay_feed_state\{state="(\w+)"\} (\S+)$', response.text, re.M)
     assert len(states) >= 5 and [s for s, v in states if float(v) == 1.0] == ["stopped"]
+    assert families["relay_outbox_dead"] == "gauge"
+    assert f'relay_build_info{{version="{__version__}"}} 1.0' in response.text
+    assert "_created" not in response.text
 
 
 async def test_metrics_label_endpoints_by_name(client: httpx.AsyncClient, harness: Harness) -> None:
@@ -758,6 +764,7 @@ async def test_a_running_relay_serves_the_whole_admin_port(
             families = metric_families(text)
             assert [n for n in METRIC_NAMES if n not in families] == []
             assert "relay_feed_connected 1.0" in text
+            assert f'relay_outbox_dead{{endpoint="{name}"}} 0.0' in text
             assert 'relay_feed_state{state="subscribed"} 1.0' in text
             assert PASSWORD not in text
             for value in set(re.findall(r'endpoint="([^"]*)"', text)):

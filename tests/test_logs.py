@@ -316,3 +316,40 @@ def test_json_field_with_big_int(capture: Capture) -> None:
     log.warning("feed sequence gap", extra={"sequence": 2**64})
     [line] = _lines(stream)
     assert line["sequence"] == 2**64
+
+
+async def test_each_stored_event_is_logged_at_info(
+    tmp_path: PurePosixPath, caplog: pytest.LogCaptureFixture
+) -> None:
+    from relay.app import Ingest
+    from relay.events import Message, parse_frame
+    from relay.metrics import Metrics
+    from relay.store.base import Target
+    from relay.store.sqlite import SQLiteStore
+
+    frame = {
+        "sequence": 7,
+        "recipient": "private.enterprise.users",
+        "timestamp": 1717005327981000001,
+        "payload": {"user_id": "client_09e4", "status": "PENDING", "email": "a@example.com"},
+    }
+    message = parse_frame(json.dumps(frame))
+    assert isinstance(message, Message)
+    store = SQLiteStore(f"{tmp_path}/relay.db")
+    await store.open(daemon=False)
+    try:
+        ingest = Ingest(store, [Target("crm")], Metrics(), None, on_stored=lambda: None)
+        caplog.set_level(logging.INFO, logger="relay.app")
+        await ingest.on_messages([message])
+        await ingest.on_messages([message])  # a duplicate is not stored again
+    finally:
+        await store.close()
+    [record] = [r for r in caplog.records if getattr(r, "event", "") == "event.stored"]
+    assert record.levelno == logging.INFO
+    assert (record.user_id, record.sequence, record.feed) == (
+        "client_09e4",
+        7,
+        "private.enterprise.users",
+    )
+    assert record.event_id.startswith("evt_")
+    assert "a@example.com" not in record.getMessage() + str(record.__dict__)
