@@ -1043,7 +1043,7 @@ async def endpoint_faults(
 
 async def excerpt_size(workdir: Path) -> Outcome:
     """An endpoint answering 10 MB that is not UTF-8: every stored response excerpt must stay
-    within 1 KiB (CONTRACT.md section 5, "Dead deliveries")."""
+    within 1 KiB (the README, "Dead deliveries")."""
     secret = new_whsec()
     async with contextlib.AsyncExitStack() as stack:
         sim = await _sim(stack, count=6, users=6)
@@ -1907,7 +1907,7 @@ async def hostile_frames(workdir: Path, *, frames: int, seed: int = 5) -> Outcom
     return Outcome(report, facts)
 
 
-#: Values every variable of CONTRACT.md section 3 must refuse (exit 2, naming it).
+#: Values every variable of the README must refuse (exit 2, naming it).
 INVALID_CONFIG: dict[str, list[str]] = {
     "RELAY_API_KEY": [" "],
     "RELAY_WS_URL": ["http://feed.example/ws", "ftp://x", "not a url", "wss://[::1"],

@@ -1,4 +1,4 @@
-"""Configuration: every knob typed, validated and documented once (CONTRACT.md section 3).
+"""Configuration: every knob typed, validated and documented once (see the README).
 
 Values come from ``RELAY_*`` environment variables, ``<NAME>_FILE`` files for secrets, and an
 optional TOML file named by ``RELAY_CONFIG``; the environment wins over the file. The parsing
@@ -60,7 +60,7 @@ LogFormat = Literal["json", "console"]
 PREFIX = "RELAY_"
 NOT_SET = "(not set)"
 
-# Defaults as CONTRACT.md writes them.
+# Defaults as the README writes them.
 DEFAULT_RETRY_SCHEDULE = "0s,5s,5m,30m,2h,5h,10h,10h"
 DEFAULT_DELIVERY_TIMEOUT = "15s"
 
@@ -705,7 +705,7 @@ def _read_toml(variable: str, path: str) -> dict[str, Any]:
 class Settings(BaseSettings):
     """The relay's whole configuration, built by :func:`load_settings`.
 
-    Defaults are CONTRACT.md's, written in its syntax. Frozen: the running daemon shares one
+    Defaults are the README's, written in its syntax. Frozen: the running daemon shares one
     instance; ``model_copy(update=...)`` derives variants in tests.
     """
 

@@ -1,4 +1,4 @@
-"""Every Prometheus metric of CONTRACT.md section 6, in one registry per relay.
+"""Every Prometheus metric the README lists, in one registry per relay.
 
 A registry per :class:`Metrics` instance (not the global default) so tests and the demo can
 run several relays in one process. Labels carry endpoint names, never URLs.

@@ -1,4 +1,4 @@
-"""The contract every outbox implementation keeps, as tests (CONTRACT.md sections 4, 5, 5a).
+"""The contract every outbox implementation keeps, as tests (see the README).
 
 Not collected by itself. A test module subclasses :class:`StoreContract` and provides two
 fixtures:

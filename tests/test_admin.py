@@ -1,4 +1,4 @@
-"""The admin HTTP port (CONTRACT.md section 6): health, readiness, metrics and ``/api/*``.
+"""The admin HTTP port (see the README): health, readiness, metrics and ``/api/*``.
 
 Most tests drive :func:`relay.admin.create_app` in-process through httpx's ASGI transport, over
 a real SQLite outbox in ``tmp_path`` holding a few events in every state. Path tricks go through
@@ -51,7 +51,7 @@ PASSWORD = "pw-Zq81xTk4"  # inside the endpoint URL: must never be shown
 QUERY_SECRET = "qs-Lm52bNv7Yc"
 CRM_URL = f"https://relay:{PASSWORD}@crm.example/hook?key={QUERY_SECRET}"
 
-#: CONTRACT.md section 6, counters with the ``_total`` Prometheus gives them.
+#: The metrics the README lists, counters with the ``_total`` Prometheus gives them.
 METRIC_NAMES = (
     "relay_feed_connected",
     "relay_feed_state",

@@ -1,4 +1,4 @@
-"""Configuration (CONTRACT.md section 3): one test per rule, each with an explicit environment."""
+"""Configuration (see the README): one test per rule, each with an explicit environment."""
 
 from __future__ import annotations
 

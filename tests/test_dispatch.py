@@ -1,4 +1,4 @@
-"""The dispatcher against mocked receivers (respx) over a real SQLite outbox (CONTRACT.md 4, 5).
+"""The dispatcher against mocked receivers (respx) over a real SQLite outbox (see the README).
 
 Time is a fake clock the test moves: a retry is due when the test says so, never after a real
 sleep. Waiting is polling (the store, the mock's calls) with a deadline. "The dispatcher did

@@ -1,4 +1,4 @@
-"""Structured, redacted logs (relay/logs.py): CONTRACT.md section 5, "Secrets"."""
+"""Structured, redacted logs (relay/logs.py): the README, "Secrets"."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Several `relay run` replicas on one PostgreSQL store (CONTRACT.md section 7).
+"""Several `relay run` replicas on one PostgreSQL store (see the README).
 
 Real processes, a real simulator and receiver, a fresh database per test. Skipped when the
 server at ``SFOX_RELAY_TEST_PG`` does not answer.

@@ -1,4 +1,4 @@
-"""The retry policy (relay/retry.py), as tables (CONTRACT.md section 5, "Retries")."""
+"""The retry policy (relay/retry.py), as tables (the README, "Retries")."""
 
 from __future__ import annotations
 
