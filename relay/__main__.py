@@ -134,6 +134,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     settings = _settings(for_run=True)
     report: dict[str, Any] = describe(settings)
+    report["warnings"] = warnings(settings)
     report["store_state"] = asyncio.run(_store_state(settings))
     print(json.dumps(report, indent=2, sort_keys=False))
     if report["store_state"]["status"] == "missing":

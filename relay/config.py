@@ -1097,7 +1097,6 @@ def describe(settings: Settings) -> dict[str, object]:
         "log_level": settings.log_level,
         "log_format": settings.log_format,
         "pg_schema": settings.pg_schema,
-        "warnings": warnings(settings),
     }
 
 

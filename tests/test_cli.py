@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import new_whsec
+from conftest import new_key, new_whsec
 from store_suite import CRM, dead, retry, user_event
 from test_process import cli
 
@@ -163,7 +163,9 @@ async def test_check_writes_nothing(tmp_path: Path) -> None:
     done = await cli("check", env=env_for(db))
 
     assert done.code == 0, done.stderr
-    assert json.loads(done.stdout)["store_state"]["status"] == "ok"
+    report = json.loads(done.stdout)
+    assert report["store_state"]["status"] == "ok"
+    assert report["warnings"] == []
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == files
 
 
@@ -177,3 +179,20 @@ async def test_every_configuration_error_is_one_line(tmp_path: Path) -> None:
     assert len(lines) == 3, done.stderr
     assert all(line.startswith("relay: configuration error: RELAY_") for line in lines)
     assert "Traceback" not in done.stderr
+
+
+async def test_check_shows_the_warnings(tmp_path: Path) -> None:
+    db = tmp_path / "relay.db"
+    await make_store(db)
+    endpoints = [
+        {"url": "https://a.example/hook", "statuses": ["verified", "DONE"]},
+        {"url": "http://b.example/hook", "user_token": "forward"},
+    ]
+    env = env_for(db, RELAY_ENDPOINTS=json.dumps(endpoints), RELAY_TOKEN_KEY=new_key())
+    done = await cli("check", env=env)
+    assert done.code == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["endpoints"][0]["statuses"] == ["DONE", "VERIFIED"]
+    [unknown, plaintext] = report["warnings"]
+    assert "RELAY_ENDPOINTS[0].statuses" in unknown and "'DONE'" in unknown
+    assert "RELAY_ENDPOINTS[1].user_token" in plaintext and "plaintext" in plaintext
