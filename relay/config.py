@@ -588,7 +588,12 @@ class _EnvironSource(PydanticBaseSettingsSource):
             if key in _FILE_INPUTS:
                 known.add(self._prefix + key.upper() + "_FILE")
         for variable in sorted(self._environ):
-            if variable.startswith(self._prefix) and variable not in known:
+            # (Empty counts as unset here too: compose files pass `VAR=` through.)
+            if (
+                variable.startswith(self._prefix)
+                and variable not in known
+                and self._environ[variable]
+            ):
                 _problem(variable, "unknown variable (a typo? see the README for every setting)")
         return _to_fields(values)
 

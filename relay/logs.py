@@ -54,7 +54,7 @@ _RESERVED = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
 # JWT-shaped bearer tokens, and Authorization header values; each scanned for only when a
 # cheap substring test says it may be there (every log line pays for these).
 _JWT = re.compile(r"eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}")
-_BEARER = re.compile(r"(?i)(?<=bearer )[A-Za-z0-9._~+/=-]{8,}")
+_BEARER = re.compile(r"(?i)(?:(?<=bearer )|(?<=basic ))[A-Za-z0-9._~+/=-]{8,}")
 #: A URL with user info or a query (the parts mask_url may mask), up to a delimiter.
 _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s\"'<>\\]*[@?][^\s\"'<>\\]*")
 
@@ -84,7 +84,8 @@ class Redactor:
         text = LONG_HEX.sub(_MASK, text)
         if "eyJ" in text:
             text = _JWT.sub(_MASK, text)
-        if "bearer " in text.lower():
+        lowered = text.lower()
+        if "bearer " in lowered or "basic " in lowered:  # websockets' DEBUG log prints headers
             text = _BEARER.sub(_MASK, text)
         if "://" in text:
             text = _URL.sub(lambda m: mask_url(m[0], strict=True), text)

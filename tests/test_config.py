@@ -1025,6 +1025,10 @@ def test_an_unknown_relay_variable_is_an_error_naming_it(name: str) -> None:
     assert "unknown variable" in error.reason
 
 
+def test_an_empty_unknown_variable_counts_as_unset() -> None:
+    load_settings({"RELAY_ADMIN_TOKN": ""})
+
+
 def test_relay_config_and_file_variants_are_known(tmp_path: Path) -> None:
     (tmp_path / "token").write_text(ADMIN_TOKEN)
     (tmp_path / "relay.toml").write_text("")

@@ -167,6 +167,8 @@ REDACT = [
     ("bearer", "Authorization: Bearer abc.DEF-123_xyz~+/=", "Authorization: Bearer ***"),
     ("bearer lower-case", "authorization: bearer abcdefgh", "authorization: bearer ***"),
     ("short bearer kept", "Bearer abc", "Bearer abc"),
+    ("basic credentials", "> Authorization: Basic dXNlcjpwYXNzd29yZA==",
+     "> Authorization: Basic ***"),
     ("JWT", f"jwt {JWT} end", "jwt *** end"),
     ("nothing secret", "user_id=client_09e4 status=VERIFIED",
      "user_id=client_09e4 status=VERIFIED"),
@@ -353,3 +355,23 @@ async def test_each_stored_event_is_logged_at_info(
     )
     assert record.event_id.startswith("evt_")
     assert "a@example.com" not in record.getMessage() + str(record.__dict__)
+
+
+def test_credentials_in_the_sfox_urls_never_reach_a_log_line(capture: Capture) -> None:
+    """websockets' DEBUG log printed RELAY_WS_URL's credentials."""
+    from relay.config import load_settings, secret_values
+
+    settings = load_settings(
+        {
+            "RELAY_WS_URL": "wss://feeduser:feedpass_Q8r4T6y2@ws.example.com/ws",
+            "RELAY_API_URL": "https://apiuser:apipass_K3j5H7g9@api.example.com",
+        }
+    )
+    stream = capture(secrets=secret_values(settings))
+    logging.getLogger("websockets.client").warning(
+        "connecting to wss://feeduser:feedpass_Q8r4T6y2@ws.example.com/ws; "
+        "> Authorization: Basic ZmVlZHVzZXI6ZmVlZHBhc3NfUThyNFQ2eTI=; password feedpass_Q8r4T6y2"
+    )
+    text = stream.getvalue()
+    for secret in ("feedpass_Q8r4T6y2", "feeduser", "ZmVlZHVzZXI6ZmVlZHBhc3NfUThyNFQ2eTI="):
+        assert secret not in text
