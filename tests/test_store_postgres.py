@@ -369,6 +369,41 @@ async def test_newer_schema_version_raises_schema_error(
     await store.check_writable()
 
 
+async def test_a_read_only_open_never_writes(
+    replicas: Replicas, db: asyncpg.Connection[asyncpg.Record]
+) -> None:
+    """`relay check` opens the store read-only: no schema, no migration, no write at all."""
+    absent = replicas.new(read_only=True)
+    with pytest.raises(StoreError, match="no relay store"):
+        await absent.open(daemon=False)
+    await absent.close()
+    assert await db.fetchval("SELECT to_regclass('meta')") is None
+
+    await (await replicas.open()).close()
+    store = await replicas.open(daemon=False, read_only=True)
+    assert await store.endpoint_stats() == []
+    with pytest.raises(StoreError):
+        await store.check_writable()
+
+
+async def test_pg_schema_is_created_once_and_used(schema: str) -> None:
+    """RELAY_PG_SCHEMA, wired through open_store: the tables live in that schema."""
+    url_store = open_store(PG_URL, schema=schema + "_x")
+    await url_store.open(daemon=False)
+    await url_store.close()
+    conn = await asyncpg.connect(PG_URL, timeout=5)
+    try:
+        found = await conn.fetchval(
+            "SELECT count(*) FROM information_schema.tables WHERE table_schema = $1 "
+            "AND table_name = 'deliveries'",
+            schema + "_x",
+        )
+        assert found == 1
+    finally:
+        await conn.execute(f'DROP SCHEMA "{schema}_x" CASCADE')
+        await conn.close()
+
+
 @pytest.mark.parametrize(
     "url",
     [

@@ -15,8 +15,8 @@ def open_store(
 
     ``lease`` (``RELAY_LEASE``) is how long a PostgreSQL replica's claim lasts; SQLite has a
     single daemon and no leases. ``schema`` (``RELAY_PG_SCHEMA``) is the PostgreSQL schema
-    that holds the tables; SQLite ignores it. ``read_only`` (SQLite): open an existing
-    store without writing anything (`relay check`).
+    that holds the tables; SQLite ignores it. ``read_only``: open an existing
+    store without writing anything (`relay check`); PostgreSQL: read-only transactions.
     """
     if url.startswith("sqlite:///"):
         from relay.store.sqlite import SQLiteStore
@@ -25,5 +25,5 @@ def open_store(
     if url.startswith(("postgresql://", "postgres://")):
         from relay.store.postgres import PostgresStore
 
-        return PostgresStore(url, lease=lease, schema=schema)
+        return PostgresStore(url, lease=lease, schema=schema, read_only=read_only)
     raise ConfigError("RELAY_STORE", "expected sqlite:///path or postgresql://...")

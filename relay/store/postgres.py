@@ -467,6 +467,8 @@ class PostgresStore:
         pool_size: most connections a daemon opens (a CLI command opens two at most).
         timeout: seconds for connecting, acquiring a connection and each statement.
         liveness: seconds between checks of the wake-up listener's connection.
+        read_only: `relay check`: every transaction read-only, no migration; a store that
+            is not at this version's schema is a StoreError.
     """
 
     def __init__(
@@ -479,6 +481,7 @@ class PostgresStore:
         pool_size: int = 10,
         timeout: float = 10.0,
         liveness: float = 15.0,
+        read_only: bool = False,
     ) -> None:
         if lease <= 0:
             raise ValueError("lease must be positive")
@@ -488,6 +491,7 @@ class PostgresStore:
         self.lease = lease
         self.replica = replica or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self.schema = schema
+        self._read_only = read_only
         self._pool_size = max(2, pool_size)
         self._timeout = timeout
         self._liveness = liveness
@@ -505,6 +509,8 @@ class PostgresStore:
         settings = {"application_name": name[:63]}
         if self.schema is not None:
             settings["search_path"] = _quote_ident(self.schema)
+        if self._read_only:
+            settings["default_transaction_read_only"] = "on"
         return settings
 
     def _error(self, exc: BaseException) -> StoreError:
@@ -618,7 +624,9 @@ class PostgresStore:
             raise self._error(exc) from exc
         self._pool = pool
         try:
-            self._namespace = await self._run(self._migrate)
+            self._namespace = await self._run(
+                self._check_schema if self._read_only else self._migrate
+            )
         except BaseException:
             self._pool = None
             await self._close_pool(pool)
@@ -665,6 +673,22 @@ class PostgresStore:
             log.info(
                 "store migrated",
                 extra={"event": "store.migrated", "store": self.display, "version": number},
+            )
+        return str(namespace)
+
+    async def _check_schema(self, conn: Conn) -> str:
+        """What :meth:`_migrate` would find, without writing: the version must be current."""
+        namespace = self.schema or await conn.fetchval("SELECT current_schema()")
+        try:
+            value = await conn.fetchval("SELECT value FROM meta WHERE key = 'schema_version'")
+        except asyncpg.UndefinedTableError:
+            raise StoreError(f"{self.display}: no relay store in schema {namespace}") from None
+        version = int(value) if value is not None else 0
+        if version != len(MIGRATIONS):
+            newer = version > len(MIGRATIONS)
+            raise (StoreSchemaError if newer else StoreError)(
+                f"{self.display} has schema version {version}; this relay knows "
+                f"{len(MIGRATIONS)} ({'upgrade sfox-relay' if newer else 'relay run migrates it'})"
             )
         return str(namespace)
 
