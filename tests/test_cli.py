@@ -7,17 +7,23 @@ admin address is checked before anything is created, `relay check` writes nothin
 
 from __future__ import annotations
 
+import asyncio
 import json
+import re
+import signal
 import socket
 import sqlite3
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import new_key, new_whsec
 from store_suite import CRM, dead, retry, user_event
-from test_process import cli
+from test_process import RELAY, child_env, cli
 
+from relay.receiver import Receiver
+from relay.simulator import Simulator
 from relay.store.sqlite import SQLiteStore
 
 pytestmark = pytest.mark.slow
@@ -196,3 +202,35 @@ async def test_check_shows_the_warnings(tmp_path: Path) -> None:
     [unknown, plaintext] = report["warnings"]
     assert "RELAY_ENDPOINTS[0].statuses" in unknown and "'DONE'" in unknown
     assert "RELAY_ENDPOINTS[1].user_token" in plaintext and "plaintext" in plaintext
+
+
+async def test_run_logs_the_warnings_and_its_store_at_start_up(
+    sim: Simulator, receiver: Receiver, relay_env: Any, tmp_path: Path
+) -> None:
+    endpoint = {"url": receiver.url + "/webhooks/sfox", "statuses": ["verified", "DONE"]}
+    env = relay_env(RELAY_ENDPOINTS=json.dumps([endpoint]), RELAY_LOG_LEVEL="INFO")
+    log = tmp_path / "run.log"
+    with log.open("wb") as sink:
+        proc = await asyncio.create_subprocess_exec(
+            *RELAY,
+            "run",
+            env=child_env(env),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=sink,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+    try:
+        await receiver.wait_for(1, timeout=15)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 10) == 0
+    text = log.read_text()
+    assert (
+        "WARNING relay.config: RELAY_ENDPOINTS[0].statuses: sFOX is not known to send 'DONE'"
+        in text
+    )
+    assert f"store selected  store=sqlite:///{tmp_path}/relay.db" in text
+    assert "event.stored" not in text  # console lines show the event as the message
+    assert re.search(
+        r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} INFO    relay\.app: event stored", text, re.M
+    )
