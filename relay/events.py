@@ -13,7 +13,7 @@ from typing import Any, Literal, Protocol, TypeGuard
 
 from relay import tokens
 from relay.codec import canonical_json, compact_json, loads
-from relay.masking import LONG_HEX
+from relay.masking import mask_long_hex
 
 __all__ = [
     "KNOWN_FEEDS",
@@ -155,7 +155,7 @@ def _redact_value(value: Any) -> Any:
     if isinstance(value, list):
         return [_redact_value(v) for v in value]
     if isinstance(value, str):
-        return _LONG_HEX.sub(_REDACTED, value)
+        return mask_long_hex(value, _REDACTED)
     return value
 
 
@@ -163,7 +163,6 @@ _TOKEN_TEXT = re.compile(
     r'("(?:user_token|token|apiKey|api_key|apikey)"\s*:\s*)'
     r'("(?:[^"\\]|\\.)*"?|\{[^{}]*\}?|[^,}\]\s]+)',
 )
-_LONG_HEX = LONG_HEX  # one token pattern for the code base (relay.masking)
 
 
 def redact(data: str | bytes | Mapping[str, Any]) -> str:
@@ -180,7 +179,7 @@ def redact(data: str | bytes | Mapping[str, Any]) -> str:
     except (ValueError, RecursionError):
         pass
     text = _TOKEN_TEXT.sub(lambda m: f'{m.group(1)}"{_REDACTED}"', text)
-    return _LONG_HEX.sub(_REDACTED, text)[:_MAX_BAD_FRAME]
+    return mask_long_hex(text, _REDACTED)[:_MAX_BAD_FRAME]
 
 
 def event_id(message: Mapping[str, Any]) -> str:

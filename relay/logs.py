@@ -21,7 +21,7 @@ from typing import Any, TextIO
 
 import orjson
 
-from relay.masking import LONG_HEX, MASK, mask_url
+from relay.masking import MASK, mask_long_hex, mask_url
 
 __all__ = ["ConsoleFormatter", "JsonFormatter", "Redactor", "setup_logging"]
 
@@ -50,7 +50,7 @@ _RESERVED = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
     "taskName",
     "color_message",  # uvicorn's ANSI-coloured twin of msg
 }
-# sFOX user tokens (long hex; event ids, evt_ + hex, are not secrets): LONG_HEX.
+# sFOX user tokens (long hex; event ids, evt_ + hex, are not secrets): mask_long_hex.
 # JWT-shaped bearer tokens, and Authorization header values; each scanned for only when a
 # cheap substring test says it may be there (every log line pays for these).
 _JWT = re.compile(r"eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}")
@@ -81,7 +81,7 @@ class Redactor:
         for secret in self._secrets:
             if secret in text:
                 text = text.replace(secret, _MASK)
-        text = LONG_HEX.sub(_MASK, text)
+        text = mask_long_hex(text)
         if "eyJ" in text:
             text = _JWT.sub(_MASK, text)
         lowered = text.lower()
@@ -166,6 +166,10 @@ def setup_logging(
     level: str, fmt: str, redactor: Redactor, *, stream: TextIO | None = None
 ) -> logging.Handler:
     """Send every log record to ``stream`` (stderr), redacted, in the chosen format."""
+    # The logging HOWTO's optimisations: no line of ours prints the caller, thread or process,
+    # and finding the caller walks the stack on every record (every event logs at INFO).
+    logging._srcfile = None
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     handler = _Handler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter(redactor) if fmt == "json" else ConsoleFormatter(redactor))
     root = logging.getLogger()
