@@ -1,5 +1,5 @@
 # syntax=docker/dockerfile:1
-# sfox-relay: `relay run` by default; see CONTRACT.md section 8 and config/docker-compose.yml.
+# sfox-relay: `relay run` by default; see the README and config/docker-compose.yml.
 
 # -- builder: the project and its dependencies, installed into a virtualenv ------------------
 FROM python:3.11-slim-bookworm AS builder

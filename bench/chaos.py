@@ -97,7 +97,7 @@ RELAY = (sys.executable, "-m", "relay")
 SHORT_SCHEDULE = "0s,100ms,200ms,300ms,500ms,1s"
 SCHEDULE_STEPS = 6
 DELIVERY_TIMEOUT = 1.0
-PG_URL = os.environ.get("RELAY_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
+PG_URL = os.environ.get("SFOX_RELAY_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 RESULTS = ROOT / "bench" / "results" / "chaos.md"
 
 
@@ -1097,7 +1097,7 @@ async def endpoint_faults(
 
 async def excerpt_size(workdir: Path) -> Outcome:
     """An endpoint answering 10 MB that is not UTF-8: every stored response excerpt must stay
-    within 1 KiB (CONTRACT.md section 5, "Dead deliveries")."""
+    within 1 KiB (the README, "Dead deliveries")."""
     secret = new_whsec()
     async with contextlib.AsyncExitStack() as stack:
         sim = await _sim(stack, count=6, users=6)
@@ -1534,7 +1534,7 @@ async def postgres_available() -> str | None:
         conn = await asyncpg.connect(PG_URL, timeout=3)
         await conn.close()
     except Exception as exc:
-        return f"PostgreSQL unreachable at RELAY_TEST_PG ({type(exc).__name__})"
+        return f"PostgreSQL unreachable at SFOX_RELAY_TEST_PG ({type(exc).__name__})"
     return None
 
 
@@ -2084,7 +2084,7 @@ def _is_control(char: str) -> bool:
     return ord(char) < 0x20 or 0x7F <= ord(char) <= 0x9F
 
 
-#: Values every variable of CONTRACT.md section 3 must refuse (exit 2, naming it).
+#: Values every variable of the README must refuse (exit 2, naming it).
 INVALID_CONFIG: dict[str, list[str]] = {
     "RELAY_API_KEY": [" "],
     "RELAY_WS_URL": ["http://feed.example/ws", "ftp://x", "not a url", "wss://[::1"],

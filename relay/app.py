@@ -13,7 +13,7 @@ import contextlib
 import gc
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -120,13 +120,18 @@ class Ingest:
                     )
                     reason = f"could not be prepared: {type(exc).__name__}"
                     await self._keep_bad(BadFrame(reason, events.redact(message.raw)))
-            stored = await self.append(prepared)
+            sequences = {e.event_id: m.sequence for e, m in zip(prepared, messages, strict=False)}
+            stored = await self.append(prepared, sequences)
             span.set("relay.stored", stored)
 
-    async def append(self, new: Sequence[NewEvent]) -> int:
+    async def append(
+        self, new: Sequence[NewEvent], sequences: Mapping[str, int | None] | None = None
+    ) -> int:
         """Store events (retrying while the store is down); returns how many were new.
 
         An event the store refuses is quarantined on its own; the rest of its batch is stored.
+        Each new one is logged at INFO (``event.stored``) with its feed ``sequence`` when
+        ``sequences`` (event id -> sequence) has it: what an operator follows an event by.
         """
         results = await write_isolating(
             new,
@@ -136,6 +141,19 @@ class Ingest:
             self._refused,
         )
         stored = [event for result in results for event in result.stored]
+        if log.isEnabledFor(logging.INFO):
+            for event in stored:
+                log.info(
+                    "event stored",
+                    extra={
+                        "event": "event.stored",
+                        "event_id": event.event_id,
+                        "user_id": event.user_id,
+                        "sequence": (sequences or {}).get(event.event_id),
+                        "feed": event.recipient,
+                        "source": event.source,
+                    },
+                )
         self.metrics.events_stored.inc(len(stored))
         self.metrics.events_duplicate.inc(sum(result.duplicates for result in results))
         self.tracing.stored(e.event_id for e in stored)
@@ -237,7 +255,9 @@ class Relay:
         self.tracing = from_environment()
         self.clock = clock
         self.metrics = metrics or Metrics(clock)
-        self.store = store or open_store(settings.store.get_secret_value(), lease=settings.lease)
+        self.store = store or open_store(
+            settings.store.get_secret_value(), lease=settings.lease, schema=settings.pg_schema
+        )
         self.senders = (
             Senders.only(sender, settings.endpoints)
             if sender is not None
@@ -403,15 +423,19 @@ class Relay:
             try:
                 await self.store.check_writable()
                 pending = await self.store.pending_stats()
+                # Dead deliveries now (an indexed count): the gauge an alert on "dead
+                # rising" reads, which the outcome counter cannot give after a restart.
+                dead = {s.endpoint: s.dead for s in await self.store.endpoint_stats() if s.dead}
                 self.ingest.store_ok = True
             except StoreUnavailableError:
                 self.ingest.store_ok = False
                 await asyncio.sleep(self._stats_interval)
                 continue
             now = self.clock()
-            for name in known | set(pending):
+            for name in known | set(pending) | set(dead):
                 count, oldest = pending.get(name, (0, now))
                 self.metrics.outbox_pending.labels(endpoint=name).set(count)
                 self.metrics.outbox_oldest_age.labels(endpoint=name).set(max(0.0, now - oldest))
-            known = configured | set(pending)
+                self.metrics.outbox_dead.labels(endpoint=name).set(dead.get(name, 0))
+            known = configured | set(pending) | set(dead)
             await asyncio.sleep(self._stats_interval)

@@ -12,28 +12,52 @@ import asyncio
 import contextlib
 import logging
 import random
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 from relay import __version__, retry, signing, tokens
+from relay.codec import loads
 from relay.config import EndpointConfig
 from relay.errors import StoreUnavailableError
 from relay.events import stored_excerpt
 from relay.isolation import write_isolating
 from relay.metrics import Metrics
-from relay.store.base import Attempt, Claim, Outcome, Store
+from relay.store.base import Attempt, Claim, Outcome, Store, format_delivery_id
 from relay.tracing import OFF, Tracing
 from relay.transport import Sender, Senders, SendResult
 
-__all__ = ["Dispatcher", "build_request"]
+__all__ = ["Dispatcher", "build_request", "sfox_timestamp"]
 
 log = logging.getLogger("relay.dispatch")
 
 _USER_AGENT = f"sfox-relay/{__version__}"
 _FALLBACK_RETRY = 60.0
 _OUTCOMES = {"delivered": "success", "pending": "retry", "dead": "dead"}
+_LOG_EVENTS = {
+    "delivered": "delivery.succeeded",
+    "pending": "delivery.retry",
+    "dead": "delivery.dead",
+}
+#: The head of every stored body (feed and reconciled alike): the timestamp without a parse.
+_HEAD = re.compile(
+    rb'\{"sequence":(?:-?[0-9]+|null),"recipient":"(?:[^"\\]|\\.)*","timestamp":(-?[0-9]+)[,}]'
+)
+
+
+def sfox_timestamp(body: bytes) -> str | None:
+    """The message's ``timestamp`` digits, exactly, for the ``sfox-timestamp`` header (a
+    JavaScript receiver's JSON numbers are doubles, which round 19 digits)."""
+    head = _HEAD.match(body)
+    if head is not None:
+        return head[1].decode()
+    try:
+        value = loads(body).get("timestamp")
+    except (ValueError, AttributeError, RecursionError):
+        return None
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +96,9 @@ def build_request(
             "relay-source": claim.source,
         }
     )
+    sfox = sfox_timestamp(claim.body)
+    if sfox is not None:
+        headers["sfox-timestamp"] = sfox
     keys = endpoint.signing_keys
     if keys:
         headers["webhook-signature"] = signing.sign(keys, claim.event_id, timestamp, body)
@@ -250,6 +277,7 @@ class Dispatcher:
                 now=now,
                 retry_after=result.retry_after,
                 rand=self._rand,
+                retry_statuses=endpoint.retry_statuses,
             )
         except Exception:  # a claim must never be left unrecorded (its lane would wedge)
             log.exception(
@@ -271,11 +299,12 @@ class Dispatcher:
         counters, duration = self._series(endpoint.name)
         counters[outcome].inc()
         duration.observe(result.latency)
-        if decision.state == "delivered" and not log.isEnabledFor(logging.DEBUG):
-            return  # the hot path: nothing to log
+        if not log.isEnabledFor(logging.INFO):
+            return
         fields = {
-            "event": f"delivery.{outcome}",
+            "event": _LOG_EVENTS[decision.state],
             "event_id": claim.event_id,
+            "delivery_id": format_delivery_id(claim.delivery_id),
             "user_id": claim.user_id,
             "endpoint": endpoint.name,
             "attempt": attempt_no,
@@ -283,7 +312,7 @@ class Dispatcher:
             "latency_ms": round(result.latency * 1000, 1),
         }
         if decision.state == "delivered":
-            log.debug("delivered", extra=fields)
+            log.info("delivered", extra=fields)
         elif decision.state == "pending":
             fields["error"] = result.error
             fields["retry_in_s"] = round(decision.next_at - now, 1)

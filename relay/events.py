@@ -13,6 +13,7 @@ from typing import Any, Literal, Protocol, TypeGuard
 
 from relay import tokens
 from relay.codec import canonical_json, compact_json, loads
+from relay.masking import mask_long_hex
 
 __all__ = [
     "KNOWN_FEEDS",
@@ -288,7 +289,7 @@ def _redact_value(value: Any) -> Any:
     if isinstance(value, list):
         return [_redact_value(v) for v in value]
     if isinstance(value, str):
-        return _LONG_HEX.sub(_REDACTED, value)
+        return mask_long_hex(value, _REDACTED)
     return value
 
 
@@ -296,7 +297,6 @@ _TOKEN_TEXT = re.compile(
     r'("(?:user_token|token|apiKey|api_key|apikey)"\s*:\s*)'
     r'("(?:[^"\\]|\\.)*"?|\{[^{}]*\}?|[^,}\]\s]+)',
 )
-_LONG_HEX = re.compile(r"\b[0-9a-fA-F]{32,}\b")
 
 
 def redact(data: str | bytes | Mapping[str, Any]) -> str:
@@ -330,7 +330,7 @@ def _redact_parsed(obj: Any) -> str | None:
 
 def _redact_text(text: str) -> str:
     text = _TOKEN_TEXT.sub(lambda m: f'{m.group(1)}"{_REDACTED}"', text[: 4 * _MAX_BAD_FRAME])
-    return without_controls(_LONG_HEX.sub(_REDACTED, text))[:_MAX_BAD_FRAME]
+    return without_controls(mask_long_hex(text, _REDACTED))[:_MAX_BAD_FRAME]
 
 
 def event_id(message: Mapping[str, Any]) -> str:

@@ -87,7 +87,7 @@ class FeedHandler(Protocol):
 
 @dataclass(frozen=True)
 class FeedOptions:
-    """Connection settings. Defaults follow CONTRACT.md section 5 ("Feed")."""
+    """Connection settings. Defaults follow the README."""
 
     url: str
     api_key: str

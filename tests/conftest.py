@@ -44,7 +44,7 @@ def new_key() -> str:
 
 
 def expected_event_id(message: Mapping[str, Any]) -> str:
-    """CONTRACT.md section 4, written out independently of ``relay.events``."""
+    """The event id as the README defines it, written out independently of ``relay.events``."""
     payload = {k: v for k, v in message["payload"].items() if k != "user_token"}
     basis = {
         "recipient": message["recipient"],

@@ -1,6 +1,6 @@
 """The pure event core (relay/events.py, relay/codec.py): tables, no I/O, deterministic.
 
-Contract: CONTRACT.md section 4 (body, event id) and 5a (reconciled events); the two example
+Contract: the README (body, event id, reconciled events); the two example
 messages are the ones in sfox/onboarding-feed-docs.txt (same sequence and timestamp, PENDING
 then VERIFIED).
 """

@@ -259,8 +259,11 @@ class Store(Protocol):
         user_id: str | None = None,
         limit: int = 50,
         before: int | None = None,
+        event_id: str | None = None,
     ) -> list[DeliveryInfo]:
-        """Newest first; ``before`` is the key of the last item of the previous page."""
+        """Newest first; ``before`` is the key of the last item of the previous page.
+
+        ``attempts`` is the number of attempt records (a replay keeps the earlier ones)."""
 
     async def get_delivery(self, delivery_id: int) -> DeliveryDetail | None: ...
 
@@ -272,8 +275,21 @@ class Store(Protocol):
         endpoint: str | None = None,
         user_id: str | None = None,
         now: float,
+        event_id: str | None = None,
     ) -> int:
         """Re-queue finished deliveries (same webhook-id, fresh schedule, after later ones)."""
+
+    async def retry_now(
+        self,
+        *,
+        endpoint: str | None = None,
+        user_id: str | None = None,
+        event_id: str | None = None,
+        now: float,
+    ) -> int:
+        """Make pending deliveries that wait for a scheduled retry due at ``now``, without
+        using an attempt; returns how many. Lanes keep their order: only the one pending
+        delivery of a lane can wait for a retry."""
 
     async def endpoint_stats(self) -> list[EndpointStats]:
         """Full per-endpoint numbers (API, status page, `relay check`)."""
