@@ -28,6 +28,9 @@ from relay.receiver import Behaviour, Receiver
 from relay.signing import decode_secret
 from relay.simulator import Faults, Simulator
 
+# Shared suites imported by several test files get pytest's assertion messages everywhere.
+pytest.register_assert_rewrite("store_suite")
+
 SimFactory = Callable[..., Awaitable[Simulator]]
 ReceiverFactory = Callable[..., Awaitable[Receiver]]
 EnvBuilder = Callable[..., dict[str, str]]
