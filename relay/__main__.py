@@ -67,7 +67,7 @@ def _store(
         )
     else:
         print(f"relay: store {shown}", file=sys.stderr)
-    return open_store(url, lease=settings.lease, schema=settings.pg_schema, read_only=read_only)
+    return open_store(url, lease=settings.lease, schema=settings.store_schema, read_only=read_only)
 
 
 def _check_admin_addr(host: str, port: int) -> None:

@@ -256,7 +256,7 @@ class Relay:
         self.clock = clock
         self.metrics = metrics or Metrics(clock)
         self.store = store or open_store(
-            settings.store.get_secret_value(), lease=settings.lease, schema=settings.pg_schema
+            settings.store.get_secret_value(), lease=settings.lease, schema=settings.store_schema
         )
         self.senders = (
             Senders.only(sender, settings.endpoints)

@@ -825,6 +825,14 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     log_format: LogFormat = "json"
     pg_schema: str = "public"
+
+    @property
+    def store_schema(self) -> str | None:
+        """The schema to open the PostgreSQL store in: RELAY_PG_SCHEMA when it was given;
+        else None, so that a search_path the URL names (``options=-csearch_path%3D...``) is
+        honoured, and PostgreSQL's default (``public``) otherwise."""
+        return self.pg_schema if "pg_schema" in self.model_fields_set else None
+
     # Last: its validator fills each endpoint's defaults from the fields above.
     endpoints: tuple[EndpointConfig, ...] = ()
 
