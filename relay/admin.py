@@ -17,13 +17,23 @@ from collections.abc import Callable, Iterator
 from importlib import resources
 from typing import Annotated, Any, Literal
 
+import h11
 import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, Field
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from relay import __version__, service
 from relay.config import Settings
+from relay.errors import RelayError
+from relay.limits import (
+    ADMIN_MAX_CONNECTIONS,
+    Throttle,
+    admin_connection_cap,
+    nofile_limit,
+    throttle_accept_errors,
+)
 from relay.metrics import Metrics
 from relay.store.base import Store
 
@@ -262,11 +272,99 @@ class _Server(uvicorn.Server):
         yield
 
 
-class AdminServer:
-    """uvicorn serving the admin app inside the relay's event loop."""
+class _BoundedH11(H11Protocol):
+    """uvicorn's h11 protocol, bounded (CONTRACT.md section 6): a request's headers must
+    arrive within :attr:`header_timeout` or the connection is closed, and a connection beyond
+    :attr:`max_connections` is closed as soon as it is accepted. Idle connections that never
+    sent a request once held every file descriptor the relay had."""
 
-    def __init__(self, app: FastAPI, host: str, port: int) -> None:
-        config = uvicorn.Config(
+    max_connections = ADMIN_MAX_CONNECTIONS
+    header_timeout = 10.0
+    refusals = Throttle(10.0)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._refused = False
+        self._header_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        if len(self.connections) >= self.max_connections:
+            self._refused = True
+            transport.abort()
+            held = self.refusals.allow()
+            if held is not None:
+                log.warning(
+                    "admin connection refused: %d open, the most allowed "
+                    "(%d more like this not logged)",
+                    self.max_connections,
+                    held,
+                    extra={"event": "admin.refused", "suppressed": held},
+                )
+            return
+        super().connection_made(transport)
+        self._expect_headers()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._headers_arrived()
+        if not self._refused:
+            super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self.conn.their_state is not h11.IDLE:  # h11 has parsed the request's head
+            self._headers_arrived()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing() and self.conn.their_state is h11.IDLE:
+            self._expect_headers()  # the next request on this connection gets as long
+
+    def _expect_headers(self) -> None:
+        self._headers_arrived()
+        self._header_timer = self.loop.call_later(self.header_timeout, self._headers_late)
+
+    def _headers_arrived(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _headers_late(self) -> None:
+        self._header_timer = None
+        if not self.transport.is_closing():
+            self.transport.close()
+
+
+def _bounded_protocol(max_connections: int, header_timeout: float) -> type[_BoundedH11]:
+    class Bounded(_BoundedH11):
+        pass
+
+    Bounded.max_connections = max_connections
+    Bounded.header_timeout = header_timeout
+    Bounded.refusals = Throttle(10.0)
+    return Bounded
+
+
+class AdminServer:
+    """uvicorn serving the admin app inside the relay's event loop.
+
+    :meth:`start` binds the port (connections are served from then on); :meth:`serve` is the
+    long-running part the daemon supervises, until :meth:`stop`, which then shuts uvicorn down
+    gracefully (stop accepting, close idle connections, finish open requests).
+    """
+
+    def __init__(
+        self,
+        app: FastAPI,
+        host: str,
+        port: int,
+        *,
+        max_connections: int | None = None,
+        header_timeout: float = 10.0,
+        backlog: int = 128,
+    ) -> None:
+        # A small backlog also bounds asyncio's accept loop, which retries ``backlog`` times
+        # per wake-up when descriptors run out.
+        self._config = uvicorn.Config(
             app,
             host=host,
             port=port,
@@ -274,9 +372,14 @@ class AdminServer:
             access_log=False,
             lifespan="off",
             server_header=False,
+            backlog=backlog,
         )
-        self._server = _Server(config)
-        self._task: asyncio.Task[None] | None = None
+        self._max_connections = max_connections
+        self._header_timeout = header_timeout
+        self._server = _Server(self._config)
+        self._stopped = asyncio.Event()
+        self._serving = False
+        self._started = False
 
     @property
     def port(self) -> int:
@@ -284,20 +387,56 @@ class AdminServer:
         sockets = [s for server in self._server.servers for s in server.sockets]
         return int(sockets[0].getsockname()[1]) if sockets else 0
 
+    @property
+    def max_connections(self) -> int:
+        """Connections held at most: a share of the descriptor limit, never more than 256."""
+        if self._max_connections is not None:
+            return self._max_connections
+        return admin_connection_cap(nofile_limit())
+
     async def start(self) -> None:
-        self._task = asyncio.create_task(self._server.serve(), name="relay-admin")
-        while not self._server.started:
-            if self._task.done():
-                self._task.result()
-                raise RuntimeError("admin server stopped during start-up")
-            await asyncio.sleep(0.01)
-        log.info("admin listening", extra={"event": "admin.started", "port": self.port})
+        """Bind and accept; a port that cannot be bound is a :class:`RelayError` (exit 1)."""
+        config = self._config
+        config.http = _bounded_protocol(self.max_connections, self._header_timeout)
+        config.load()
+        throttle_accept_errors(asyncio.get_running_loop())
+        self._server.lifespan = config.lifespan_class(config)
+        try:
+            await self._server.startup()
+        except SystemExit:  # uvicorn's way to say it could not bind (it logged the reason)
+            raise RelayError(
+                f"RELAY_ADMIN_ADDR {config.host}:{config.port}: cannot listen there "
+                "(address in use or not local)"
+            ) from None
+        self._started = True
+        log.info(
+            "admin listening",
+            extra={
+                "event": "admin.started",
+                "port": self.port,
+                "max_connections": self.max_connections,
+            },
+        )
+
+    async def serve(self) -> None:
+        """Keep uvicorn's housekeeping (its Date header, the exit flag) until :meth:`stop`,
+        then shut down gracefully. Restartable: the listening sockets stay bound."""
+        self._serving = True
+        try:
+            await self._server.main_loop()
+        finally:
+            self._serving = False
+        await self._shutdown()
 
     async def stop(self) -> None:
         """Stop accepting, finish open requests (uvicorn's own graceful close)."""
-        if self._task is None:
-            return
         self._server.should_exit = True
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
-        self._task = None
+        if self._serving:
+            await self._stopped.wait()
+        else:
+            await self._shutdown()
+
+    async def _shutdown(self) -> None:
+        if self._started and not self._stopped.is_set():
+            await self._server.shutdown()
+        self._stopped.set()

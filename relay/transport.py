@@ -24,6 +24,8 @@ import httpx
 from aiohttp.helpers import get_env_proxy_for_url
 from yarl import URL
 
+from relay.limits import out_of_descriptors
+
 __all__ = ["EXCERPT_BYTES", "AiohttpSender", "HttpxSender", "SendResult", "Sender"]
 
 EXCERPT_BYTES = 1024
@@ -32,13 +34,18 @@ _RAW_BODY_LIMIT = 1024 * 1024
 
 @dataclass(frozen=True, slots=True)
 class SendResult:
-    """What came back from one POST. ``status`` is None when no response arrived."""
+    """What came back from one POST. ``status`` is None when no response arrived.
+
+    ``attempted`` is False when nothing reached the network because the process ran out of
+    file descriptors: that is the relay's trouble, not the endpoint's, and costs no attempt.
+    """
 
     status: int | None
     latency: float
     retry_after: str | None = None
     excerpt: str | None = None
     error: str | None = None
+    attempted: bool = True
 
 
 class Sender(Protocol):
@@ -61,6 +68,23 @@ def _excerpt(data: bytes) -> str | None:
         return None
     text = data[:EXCERPT_BYTES].decode("utf-8", "replace")
     return text.encode()[:EXCERPT_BYTES].decode("utf-8", "ignore")
+
+
+def _unsent(start: float) -> SendResult:
+    return SendResult(
+        status=None,
+        latency=time.perf_counter() - start,
+        error="not sent: out of file descriptors",
+        attempted=False,
+    )
+
+
+def _aiohttp_error(exc: BaseException) -> str:
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return f"connection failed: {exc.os_error.strerror or type(exc.os_error).__name__}"
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return "connection closed by the endpoint"
+    return f"request failed: {type(exc).__name__}"
 
 
 class AiohttpSender:
@@ -119,12 +143,10 @@ class AiohttpSender:
                 )
         except TimeoutError:
             error = f"timeout after {timeout:g}s"
-        except aiohttp.ClientConnectorError as exc:
-            error = f"connection failed: {exc.os_error.strerror or type(exc.os_error).__name__}"
-        except aiohttp.ServerDisconnectedError:
-            error = "connection closed by the endpoint"
         except (aiohttp.ClientError, OSError) as exc:
-            error = f"request failed: {type(exc).__name__}"
+            if out_of_descriptors(exc):
+                return _unsent(start)
+            error = _aiohttp_error(exc)
         return SendResult(status=None, latency=time.perf_counter() - start, error=error)
 
     async def close(self) -> None:
@@ -166,10 +188,11 @@ class HttpxSender:
                 )
         except httpx.TimeoutException:
             error = f"timeout after {timeout:g}s"
-        except httpx.ConnectError:
-            error = "connection failed"
         except (httpx.HTTPError, OSError, asyncio.IncompleteReadError) as exc:
-            error = f"request failed: {type(exc).__name__}"
+            if out_of_descriptors(exc):
+                return _unsent(start)
+            connect = isinstance(exc, httpx.ConnectError)
+            error = "connection failed" if connect else f"request failed: {type(exc).__name__}"
         return SendResult(status=None, latency=time.perf_counter() - start, error=error)
 
     async def close(self) -> None:
