@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hmac
 import logging
+import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from email.utils import formatdate
 from importlib import resources
 from typing import Annotated, Any, Literal
 
@@ -27,13 +30,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from relay import __version__, service
 from relay.config import Settings
 from relay.errors import RelayError
-from relay.limits import (
-    ADMIN_MAX_CONNECTIONS,
-    Throttle,
-    admin_connection_cap,
-    nofile_limit,
-    throttle_accept_errors,
-)
+from relay.limits import Throttle, admin_connection_cap, nofile_limit
 from relay.metrics import Metrics
 from relay.store.base import Store
 
@@ -125,6 +122,7 @@ _INVALID: dict[int | str, dict[str, Any]] = {
 
 
 _SHORT_TOKEN = 16
+_OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
 def create_app(
@@ -264,50 +262,24 @@ def create_app(
     return app
 
 
-class _Server(uvicorn.Server):
-    """uvicorn without its own signal handling: the relay owns SIGTERM/SIGINT."""
+class _HeadersInTime(H11Protocol):
+    """uvicorn's h11 protocol, except that a request's headers must arrive within
+    :attr:`header_timeout` of the connection (or of the previous response) or the connection
+    is closed: idle connections that never sent a request once held every descriptor."""
 
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
-
-
-class _BoundedH11(H11Protocol):
-    """uvicorn's h11 protocol, bounded (CONTRACT.md section 6): a request's headers must
-    arrive within :attr:`header_timeout` or the connection is closed, and a connection beyond
-    :attr:`max_connections` is closed as soon as it is accepted. Idle connections that never
-    sent a request once held every file descriptor the relay had."""
-
-    max_connections = ADMIN_MAX_CONNECTIONS
     header_timeout = 10.0
-    refusals = Throttle(10.0)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._refused = False
         self._header_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        if len(self.connections) >= self.max_connections:
-            self._refused = True
-            transport.abort()
-            held = self.refusals.allow()
-            if held is not None:
-                log.warning(
-                    "admin connection refused: %d open, the most allowed "
-                    "(%d more like this not logged)",
-                    self.max_connections,
-                    held,
-                    extra={"event": "admin.refused", "suppressed": held},
-                )
-            return
         super().connection_made(transport)
         self._expect_headers()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._headers_arrived()
-        if not self._refused:
-            super().connection_lost(exc)
+        super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
@@ -334,22 +306,17 @@ class _BoundedH11(H11Protocol):
             self.transport.close()
 
 
-def _bounded_protocol(max_connections: int, header_timeout: float) -> type[_BoundedH11]:
-    class Bounded(_BoundedH11):
-        pass
-
-    Bounded.max_connections = max_connections
-    Bounded.header_timeout = header_timeout
-    Bounded.refusals = Throttle(10.0)
-    return Bounded
-
-
 class AdminServer:
-    """uvicorn serving the admin app inside the relay's event loop.
+    """uvicorn's HTTP protocol serving the admin app inside the relay's event loop, behind
+    the relay's own accept loop (CONTRACT.md section 6).
 
-    :meth:`start` binds the port (connections are served from then on); :meth:`serve` is the
-    long-running part the daemon supervises, until :meth:`stop`, which then shuts uvicorn down
-    gracefully (stop accepting, close idle connections, finish open requests).
+    The accept loop is ours, not asyncio's ``create_server``, so that it can bound what
+    clients hold: it accepts one connection at a time, closes at once one beyond
+    :attr:`max_connections`, and when descriptors run out it logs that at a bounded rate and
+    pauses (asyncio's own loop retries ``backlog`` times per wake-up, logging each, and
+    schedules as many restarts). :meth:`start` binds; :meth:`serve` is the accept loop, run
+    under the daemon's supervisor until :meth:`stop`, which then shuts down like uvicorn:
+    stop accepting, close idle connections, finish open requests.
     """
 
     def __init__(
@@ -360,10 +327,13 @@ class AdminServer:
         *,
         max_connections: int | None = None,
         header_timeout: float = 10.0,
-        backlog: int = 128,
+        accept_retry: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        # A small backlog also bounds asyncio's accept loop, which retries ``backlog`` times
-        # per wake-up when descriptors run out.
+        class Protocol(_HeadersInTime):
+            pass
+
+        Protocol.header_timeout = header_timeout
         self._config = uvicorn.Config(
             app,
             host=host,
@@ -372,20 +342,25 @@ class AdminServer:
             access_log=False,
             lifespan="off",
             server_header=False,
-            backlog=backlog,
+            http=Protocol,
+            timeout_graceful_shutdown=5,
         )
+        self._host = host
+        self._port = port
         self._max_connections = max_connections
-        self._header_timeout = header_timeout
-        self._server = _Server(self._config)
+        self._accept_retry = accept_retry
+        self._server = uvicorn.Server(self._config)
+        self._sockets: list[socket.socket] = []
+        self._stopping = asyncio.Event()
         self._stopped = asyncio.Event()
-        self._serving = False
-        self._started = False
+        self._serving = 0
+        self._refusals = Throttle(10.0, clock=clock)
+        self._accept_errors = Throttle(10.0, clock=clock)
 
     @property
     def port(self) -> int:
         """The bound port (useful with port 0)."""
-        sockets = [s for server in self._server.servers for s in server.sockets]
-        return int(sockets[0].getsockname()[1]) if sockets else 0
+        return int(self._sockets[0].getsockname()[1]) if self._sockets else 0
 
     @property
     def max_connections(self) -> int:
@@ -394,21 +369,41 @@ class AdminServer:
             return self._max_connections
         return admin_connection_cap(nofile_limit())
 
+    @property
+    def connections(self) -> int:
+        """Connections open now."""
+        return len(self._server.server_state.connections)
+
     async def start(self) -> None:
-        """Bind and accept; a port that cannot be bound is a :class:`RelayError` (exit 1)."""
-        config = self._config
-        config.http = _bounded_protocol(self.max_connections, self._header_timeout)
-        config.load()
-        throttle_accept_errors(asyncio.get_running_loop())
-        self._server.lifespan = config.lifespan_class(config)
+        """Bind; an address that cannot be bound is a :class:`RelayError` (exit 1)."""
+        if not self._config.loaded:
+            self._config.load()
+        self._server.lifespan = self._config.lifespan_class(self._config)
+        loop = asyncio.get_running_loop()
         try:
-            await self._server.startup()
-        except SystemExit:  # uvicorn's way to say it could not bind (it logged the reason)
+            found = await loop.getaddrinfo(
+                self._host or None,
+                self._port,
+                type=socket.SOCK_STREAM,
+                flags=socket.AI_PASSIVE,
+            )
+            for family, kind, proto, _, address in dict.fromkeys(found):
+                sock = socket.socket(family, kind, proto)
+                self._sockets.append(sock)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                if self._sockets[0] is not sock:  # one port for all: the first one's
+                    address = (address[0], self.port, *address[2:])
+                sock.bind(address)
+                sock.listen(128)
+                sock.setblocking(False)
+        except OSError as exc:
+            self._close_sockets()
             raise RelayError(
-                f"RELAY_ADMIN_ADDR {config.host}:{config.port}: cannot listen there "
-                "(address in use or not local)"
+                f"RELAY_ADMIN_ADDR {self._host}:{self._port}: cannot listen there "
+                f"({exc.strerror or exc})"
             ) from None
-        self._started = True
         log.info(
             "admin listening",
             extra={
@@ -419,24 +414,98 @@ class AdminServer:
         )
 
     async def serve(self) -> None:
-        """Keep uvicorn's housekeeping (its Date header, the exit flag) until :meth:`stop`,
-        then shut down gracefully. Restartable: the listening sockets stay bound."""
-        self._serving = True
+        """Accept connections until :meth:`stop`, then shut down gracefully. Restartable:
+        the listening sockets stay bound and open connections are untouched."""
+        self._serving += 1
         try:
-            await self._server.main_loop()
+            async with asyncio.TaskGroup() as group:
+                for sock in self._sockets:
+                    group.create_task(self._accept(sock))
         finally:
-            self._serving = False
+            self._serving -= 1
         await self._shutdown()
 
+    async def _accept(self, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        try:
+            while not self._stopping.is_set():
+                self._tick()
+                accepting = asyncio.ensure_future(loop.sock_accept(sock))
+                await asyncio.wait(
+                    {accepting, stopping}, timeout=1.0, return_when="FIRST_COMPLETED"
+                )
+                if not accepting.done():
+                    accepting.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, OSError):
+                        await accepting
+                    continue
+                try:
+                    conn, _ = accepting.result()
+                except OSError as exc:
+                    if exc.errno not in _OUT_OF_RESOURCES:
+                        raise
+                    self._log_accept_error(exc)
+                    await asyncio.wait({stopping}, timeout=self._accept_retry)
+                    continue
+                if self.connections >= self.max_connections:
+                    conn.close()
+                    self._log_refusal()
+                    continue
+                await loop.connect_accepted_socket(self._protocol, conn)
+        finally:
+            stopping.cancel()
+
+    def _protocol(self) -> asyncio.Protocol:
+        return self._config.http_protocol_class(  # type: ignore[call-arg]
+            config=self._config,
+            server_state=self._server.server_state,
+            app_state=self._server.lifespan.state,
+        )
+
+    def _tick(self) -> None:
+        """uvicorn's once-a-second housekeeping: the Date header its responses carry."""
+        date = formatdate(time.time(), usegmt=True).encode()
+        self._server.server_state.default_headers = [(b"date", date)]
+
+    def _log_accept_error(self, exc: OSError) -> None:
+        held = self._accept_errors.allow()
+        if held is not None:
+            log.error(
+                "admin port cannot accept connections: %s; retrying in %gs "
+                "(%d more like this not logged)",
+                exc.strerror or exc,
+                self._accept_retry,
+                held,
+                extra={"event": "admin.accept_error", "suppressed": held},
+            )
+
+    def _log_refusal(self) -> None:
+        held = self._refusals.allow()
+        if held is not None:
+            log.warning(
+                "admin connection closed: %d open, the most allowed (%d more like this not logged)",
+                self.max_connections,
+                held,
+                extra={"event": "admin.refused", "suppressed": held},
+            )
+
     async def stop(self) -> None:
-        """Stop accepting, finish open requests (uvicorn's own graceful close)."""
-        self._server.should_exit = True
+        """Stop accepting, close idle connections, finish open requests."""
+        self._stopping.set()
         if self._serving:
             await self._stopped.wait()
         else:
             await self._shutdown()
 
     async def _shutdown(self) -> None:
-        if self._started and not self._stopped.is_set():
-            await self._server.shutdown()
+        if self._stopped.is_set():
+            return
+        self._close_sockets()
+        self._server.servers = []
+        await self._server.shutdown()
         self._stopped.set()
+
+    def _close_sockets(self) -> None:
+        for sock in self._sockets:
+            sock.close()

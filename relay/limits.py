@@ -5,20 +5,18 @@ connections once took all 1,024 of a default limit, and deliveries then failed w
 open files", each failure using an attempt. So (CONTRACT.md section 6): the soft limit is
 raised to the hard one at start-up; the admin port holds at most :func:`admin_connection_cap`
 connections, a quarter of the limit and never more than 256, so the rest stays for the relay's
-own work; a delivery that could not even open its socket is released without using an attempt
-(:func:`out_of_descriptors` tells); and asyncio's "accept out of system resource" error, which
-it reports up to ``backlog`` times per loop iteration, is logged at a bounded rate.
+own work; and a delivery that could not even open its socket is released without using an
+attempt (:func:`out_of_descriptors` tells). Messages about running out are logged through a
+:class:`Throttle`: at a bounded rate, with a count of the ones held back.
 """
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import logging
 import resource
 import time
 from collections.abc import Callable
-from typing import Any
 
 __all__ = [
     "ADMIN_MAX_CONNECTIONS",
@@ -27,14 +25,12 @@ __all__ = [
     "nofile_limit",
     "out_of_descriptors",
     "raise_nofile_limit",
-    "throttle_accept_errors",
 ]
 
 log = logging.getLogger("relay.limits")
 
 ADMIN_MAX_CONNECTIONS = 256
 _OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE)
-_ACCEPT_ERROR = "socket.accept() out of system resource"
 
 
 def nofile_limit() -> int:
@@ -102,37 +98,3 @@ class Throttle:
         self._last = now
         held, self.suppressed = self.suppressed, 0
         return held
-
-
-def throttle_accept_errors(
-    loop: asyncio.AbstractEventLoop,
-    *,
-    every: float = 10.0,
-    clock: Callable[[], float] = time.monotonic,
-) -> None:
-    """Log asyncio's "accept out of system resource" error at most once per ``every`` seconds.
-
-    Other errors go to the loop's previous handler, unchanged.
-    """
-    previous = loop.get_exception_handler()
-    throttle = Throttle(every, clock=clock)
-
-    def handle(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
-        if context.get("message") != _ACCEPT_ERROR:
-            if previous is not None:
-                previous(loop, context)
-            else:
-                loop.default_exception_handler(context)
-            return
-        held = throttle.allow()
-        if held is None:
-            return
-        exc = context.get("exception")
-        log.error(
-            "admin port cannot accept connections: %s (%d more like this not logged)",
-            exc.strerror if isinstance(exc, OSError) else exc,
-            held,
-            extra={"event": "admin.accept_error", "suppressed": held},
-        )
-
-    loop.set_exception_handler(handle)

@@ -674,6 +674,7 @@ async def test_path_tricks_never_bypass_auth(seeded: Seeded, harness: Harness) -
     )
     server = AdminServer(app, "127.0.0.1", 0)
     await server.start()
+    serving = asyncio.create_task(server.serve())
     try:
         port = server.port
         authorized = f"Authorization: {AUTH['Authorization']}\r\n"
@@ -689,6 +690,7 @@ async def test_path_tricks_never_bypass_auth(seeded: Seeded, harness: Harness) -
         assert len(await seeded.store.list_deliveries(state="dead")) == 2
     finally:
         await server.stop()
+        await serving
 
 
 # -- the whole port of a running relay ------------------------------------------------------

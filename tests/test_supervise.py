@@ -10,6 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -18,7 +21,6 @@ import httpx
 import pytest
 from conftest import EnvBuilder, eventually, query, run_relay, store_path
 
-import relay.__main__
 from relay.app import Relay
 from relay.errors import RelayError, StoreError, TaskFailedError
 from relay.store import open_store
@@ -293,14 +295,24 @@ async def test_each_task_of_a_running_relay_is_restarted_and_named_by_readyz_mea
     fail_once(target, attribute)
     async with running(relay):
         await asyncio.wait_for(gate.waiting.wait(), 10)
-        response = await readyz(relay)
-        assert response.status_code == 503
-        assert response.json()["checks"][f"task.{name}"] == "failing"
+        assert relay.ready[f"task.{name}"] is False
+        if name == "admin":
+            # Nobody accepts while the admin task is down: a request waits in the backlog
+            # and is answered once it is back.
+            asking = asyncio.create_task(readyz(relay))
+            await asyncio.sleep(0.2)
+            assert not asking.done()
+        else:
+            response = await readyz(relay)
+            assert response.status_code == 503
+            assert response.json()["checks"][f"task.{name}"] == "failing"
         (record,) = failure_records(caplog, "task.failed")
         assert record.task == name and record.exc_info is not None  # type: ignore[attr-defined]
         assert f"injected failure of {attribute}" in caplog.text
 
         gate.open()
+        if name == "admin":
+            assert (await asyncio.wait_for(asking, 5)).status_code in (200, 503)
 
         async def ready_again() -> bool:
             return (await readyz(relay)).status_code == 200
@@ -359,17 +371,36 @@ async def test_a_task_failing_six_times_in_5_minutes_stops_the_relay_with_task_f
     assert failure_records(caplog, "relay.stopped")  # after the phased shutdown
 
 
-def test_relay_run_exits_1_when_a_task_keeps_failing(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    monkeypatch.setenv("RELAY_API_KEY", "key")
-    monkeypatch.setenv("RELAY_ENDPOINTS", "http://127.0.0.1:9/hooks")
-    monkeypatch.setenv("RELAY_STORE", f"sqlite:///{tmp_path}/relay.db")
-    monkeypatch.setenv("RELAY_ALLOW_UNSIGNED", "true")
+_GIVES_UP = """
+import sys
+from relay.__main__ import main
+from relay.app import Relay
+from relay.errors import TaskFailedError
 
-    async def gives_up(self: Relay) -> None:
-        raise TaskFailedError("feed", 6, 300.0)
+async def gives_up(self):
+    raise TaskFailedError("feed", 6, 300.0)
 
-    monkeypatch.setattr(Relay, "run", gives_up)
-    assert relay.__main__.main(["run"]) == 1
-    assert "relay: task feed failed 6 times within 300s" in capsys.readouterr().err
+Relay.run = gives_up
+sys.exit(main(["run"]))
+"""
+
+
+def test_relay_run_exits_1_when_a_task_keeps_failing(tmp_path: Path) -> None:
+    """`relay run` (main, in a process of its own) maps the supervisor's verdict to exit 1."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+    env.update(
+        RELAY_API_KEY="key",
+        RELAY_ENDPOINTS="http://127.0.0.1:9/hooks",
+        RELAY_ALLOW_UNSIGNED="true",
+        RELAY_STORE=f"sqlite:///{tmp_path}/relay.db",
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", _GIVES_UP],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 1, done.stderr
+    assert "relay: task feed failed 6 times within 300s" in done.stderr
