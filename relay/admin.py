@@ -9,10 +9,13 @@ an admin port exposed by mistake reveals nothing. The status page holds no data:
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import errno
+import hashlib
 import hmac
 import logging
+import re
 import socket
 import time
 from collections.abc import Callable
@@ -23,8 +26,10 @@ from typing import Annotated, Any, Literal
 import h11
 import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, Field
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from relay import __version__, service
@@ -122,6 +127,8 @@ _INVALID: dict[int | str, dict[str, Any]] = {
 
 
 _SHORT_TOKEN = 16
+#: A delivery id as a cursor; 18 digits at most, so it always fits the stores' 64-bit keys.
+_CURSOR = r"^dlv_[0-9]{1,18}$"
 _OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
@@ -142,7 +149,9 @@ def create_app(
         title="sfox-relay admin",
         version=__version__,
         openapi_url="/api/openapi.json",
-        docs_url="/api/docs",
+        # No Swagger UI or ReDoc: they load scripts from a CDN into the origin that holds
+        # the admin token, and answer without one.
+        docs_url=None,
         redoc_url=None,
         redirect_slashes=False,  # "/api/endpoints/" must not answer (307) before auth does
     )
@@ -165,6 +174,8 @@ def create_app(
                 401, "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"}
             )
 
+    app.add_exception_handler(RequestValidationError, _invalid)
+    app.add_middleware(_SecurityHeaders)
     api = APIRouter(prefix="/api", dependencies=[Depends(authorize)], responses=_AUTH_ERRORS)
 
     @app.get("/healthz", include_in_schema=False)
@@ -182,10 +193,12 @@ def create_app(
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    page = resources.files("relay").joinpath("static/index.html").read_text("utf-8")
+    page_headers = {"cache-control": "no-store", "content-security-policy": page_policy(page)}
+
     @app.get("/", include_in_schema=False)
     async def status_page() -> HTMLResponse:
-        page = resources.files("relay").joinpath("static/index.html").read_text("utf-8")
-        return HTMLResponse(page, headers={"cache-control": "no-store"})
+        return HTMLResponse(page, headers=page_headers)
 
     @api.get("/status")
     async def status() -> Status:
@@ -209,7 +222,10 @@ def create_app(
         endpoint: str | None = None,
         user_id: str | None = None,
         limit: Annotated[int, Query(ge=1, le=500)] = 50,
-        before: str | None = None,
+        before: Annotated[
+            str | None,
+            Query(pattern=_CURSOR, description="`next_cursor` of the previous page"),
+        ] = None,
     ) -> DeliveryPage:
         """Deliveries, newest first, filtered like `relay deliveries list`."""
         try:
@@ -241,7 +257,7 @@ def create_app(
         on_replay()
         return Replayed(replayed=count)
 
-    @api.get("/deliveries/{delivery_id}", responses=_NOT_FOUND)
+    @api.get("/deliveries/{delivery_id}", responses=_NOT_FOUND | _INVALID)
     async def delivery(delivery_id: str) -> DeliveryDetail:
         """One delivery with its event body and every attempt."""
         detail = await service.get_delivery(store, delivery_id)
@@ -249,7 +265,7 @@ def create_app(
             raise HTTPException(404, "no such delivery")
         return DeliveryDetail(**service.detail_json(detail))
 
-    @api.post("/deliveries/{delivery_id}/replay", responses=_NOT_FOUND)
+    @api.post("/deliveries/{delivery_id}/replay", responses=_NOT_FOUND | _INVALID)
     async def replay_one(delivery_id: str) -> Replayed:
         """Re-queue one delivered or dead delivery: same webhook-id, fresh schedule."""
         if await service.get_delivery(store, delivery_id) is None:
@@ -260,6 +276,73 @@ def create_app(
 
     app.include_router(api)
     return app
+
+
+async def _invalid(request: Request, exc: Exception) -> JSONResponse:
+    """A 422 as the document says: ``{"detail": "<where>: <why>; ..."}`` (FastAPI's own
+    answers a list there, which its schema does not say). The input is never echoed."""
+    errors = exc.errors() if isinstance(exc, RequestValidationError) else []
+    detail = "; ".join(
+        f"{'.'.join(str(part) for part in error.get('loc', ()))}: {error.get('msg', 'invalid')}"
+        for error in errors
+    )
+    return JSONResponse({"detail": detail or "invalid request"}, status_code=422)
+
+
+_INLINE = re.compile(r"<(script|style)(?:\s[^>]*)?>(.*?)</\1>", re.DOTALL | re.IGNORECASE)
+
+
+def page_policy(page: str) -> str:
+    """The status page's Content-Security-Policy: nothing from other origins, no framing;
+    its own inline script and style are allowed by their hashes, nothing else inline."""
+    hashes: dict[str, list[str]] = {"script": [], "style": []}
+    for kind, body in _INLINE.findall(page):
+        digest = base64.b64encode(hashlib.sha256(body.encode()).digest()).decode()
+        hashes[kind.lower()].append(f"'sha256-{digest}'")
+    return "; ".join(
+        [
+            "default-src 'self'",
+            " ".join(["script-src 'self'", *hashes["script"]]),
+            " ".join(["style-src 'self'", *hashes["style"]]),
+            "img-src 'self' data:",
+            "connect-src 'self'",
+            "object-src 'none'",
+            "base-uri 'none'",
+            "form-action 'none'",
+            "frame-ancestors 'none'",
+        ]
+    )
+
+
+class _SecurityHeaders:
+    """Every admin answer: no MIME sniffing, no framing; and a policy that allows nothing
+    unless the route set its own (the status page does)."""
+
+    _HEADERS = (
+        (b"x-content-type-options", b"nosniff"),
+        (b"x-frame-options", b"DENY"),
+    )
+    _POLICY = (b"content-security-policy", b"default-src 'none'; frame-ancestors 'none'")
+
+    def __init__(self, app: ASGIApp) -> None:
+        self._app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self._app(scope, receive, send)
+            return
+
+        async def with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", ()))
+                names = {name.lower() for name, _ in headers}
+                headers.extend(h for h in self._HEADERS if h[0] not in names)
+                if self._POLICY[0] not in names:
+                    headers.append(self._POLICY)
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self._app(scope, receive, with_headers)
 
 
 class _HeadersInTime(H11Protocol):
