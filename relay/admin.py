@@ -535,7 +535,10 @@ class AdminServer:
                     conn.close()
                     self._log_refusal()
                     continue
-                await loop.connect_accepted_socket(self._protocol, conn)
+                try:
+                    await loop.connect_accepted_socket(self._protocol, conn)
+                except OSError:  # the client is gone already
+                    conn.close()
         finally:
             stopping.cancel()
 
