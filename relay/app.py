@@ -248,14 +248,18 @@ class Relay:
         failed too often.
         """
         raise_nofile_limit()
-        await self.store.open(daemon=True)
+        await self.admin.start()  # bind first: an address in use creates nothing
+        try:
+            await self.store.open(daemon=True)
+        except BaseException:
+            await self.admin.stop()
+            raise
         # Everything built so far (modules, FastAPI's routes, pydantic models) lives as long
         # as the process: keep it out of the collector, whose full passes over it took
         # ~30 ms and were the delivery-latency tail.
         gc.collect()
         gc.freeze()
         try:
-            await self.admin.start()
             try:
                 await self._serve()
             finally:

@@ -238,9 +238,10 @@ def test_both_senders_say_nothing_was_attempted_under_a_real_emfile() -> None:
 
 @pytest.fixture
 async def receiver(make_receiver: ReceiverFactory) -> Receiver:
-    """A receiver that asks for the connection to be closed after each answer: every
-    delivery needs a new socket, so the relay's descriptors are in demand all the time."""
-    return await make_receiver(behaviour=lambda _: Response(204, headers={"Connection": "close"}))
+    """A receiver that answers after 0.1 s and asks for the connection to be closed: every
+    delivery needs a socket of its own, ~10 at once (one per user), more than are left."""
+    slow_close = Response(204, headers={"Connection": "close"}, delay=0.1)
+    return await make_receiver(behaviour=lambda _: slow_close)
 
 
 def free_port() -> int:
@@ -317,3 +318,26 @@ async def test_idle_admin_connections_never_cost_a_delivery_attempt(
     assert events["dispatch.unsent"] >= 1, events  # deliveries did meet EMFILE
     assert sum(events.values()) < 100, events  # and the log stayed small
     assert events["admin.refused"] <= 5 and events["admin.accept_error"] <= 5, events
+
+
+async def test_relay_run_on_an_admin_address_in_use_exits_1_and_creates_nothing(
+    relay_env: EnvBuilder, tmp_path: Path
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = relay_env(RELAY_ADMIN_ADDR=f"127.0.0.1:{port}")
+        child = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+        proc = await asyncio.create_subprocess_exec(
+            *RELAY,
+            "run",
+            env={**child, **env},
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        _, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 1, err
+    assert f"RELAY_ADMIN_ADDR 127.0.0.1:{port}: cannot listen there" in err.decode()
+    assert not store_path(env).exists()
