@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import errno
 import json
 import logging
 import os
 import signal
-import socket
 import sys
 import time
 from collections.abc import Callable, Coroutine, Sequence
@@ -70,27 +68,6 @@ def _store(
     return open_store(url, lease=settings.lease, schema=settings.store_schema, read_only=read_only)
 
 
-def _check_admin_addr(host: str, port: int) -> None:
-    """Fail before anything is created when the admin address cannot be bound (uvicorn
-    would say so only after the store exists, in a line of its own, exiting 3)."""
-    if port == 0:
-        return
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except OSError as exc:
-        raise RelayError(f"admin address {host}:{port} (RELAY_ADMIN_ADDR): {exc}") from None
-    family, kind, proto, _, addr = infos[0]
-    try:
-        with socket.socket(family, kind, proto) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
-            probe.bind(addr)
-    except OSError as exc:
-        reason = "in use" if exc.errno == errno.EADDRINUSE else (exc.strerror or str(exc))
-        raise RelayError(
-            f"admin address {host}:{port} (RELAY_ADMIN_ADDR) is not available: {reason}"
-        ) from None
-
-
 def _run_until_signal(
     make: Callable[[], Coroutine[Any, Any, int]], stop: Callable[[], None]
 ) -> int:
@@ -121,7 +98,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     settings = _settings(for_run=True)
     _logging(settings)
-    _check_admin_addr(settings.admin_host, settings.admin_port)
     relay = Relay(settings, store=_store(settings, create=True, daemon=True))
 
     async def run() -> int:

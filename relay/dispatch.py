@@ -24,6 +24,7 @@ from relay.config import EndpointConfig
 from relay.errors import StoreUnavailableError
 from relay.events import stored_excerpt
 from relay.isolation import write_isolating
+from relay.limits import Throttle
 from relay.metrics import Metrics
 from relay.store.base import Attempt, Claim, Outcome, Store, format_delivery_id
 from relay.tracing import OFF, Tracing
@@ -123,6 +124,7 @@ class Dispatcher:
         idle_poll: float = 5.0,
         store_retry: float = 1.0,
         tracing: Tracing = OFF,
+        unsent_retry: float = 1.0,
     ) -> None:
         self._store = store
         self._tracing = tracing
@@ -137,6 +139,8 @@ class Dispatcher:
         self._page = page
         self._idle_poll = idle_poll
         self._store_retry = store_retry
+        self._unsent_retry = unsent_retry
+        self._unsent_log = Throttle(10.0)
         self._inflight: dict[str, int] = dict.fromkeys(self._endpoints, 0)
         self._tasks: set[asyncio.Task[None]] = set()
         self._outcomes: list[Outcome] = []
@@ -157,16 +161,44 @@ class Dispatcher:
         self._wake.set()
 
     async def run(self) -> None:
-        """Claim and deliver until :meth:`shutdown`; return once every verdict is committed."""
-        recorder = asyncio.create_task(self._record_loop(), name="relay-recorder")
-        try:
-            await self._claim_loop()
-            if self._tasks:
-                await asyncio.wait(set(self._tasks))
-        finally:
-            self._closing = True
-            self._outcome_ready.set()
-            await recorder
+        """Claim, deliver and record until :meth:`shutdown`; return once every verdict is
+        committed. The daemon supervises :meth:`deliver` and :meth:`record` separately."""
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self.record(), name="relay-recorder")
+            await self.deliver()
+            self.finish_recording()
+
+    async def deliver(self) -> None:
+        """Claim due deliveries and start each in its own task, until :meth:`shutdown`.
+
+        Restartable: the deliveries in flight and their counts live on the dispatcher, and
+        their verdicts go to the recorder whatever happens to this loop.
+        """
+        await self._claim_loop()
+        if self._tasks:
+            await asyncio.wait(set(self._tasks))
+
+    async def record(self) -> None:
+        """Commit verdicts in groups until :meth:`finish_recording` and none is left.
+
+        Restartable: a group the store refused stays queued for the next run.
+        """
+        while True:
+            self._outcome_ready.clear()
+            await self._flush()  # first what a failed run left queued
+            if self._closing:
+                return
+            await self._outcome_ready.wait()
+
+    def finish_recording(self) -> None:
+        """Let :meth:`record` return once every queued verdict is committed (shutdown)."""
+        self._closing = True
+        self._outcome_ready.set()
+
+    @property
+    def unrecorded(self) -> int:
+        """Verdicts not committed yet."""
+        return len(self._outcomes)
 
     async def shutdown(self, grace: float) -> None:
         """Stop claiming; give in-flight deliveries ``grace`` seconds, then release the rest.
@@ -245,6 +277,14 @@ class Dispatcher:
         self._tasks.discard(task)
         self._inflight[name] -= 1
         self._wake.set()
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            # Its verdict was queued before anything that can fail here: only reporting
+            # (metrics, the log line) was lost. Still, nothing fails unseen.
+            log.error(
+                "delivery task failed",
+                exc_info=exc,
+                extra={"event": "dispatch.task_failed", "endpoint": name},
+            )
 
     # -- delivering -------------------------------------------------------------------------
 
@@ -268,6 +308,9 @@ class Dispatcher:
             )
             result = SendResult(None, 0.0, error=f"internal error: {type(exc).__name__}")
         span.finish(result.status, result.error)
+        if not result.attempted:
+            self._release_unsent(endpoint, claim, result)
+            return
         now = self._clock()
         try:
             decision = retry.decide(
@@ -279,21 +322,22 @@ class Dispatcher:
                 rand=self._rand,
                 retry_statuses=endpoint.retry_statuses,
             )
+            # What an endpoint answers is stored and shown: one that echoes the request must
+            # not put a header secret or the forwarded token on disk or in the API.
+            attempt = Attempt(
+                now - result.latency,
+                result.status,
+                result.latency,
+                self._redact(result.error) if result.error else None,
+                stored_excerpt(result.excerpt, self._redact),
+            )
         except Exception:  # a claim must never be left unrecorded (its lane would wedge)
             log.exception(
                 "retry decision failed; retrying later",
                 extra={"event": "dispatch.error", "endpoint": endpoint.name},
             )
             decision = retry.Decision("pending", now + _FALLBACK_RETRY, "internal error")
-        # What an endpoint answers is stored and shown: one that echoes the request must not
-        # put a header secret or the forwarded token on disk or in the API.
-        attempt = Attempt(
-            now - result.latency,
-            result.status,
-            result.latency,
-            self._redact(result.error) if result.error else None,
-            stored_excerpt(result.excerpt, self._redact),
-        )
+            attempt = Attempt(now - result.latency, result.status, result.latency, None, None)
         self._push(Outcome(claim.delivery_id, decision.state, decision.next_at, attempt))
         outcome = _OUTCOMES[decision.state]
         counters, duration = self._series(endpoint.name)
@@ -322,6 +366,26 @@ class Dispatcher:
             fields["reason"] = decision.reason
             log.warning("delivery dead", extra=fields)
 
+    def _release_unsent(self, endpoint: EndpointConfig, claim: Claim, result: SendResult) -> None:
+        """Nothing reached the endpoint (no descriptor for a socket): no attempt is used; the
+        delivery goes back to pending, due again shortly, its lane's order kept."""
+        now = self._clock()
+        self._push(Outcome(claim.delivery_id, "released", now + self._unsent_retry, None))
+        held = self._unsent_log.allow()
+        if held is not None:
+            log.warning(
+                "delivery not attempted: %s; released without using an attempt "
+                "(%d more like this not logged)",
+                result.error,
+                held,
+                extra={
+                    "event": "dispatch.unsent",
+                    "event_id": claim.event_id,
+                    "endpoint": endpoint.name,
+                    "suppressed": held,
+                },
+            )
+
     def _series(self, endpoint: str) -> tuple[dict[str, Any], Any]:
         """The endpoint's labelled metric children, looked up once (labels() is not free)."""
         series = self._metric_series.get(endpoint)
@@ -340,19 +404,15 @@ class Dispatcher:
 
     # -- recording --------------------------------------------------------------------------
 
-    async def _record_loop(self) -> None:
-        while True:
-            await self._outcome_ready.wait()
-            self._outcome_ready.clear()
-            await self._flush()
-            if self._closing and not self._outcomes:
-                return
-
     async def _flush(self) -> None:
         while self._outcomes:
             batch = self._outcomes
             self._outcomes = []
-            await write_isolating(batch, self._record, self._refused)
+            try:
+                await write_isolating(batch, self._record, self._refused)
+            except BaseException:
+                self._outcomes[:0] = batch  # kept, in order, for the restarted recorder
+                raise
             self._wake.set()
 
     async def _record(self, batch: Sequence[Outcome]) -> None:

@@ -33,6 +33,7 @@ from yarl import URL
 
 from relay import tls
 from relay.events import EXCERPT_BYTES
+from relay.limits import out_of_descriptors
 
 if TYPE_CHECKING:
     from relay.config import EndpointConfig
@@ -56,13 +57,18 @@ _RAW_BODY_LIMIT = 1024 * 1024
 
 @dataclass(frozen=True, slots=True)
 class SendResult:
-    """What came back from one POST. ``status`` is None when no response arrived."""
+    """What came back from one POST. ``status`` is None when no response arrived.
+
+    ``attempted`` is False when nothing reached the network because the process ran out of
+    file descriptors: that is the relay's trouble, not the endpoint's, and costs no attempt.
+    """
 
     status: int | None
     latency: float
     retry_after: str | None = None
     excerpt: str | None = None
     error: str | None = None
+    attempted: bool = True
 
 
 class Sender(Protocol):
@@ -179,6 +185,15 @@ def _os_reason(error: OSError) -> str:
     return error.strerror or type(error).__name__
 
 
+def _unsent(start: float) -> SendResult:
+    return SendResult(
+        status=None,
+        latency=time.perf_counter() - start,
+        error="not sent: out of file descriptors",
+        attempted=False,
+    )
+
+
 class AiohttpSender:
     """aiohttp behind the seam: several times the throughput of httpx's own transport.
 
@@ -264,6 +279,8 @@ class AiohttpSender:
         except TimeoutError:
             error = f"timeout after {timeout:g}s"
         except (aiohttp.ClientError, OSError) as exc:
+            if out_of_descriptors(exc):
+                return _unsent(start)
             error = _failure(exc, over_tls=url[:6].lower() == "https:")
         return SendResult(status=None, latency=time.perf_counter() - start, error=error)
 
@@ -306,10 +323,11 @@ class HttpxSender:
                 )
         except httpx.TimeoutException:
             error = f"timeout after {timeout:g}s"
-        except httpx.ConnectError:
-            error = "connection failed"
         except (httpx.HTTPError, OSError, asyncio.IncompleteReadError) as exc:
-            error = f"request failed: {type(exc).__name__}"
+            if out_of_descriptors(exc):
+                return _unsent(start)
+            connect = isinstance(exc, httpx.ConnectError)
+            error = "connection failed" if connect else f"request failed: {type(exc).__name__}"
         return SendResult(status=None, latency=time.perf_counter() - start, error=error)
 
     async def close(self) -> None:

@@ -312,10 +312,11 @@ class Store(Protocol):
         """Delete up to ``batch`` old finished deliveries, and up to ``batch`` old events no
         delivery refers to any more; returns how many deliveries and events were deleted."""
 
-    def on_wakeup(self, callback: Callable[[], None]) -> None:
-        """Call ``callback`` when another process made work due (PostgreSQL: LISTEN/NOTIFY).
+    async def watch(self, wake: Callable[[], None]) -> None:
+        """Call ``wake`` when another process made work due, until cancelled (PostgreSQL:
+        LISTEN/NOTIFY); the daemon supervises it.
 
-        A store with a single writer may do nothing: the relay wakes its own dispatcher.
+        A store with a single writer may return at once: the relay wakes its own dispatcher.
         """
 
     def reconcile_lock(self) -> contextlib.AbstractAsyncContextManager[bool]:

@@ -16,7 +16,7 @@ how replicas share it:
   replica's claim, so a takeover wins. Claims are never renewed: configuration keeps every
   delivery timeout below half the lease, so an attempt ends well before its claim does.
 - **Wake-ups.** Commits that make work due (new deliveries, promotions, releases, replays)
-  ``NOTIFY`` a channel of this schema; :meth:`PostgresStore.on_wakeup` listens on a dedicated
+  ``NOTIFY`` a channel of this schema; :meth:`PostgresStore.watch` listens on a dedicated
   connection. One replica reconciles at a time under a session advisory lock.
 
 Time is the caller's clock (``now``), as with SQLite, so replicas' clocks must agree to well
@@ -498,8 +498,6 @@ class PostgresStore:
         self._pool: asyncpg.Pool[asyncpg.Record] | None = None
         self._namespace = ""
         self._channel = ""
-        self._callbacks: list[Callable[[], None]] = []
-        self._listener: asyncio.Task[None] | None = None
 
     # -- plumbing ---------------------------------------------------------------------------
 
@@ -632,8 +630,6 @@ class PostgresStore:
             await self._close_pool(pool)
             raise
         self._channel = f"relay_wakeup_{_lock_key(self._namespace, 'wakeup') & 0xFFFFFFFFFFFF:012x}"
-        if self._callbacks:
-            self._start_listener()
 
     async def _migrate(self, conn: Conn) -> str:
         """Apply what migrations are missing, once, however many replicas start together."""
@@ -700,11 +696,6 @@ class PostgresStore:
             raise
 
     async def close(self) -> None:
-        listener, self._listener = self._listener, None
-        if listener is not None:
-            listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await listener
         pool, self._pool = self._pool, None
         if pool is not None:
             with contextlib.suppress(*_MAPPED):
@@ -1157,40 +1148,24 @@ class PostgresStore:
 
         return await self._run(query, tx=False)
 
-    def on_wakeup(self, callback: Callable[[], None]) -> None:
-        """Call ``callback`` when another replica commits work that is due.
+    async def watch(self, wake: Callable[[], None]) -> None:
+        """Call ``wake`` when another replica commits work that is due, until cancelled.
 
-        A dedicated connection LISTENs (started now if the store is open, else by ``open``).
-        Each time it starts listening (first, and after reconnecting) it calls back once, for
-        anything committed while it was not.
+        A dedicated connection LISTENs, reconnecting when it is lost. Each time it starts
+        listening (first, and after reconnecting) it calls ``wake`` once, for anything
+        committed while it was not. The daemon runs this under its supervisor.
         """
-        self._callbacks.append(callback)
-        if self._pool is not None and self._listener is None:
-            self._start_listener()
+        self._require_pool()
 
-    def _start_listener(self) -> None:
-        self._listener = asyncio.get_running_loop().create_task(
-            self._listen(), name="relay-store-listener"
-        )
+        def notified(
+            conn: asyncpg.Connection[Any] | PoolConnectionProxy[Any],
+            pid: int,
+            channel: str,
+            payload: object,
+        ) -> None:
+            if payload != self.replica:  # our own commits wake our dispatcher directly
+                wake()
 
-    def _notified(
-        self,
-        conn: asyncpg.Connection[Any] | PoolConnectionProxy[Any],
-        pid: int,
-        channel: str,
-        payload: object,
-    ) -> None:
-        if payload != self.replica:  # our own commits wake our dispatcher directly
-            self._wake()
-
-    def _wake(self) -> None:
-        for callback in self._callbacks:
-            try:
-                callback()
-            except Exception:
-                log.exception("wake-up callback failed", extra={"event": "store.wakeup_error"})
-
-    async def _listen(self) -> None:
         delay = 0.5
         while True:
             try:
@@ -1206,11 +1181,11 @@ class PostgresStore:
             lost = asyncio.Event()
             conn.add_termination_listener(lambda _conn, lost=lost: lost.set())
             try:
-                await conn.add_listener(self._channel, self._notified)
+                await conn.add_listener(self._channel, notified)
                 delay = 0.5
                 # Whatever was committed before we listened (or while we were cut off) may be
                 # due: wake once. This also tells a caller the listener is up.
-                self._wake()
+                wake()
                 while True:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(lost.wait(), self._liveness)

@@ -903,7 +903,7 @@ class SQLiteStore:
 
         return await self._run(insert)
 
-    def on_wakeup(self, callback: Callable[[], None]) -> None:
+    async def watch(self, wake: Callable[[], None]) -> None:
         """One daemon per file: the relay wakes its own dispatcher, nothing to listen to."""
 
     @contextlib.asynccontextmanager
