@@ -44,7 +44,8 @@ def _logging(settings: Settings) -> Redactor:
 def _store(
     settings: Settings, *, create: bool, read_only: bool = False, daemon: bool = False
 ) -> Store:
-    """The configured store, named on stderr (masked; the daemon logs it instead). Unless
+    """The configured store, named on stderr (masked; the daemon names it in its
+    ``relay.started`` line, once the admin port is bound and the store open). Unless
     ``create``, a missing SQLite file is an error: a command run from the wrong directory
     must not show an empty store."""
     from relay.store import open_store
@@ -59,11 +60,7 @@ def _store(
                 f"no store at {path} (RELAY_STORE={settings.store_display}); "
                 "set RELAY_STORE to the daemon's store, or start `relay run` to create it"
             )
-    if daemon:
-        logging.getLogger("relay").info(
-            "store selected", extra={"event": "store.selected", "store": shown}
-        )
-    else:
+    if not daemon:
         print(f"relay: store {shown}", file=sys.stderr)
     return open_store(url, lease=settings.lease, schema=settings.store_schema, read_only=read_only)
 
