@@ -12,6 +12,8 @@ import asyncio
 import contextlib
 import gc
 import logging
+import os
+import socket
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -26,6 +28,7 @@ from relay.events import BadFrame, Message, NewEvent
 from relay.feed import FeedClient, FeedOptions, FeedState
 from relay.logs import Redactor
 from relay.metrics import Metrics
+from relay.monitor import Monitor
 from relay.reconcile import Reconciler
 from relay.store import Store, open_store
 from relay.store.base import Target
@@ -158,6 +161,7 @@ class Relay:
         clock: Callable[[], float] = time.time,
         feed_options: FeedOptions | None = None,
         stats_interval: float = 5.0,
+        health_poll: float = 1.0,
     ) -> None:
         self.settings = settings
         self.clock = clock
@@ -165,14 +169,25 @@ class Relay:
         self.store = store or open_store(settings.store.get_secret_value(), lease=settings.lease)
         self.sender = sender or AiohttpSender()
         seal_key = seal_key_of(settings)
+        self.monitor = Monitor(
+            self.store,
+            settings,
+            self.metrics,
+            replica=getattr(self.store, "replica", None) or f"{socket.gethostname()}:{os.getpid()}",
+            clock=clock,
+            subscribed=lambda: self.feed.state == FeedState.SUBSCRIBED,
+            wake=lambda: self.dispatcher.wake(),
+            poll=health_poll,
+        )
         self.dispatcher = Dispatcher(
             self.store,
-            settings.endpoints,
+            settings.all_endpoints,
             self.sender,
             self.metrics,
             seal_key=seal_key,
             clock=clock,
             redact=Redactor(secret_values(settings)),
+            monitor=self.monitor,
         )
         self.ingest = Ingest(
             self.store,
@@ -212,6 +227,7 @@ class Relay:
                 feed_state=lambda: str(self.feed.state),
                 in_flight=lambda: self.dispatcher.in_flight,
                 on_replay=self.dispatcher.wake,
+                on_endpoint_change=self.monitor.refresh_soon,
                 clock=clock,
             ),
             settings.admin_host,
@@ -258,6 +274,7 @@ class Relay:
         stats = asyncio.create_task(self._stats_loop(), name="relay-stats")
         reconcile = asyncio.create_task(self.reconciler.run(), name="relay-reconcile")
         retention = asyncio.create_task(self._retention_loop(), name="relay-retention")
+        health = asyncio.create_task(self.monitor.run(), name="relay-health")
         log.info(
             "relay started",
             extra={
@@ -292,7 +309,7 @@ class Relay:
         remaining = max(0.0, deadline - asyncio.get_running_loop().time())
         await self.dispatcher.shutdown(remaining)
         await dispatch
-        for background in (stats, reconcile, retention):
+        for background in (stats, reconcile, retention, health):
             background.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await background
@@ -314,7 +331,7 @@ class Relay:
                 log.info("retention purged", extra={"event": "store.purged", "rows": removed})
 
     async def _stats_loop(self) -> None:
-        configured = {ep.name for ep in self.settings.endpoints}
+        configured = {ep.name for ep in self.settings.all_endpoints}
         known = set(configured)
         while True:
             try:
