@@ -216,6 +216,7 @@ class Monitor:
         self._replicas = 0
         self._limiters: dict[str, AsyncLimiter] = {}
         self._intervals: dict[str, float] = {}
+        self._spent_at: dict[str, float] = {}  # loop time of each limited endpoint's last claim
         self._unsubscribed_since: float | None = None
         self._feed_down = False
         self._changed = asyncio.Event()
@@ -253,6 +254,7 @@ class Monitor:
         limiter = self._limiters.get(name)
         if limiter is not None:
             await limiter.acquire()
+            self._spent_at[name] = asyncio.get_running_loop().time()
 
     async def claim_probe(self, name: str, now: float) -> Claim | None:
         """Claim the open endpoint's next probe (one at a time across replicas)."""
@@ -283,7 +285,12 @@ class Monitor:
             for name, h in self._health.items()
             if h.state == "open"
         ]
-        times += [now + interval for name, interval in self._intervals.items()]
+        loop_now = asyncio.get_running_loop().time()
+        times += [
+            now + max(0.0, self._spent_at.get(name, loop_now) + interval - loop_now)
+            for name, interval in self._intervals.items()
+            if self.room(name) == 0
+        ]
         return min(times) if times else None
 
     def observe(self, name: str, claim: Claim, result: SendResult, *, probe: bool) -> None:
