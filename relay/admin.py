@@ -213,7 +213,9 @@ def create_app(
         return [Endpoint(**e) for e in await service.endpoints(store, settings)]
 
     async def endpoint_action(name: str, action: Literal["pause", "resume"]) -> EndpointChange:
-        done = await service.endpoint_action(store, settings, name, action, now=clock())
+        done = await service.endpoint_action(
+            store, settings, name, action, now=clock(), metrics=metrics
+        )
         if done is None:
             raise HTTPException(404, "no such endpoint")
         on_endpoint_change()

@@ -294,7 +294,7 @@ class Dispatcher:
         spared = probe and decision.state == "pending"
         self._push(Outcome(claim.delivery_id, decision.state, decision.next_at, attempt, spared))
         if self._monitor is not None:
-            self._monitor.observe(endpoint.name, claim, result, probe=probe)
+            self._monitor.observe(endpoint.name, claim, result, probe=probe, error=attempt.error)
             if decision.state == "dead":
                 self._monitor.dead(endpoint.name)
         outcome = _OUTCOMES[decision.state]

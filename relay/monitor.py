@@ -132,18 +132,14 @@ async def transit(
             alert_endpoint=alert_endpoint,
             release=made.release,
         ):
-            if made.alert is not None and name != alert_endpoint:
-                if metrics is not None:
+            if made.alert is not None:
+                # Every transition is logged; the alert endpoint's own raise no alert.
+                raised = name != alert_endpoint
+                if metrics is not None and raised:
                     metrics.alerts.labels(type=made.alert).inc()
                 log.warning(
-                    "operational event",
-                    extra={
-                        "event": made.alert,
-                        "kind": kind,
-                        "subject": name,
-                        "state": made.state,
-                        **{k: v for k, v in made.alert_data.items() if k != "endpoint"},
-                    },
+                    "operational event" if raised else "alert endpoint state changed",
+                    extra={"event": made.alert, "state": made.state, **made.alert_data},
                 )
             return HealthRow(made.state, version + 1, new.data), made
     raise StoreUnavailableError(f"{kind} {name}: state row kept changing under this replica")
@@ -195,7 +191,7 @@ class Monitor:
         dead_every: float = 60.0,
     ) -> None:
         self._store = store
-        self._metrics = metrics
+        self.metrics = metrics
         self._endpoints: Mapping[str, EndpointConfig] = {
             ep.name: ep for ep in settings.all_endpoints
         }
@@ -293,8 +289,11 @@ class Monitor:
         ]
         return min(times) if times else None
 
-    def observe(self, name: str, claim: Claim, result: SendResult, *, probe: bool) -> None:
-        """One finished attempt (its verdict is being recorded by the dispatcher)."""
+    def observe(
+        self, name: str, claim: Claim, result: SendResult, *, probe: bool, error: str | None
+    ) -> None:
+        """One finished attempt (its verdict is being recorded by the dispatcher); ``error``
+        is the result's error as recorded, redacted."""
         retried = retry.is_retryable(result.status)
         current = self._health.get(name)
         healthy = current is None or (current.failures == 0 and current.state != "open")
@@ -306,7 +305,7 @@ class Monitor:
             Result(
                 user_id=claim.user_id,
                 status=result.status,
-                error=result.error,
+                error=error,
                 retried=retried,
                 at=now,
                 probe=probe,
@@ -387,7 +386,7 @@ class Monitor:
             change,
             self._clock(),
             alert_endpoint=self._alert_name,
-            metrics=self._metrics,
+            metrics=self.metrics,
         )
         self._health[name] = endpoint_health(row)
         if made is not None and made.state != "open":
@@ -451,7 +450,7 @@ class Monitor:
             change,
             now,
             alert_endpoint=self._alert_name,
-            metrics=self._metrics,
+            metrics=self.metrics,
         )
         self._feed_down = state == "down"
 
@@ -482,7 +481,7 @@ class Monitor:
                 change,
                 now,
                 alert_endpoint=self._alert_name,
-                metrics=self._metrics,
+                metrics=self.metrics,
             )
             if made is not None:
                 self._dead.discard(name)
@@ -492,7 +491,7 @@ class Monitor:
         for name in self._endpoints:
             current = self.state(name)
             for state in health.STATES:
-                self._metrics.endpoint_state.labels(endpoint=name, state=state).set(
+                self.metrics.endpoint_state.labels(endpoint=name, state=state).set(
                     1 if state == current else 0
                 )
 

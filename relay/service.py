@@ -16,6 +16,7 @@ from typing import Any, Literal
 from relay import monitor
 from relay.config import Settings
 from relay.health import display_state
+from relay.metrics import Metrics
 from relay.store.base import (
     DeliveryDetail,
     DeliveryInfo,
@@ -144,6 +145,7 @@ async def endpoint_action(
     action: Literal["pause", "resume"],
     *,
     now: float,
+    metrics: Metrics | None = None,
 ) -> dict[str, Any] | None:
     """Pause or resume an endpoint (idempotent); None for a name the relay does not know.
 
@@ -153,7 +155,7 @@ async def endpoint_action(
     configured = {ep.name for ep in settings.all_endpoints}
     if name not in configured and name not in {s.endpoint for s in await store.endpoint_stats()}:
         return None
-    after, changed = await monitor.operate(store, settings, name, action, now)
+    after, changed = await monitor.operate(store, settings, name, action, now, metrics=metrics)
     return {"name": name, "state": display_state(after, name in configured), "changed": changed}
 
 

@@ -31,6 +31,7 @@ from relay import service
 from relay.app import targets_of
 from relay.config import load_settings
 from relay.dispatch import Dispatcher
+from relay.errors import ConfigError
 from relay.metrics import Metrics
 from relay.monitor import Monitor
 from relay.receiver import Received, Receiver, Response
@@ -38,7 +39,7 @@ from relay.signing import decode_secret
 from relay.simulator import Simulator
 from relay.store.postgres import PostgresStore
 from relay.store.sqlite import SQLiteStore
-from relay.transport import AiohttpSender
+from relay.transport import AiohttpSender, SendResult
 
 PG_URL = os.environ.get("RELAY_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 SECRET = "whsec_" + "c2lnbmluZyBzZWNyZXQgZm9yIGhlYWx0aCB0ZXN0cyE="
@@ -216,6 +217,18 @@ async def test_without_the_breaker_the_same_outage_burns_attempts(tmp_path: Path
     assert spent_before == 4 * 2 * len(USERS)
     assert after.dead == 0
     assert spent_after <= len(USERS) + 5
+    # Dead deliveries raise delivery.dead, at most once a minute per endpoint.
+    dead = [
+        (at, r.json) for at, r, _ in before.alerts.arrivals if r.json["type"] == "delivery.dead"
+    ]
+    assert dead and all(body["data"]["endpoint"] == "sick" for _, body in dead)
+    assert all(b - a >= 60 for (a, _), (b, _) in zip(dead, dead[1:], strict=False))
+    first = dead[0][1]["data"]
+    assert set(first) == {"endpoint", "count", "delivery_id", "event_id", "user_id"}
+    assert first["delivery_id"].startswith("dlv_") and first["event_id"].startswith("evt_")
+    assert first["user_id"] in USERS
+    assert sum(body["data"]["count"] for _, body in dead) >= 2 * len(USERS) - first["count"]
+    print("delivery.dead alert bodies:", [body for _, body in dead[:2]])
 
 
 # -- in real time, through `relay run` (in-process) ---------------------------------------
@@ -457,3 +470,182 @@ async def test_two_replicas_share_breaker_alerts_and_rate_limit(
     assert busiest_second(crm.times()) <= 21
     bodies = alert_bodies(alerts)
     assert sorted(b["type"] for b in bodies) == ["endpoint.opened", "endpoint.recovered"]
+
+
+# -- alerts: once per transition however many replicas --------------------------------------
+
+
+async def monitors_on_one_store(
+    tmp_path: Path, clock: Clock, alerts: Endpoint, *, subscribed: Callable[[], bool]
+) -> tuple[SQLiteStore, list[Monitor]]:
+    settings = load_settings(
+        {
+            "RELAY_ENDPOINTS": json.dumps([{"name": "sick", "url": "http://sick.test/h"}]),
+            "RELAY_ALERT_URL": await alerts.start(),
+            "RELAY_SIGNING_SECRET": SECRET,
+            "RELAY_BREAKER_THRESHOLD": "2",
+        }
+    )
+    store = SQLiteStore(tmp_path / "m.db")
+    await store.open(daemon=False)
+    monitors = [
+        Monitor(
+            store, settings, Metrics(clock), replica=f"r{n}", clock=clock, subscribed=subscribed
+        )
+        for n in (1, 2)
+    ]
+    return store, monitors
+
+
+async def stored_alerts(store: SQLiteStore, clock: Clock) -> list[dict[str, Any]]:
+    return [json.loads(c.body) for c in await store.claim("alerts", clock() + 1, 100)]
+
+
+async def test_replicas_racing_for_one_transition_store_one_alert(tmp_path: Path) -> None:
+    clock = Clock()
+    alerts = Endpoint(clock)
+    store, monitors = await monitors_on_one_store(tmp_path, clock, alerts, subscribed=lambda: True)
+    try:
+        await store.append([user_event(u, 1) for u in USERS[:4]], targets_of_sick(), clock())
+        claims = await store.claim("sick", clock(), 10)
+        for monitor in monitors:  # each replica saw failures of two users
+            for user_claim in claims[:2]:
+                monitor.observe("sick", user_claim, SendResult(503, 0.1), probe=False, error=None)
+        await asyncio.gather(*(m.step() for m in monitors))
+        assert [m.state("sick") for m in monitors] == ["open", "open"]
+        bodies = await stored_alerts(store, clock)
+        assert [b["type"] for b in bodies] == ["endpoint.opened"]
+        assert bodies[0]["data"] == {
+            "endpoint": "sick",
+            "last_status": 503,
+            "last_error": None,
+            "pending": 4,
+        }
+    finally:
+        await store.close()
+        assert alerts.receiver is not None
+        await alerts.receiver.close()
+
+
+def targets_of_sick() -> list[Any]:
+    from relay.store.base import Target
+
+    return [Target("sick")]
+
+
+async def test_feed_down_after_two_minutes_then_up(tmp_path: Path) -> None:
+    clock = Clock()
+    alerts = Endpoint(clock)
+    feed = {"subscribed": False}
+    store, (monitor, _) = await monitors_on_one_store(
+        tmp_path, clock, alerts, subscribed=lambda: feed["subscribed"]
+    )
+    try:
+        await monitor.step()
+        clock.now += 119.0
+        await monitor.step()
+        assert await stored_alerts(store, clock) == []
+        clock.now += 1.0
+        await monitor.step()
+        await monitor.step()
+        feed["subscribed"] = True
+        await monitor.step()
+        await monitor.step()
+        bodies = await stored_alerts(store, clock)
+        assert [(b["type"], b["data"]) for b in bodies] == [
+            ("feed.down", {"replica": "r1"}),
+            ("feed.up", {"replica": "r1"}),
+        ]
+        text = monitor_metrics(monitor)
+        assert 'relay_alerts_total{type="feed.down"} 1.0' in text
+        assert 'relay_endpoint_state{endpoint="sick",state="active"} 1.0' in text
+    finally:
+        await store.close()
+        assert alerts.receiver is not None
+        await alerts.receiver.close()
+
+
+def monitor_metrics(monitor: Monitor) -> str:
+    return monitor.metrics.render().decode()
+
+
+# -- configuration and the CLI ------------------------------------------------------------
+
+BASE_ENV = {"RELAY_SIGNING_SECRET": SECRET, "RELAY_ENDPOINTS": "http://crm.test/h"}
+
+
+def test_health_settings_default_as_the_contract_says() -> None:
+    settings = load_settings(BASE_ENV)
+    assert (settings.breaker_threshold, settings.breaker_cooldown) == (5, 30.0)
+    assert settings.disable_after == 5 * 86400
+    assert settings.alert_url is None and settings.endpoints[0].rate_limit is None
+    off = load_settings({**BASE_ENV, "RELAY_DISABLE_AFTER": "off"})
+    assert off.disable_after is None
+
+
+def test_alert_url_as_a_url_or_a_limited_endpoint_object() -> None:
+    plain = load_settings({**BASE_ENV, "RELAY_ALERT_URL": "https://u:pw@ops.test/alerts"})
+    assert plain.alert_url is not None
+    assert (plain.alert_url.name, plain.alert_url.display_url) == (
+        "alerts",
+        "https://***@ops.test/alerts",
+    )
+    assert [e.name for e in plain.all_endpoints][-1] == "alerts"
+    obj = load_settings(
+        {
+            **BASE_ENV,
+            "RELAY_ALERT_URL": json.dumps(
+                {"url": "https://ops.test/a", "name": "ops", "headers": {"x-team": "on-call"}}
+            ),
+        }
+    )
+    assert obj.alert_url is not None and obj.alert_url.name == "ops"
+
+
+@pytest.mark.parametrize(
+    ("env", "variable"),
+    [
+        ({"RELAY_BREAKER_THRESHOLD": "0"}, "RELAY_BREAKER_THRESHOLD"),
+        ({"RELAY_BREAKER_COOLDOWN": "soon"}, "RELAY_BREAKER_COOLDOWN"),
+        ({"RELAY_DISABLE_AFTER": "never"}, "RELAY_DISABLE_AFTER"),
+        ({"RELAY_ALERT_URL": "ftp://ops.test/"}, "RELAY_ALERT_URL.url"),
+        ({"RELAY_ALERT_URL": '{"url": "https://o.test", "statuses": ["x"]}'}, "RELAY_ALERT_URL"),
+        ({"RELAY_ALERT_URL": '{"url": "https://o.test", "name": "crm"}'}, "RELAY_ALERT_URL.name"),
+        (
+            {"RELAY_ENDPOINTS": '[{"url": "http://a.test", "rate_limit": -1}]'},
+            "RELAY_ENDPOINTS[0].rate_limit",
+        ),
+        (
+            {"RELAY_ENDPOINTS": '[{"url": "http://a.test", "rate_limit": "fast"}]'},
+            "RELAY_ENDPOINTS[0].rate_limit",
+        ),
+    ],
+)
+def test_bad_health_settings_name_their_variable(env: dict[str, str], variable: str) -> None:
+    endpoints = json.dumps([{"url": "http://crm.test/h", "name": "crm"}])
+    with pytest.raises(ConfigError) as caught:
+        load_settings({**BASE_ENV, "RELAY_ENDPOINTS": endpoints, **env})
+    assert caught.value.variable == variable
+
+
+async def test_endpoints_cli_lists_states_and_never_creates_a_store(
+    make_sim: Any, tmp_path: Path
+) -> None:
+    sim = await make_sim(count=4, users=2)
+    crm = Endpoint(time.time, failing=lambda now: True)
+    env = relay_env(sim, f"sqlite:///{tmp_path}/c.db", [{"name": "crm", "url": await crm.start()}])
+    missing = await cli(env, "endpoints", "list")
+    assert missing.returncode == 1
+    assert f"{tmp_path}/c.db" in missing.stderr and "RELAY_STORE" in missing.stderr
+    assert not (tmp_path / "c.db").exists()
+    async with run_relay(env):
+        await eventually(lambda: len(crm.arrivals) >= 2)
+        assert (await cli(env, "endpoints", "pause", "crm")).stdout == "crm: paused\n"
+        listed = await cli(env, "endpoints", "list", "--json")
+        table = await cli(env, "endpoints", "list")
+    (item,) = [json.loads(line) for line in listed.stdout.splitlines()]
+    assert (item["name"], item["state"], item["pending"]) == ("crm", "paused", 4)
+    assert item["oldest_pending_age_s"] >= 0 and item["last_error"] == "HTTP 503"
+    header, row = table.stdout.splitlines()
+    assert header.split() == ["NAME", "STATE", "PENDING", "OLDEST", "LAST", "ERROR"]
+    assert row.split()[:3] == ["crm", "paused", "4"]
