@@ -191,6 +191,7 @@ class Monitor:
         dead_every: float = 60.0,
     ) -> None:
         self._store = store
+        self.settings = settings
         self.metrics = metrics
         self._endpoints: Mapping[str, EndpointConfig] = {
             ep.name: ep for ep in settings.all_endpoints
@@ -206,6 +207,7 @@ class Monitor:
         self._feed_down_after = feed_down_after
         self._dead_every = dead_every
         self._health: dict[str, Health] = {}
+        self._loaded = False  # the states were read from the store at least once
         self._results: dict[str, list[Result]] = defaultdict(list)
         self._dead: set[str] = set()
         self._no_probe_until: dict[str, float] = {}
@@ -226,6 +228,8 @@ class Monitor:
 
     def mode(self, name: str, now: float) -> Mode:
         """Claim normally, claim one probe, or hold (claim nothing)."""
+        if not self._loaded:
+            return "hold"  # a paused or disabled endpoint must not get a claim at start-up
         current = self._health.get(name)
         if current is None or current.state == "active":
             return "claim"
@@ -389,12 +393,13 @@ class Monitor:
             metrics=self.metrics,
         )
         self._health[name] = endpoint_health(row)
-        if made is not None and made.state != "open":
+        if made is not None:  # e.g. a failed probe set the next one's time: re-plan the wait
             self._wake_dispatcher()
 
     async def _refresh(self) -> None:
         rows = await self._store.health_rows(ENDPOINT)
-        woke = False
+        woke = not self._loaded
+        self._loaded = True
         for name in self._endpoints:
             fresh = endpoint_health(rows.get(name))
             before = self._health.get(name)

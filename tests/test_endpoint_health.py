@@ -37,6 +37,7 @@ from relay.monitor import Monitor
 from relay.receiver import Received, Receiver, Response
 from relay.signing import decode_secret
 from relay.simulator import Simulator
+from relay.store.base import HealthRow
 from relay.store.postgres import PostgresStore
 from relay.store.sqlite import SQLiteStore
 from relay.transport import AiohttpSender, SendResult
@@ -649,3 +650,26 @@ async def test_endpoints_cli_lists_states_and_never_creates_a_store(
     header, row = table.stdout.splitlines()
     assert header.split() == ["NAME", "STATE", "PENDING", "OLDEST", "LAST", "ERROR"]
     assert row.split()[:3] == ["crm", "paused", "4"]
+
+
+async def test_nothing_is_claimed_before_the_states_are_read(tmp_path: Path) -> None:
+    """A restarted relay must not send one attempt to a paused endpoint before it has read
+    that the endpoint is paused."""
+    clock = Clock()
+    alerts = Endpoint(clock)
+    store, (monitor, _) = await monitors_on_one_store(
+        tmp_path, clock, alerts, subscribed=lambda: True
+    )
+    try:
+        assert monitor.mode("sick", clock()) == "hold"  # not read yet
+        await monitor.step()
+        assert monitor.mode("sick", clock()) == "claim"
+        assert await store.health_write("endpoint", "sick", HealthRow("paused", 0, "{}"), clock())
+        restarted = Monitor(store, monitor.settings, Metrics(clock), replica="r3", clock=clock)
+        assert restarted.mode("sick", clock()) == "hold"
+        await restarted.step()
+        assert restarted.mode("sick", clock()) == "hold"  # paused, as stored
+    finally:
+        await store.close()
+        assert alerts.receiver is not None
+        await alerts.receiver.close()
