@@ -1192,7 +1192,16 @@ async def excerpt_size(workdir: Path) -> Outcome:
             stack, "binary", [secret], lambda r: Response(502, body=BIG_BINARY)
         )
         db = workdir / "excerpt.db"
-        env = relay_env(sim, [binary], secret, f"sqlite:///{db}", RELAY_RETRY_SCHEDULE="0s,50ms")
+        # The endpoint fails for good and every delivery must run out of its schedule: an open
+        # breaker would hold them instead (probes use no attempt), so it stays out of the way.
+        env = relay_env(
+            sim,
+            [binary],
+            secret,
+            f"sqlite:///{db}",
+            RELAY_RETRY_SCHEDULE="0s,50ms",
+            RELAY_BREAKER_THRESHOLD="1000000",
+        )
         async with in_process(env):
             await wait_until(sim.finished.is_set, 10, "the simulator sent everything")
             await settle(sqlite_probe(sim, db), timeout=20)

@@ -274,7 +274,12 @@ class Monitor:
         self._health[name] = dataclasses.replace(started, version=current.version + 1)
         log.info(
             "probing an open endpoint",
-            extra={"event": "endpoint.probe", "endpoint": name, "event_id": claim.event_id},
+            extra={
+                "event": "endpoint.probe",
+                "endpoint": name,
+                "event_id": claim.event_id,
+                "delivery_id": format_delivery_id(claim.delivery_id),
+            },
         )
         return claim
 
