@@ -1062,9 +1062,9 @@ async def endpoint_health(
     """Endpoint health under faults (CONTRACT.md 5b, 5c): ``flaky`` fails every way a
     retried failure can (5xx, 429 with Retry-After, resets, timeouts) for ``outage`` seconds,
     then recovers; ``limited`` is healthy under a rate limit and is paused and resumed by an
-    operator mid-run; operational events go to ``alerts``. Nothing may go dead or out of
-    order, the flaky endpoint sees only probes while open, the limit holds at the receiver,
-    and each transition raises exactly one alert."""
+    operator mid-run; ``healthy`` must not notice; operational events go to ``alerts``.
+    Nothing may go dead or out of order, the flaky endpoint sees only probes while open, the
+    limit holds at the receiver, and each transition raises exactly one alert."""
     secret = new_whsec()
     rng = random.Random(11)
     began = {"at": math.inf}
@@ -1085,11 +1085,12 @@ async def endpoint_health(
         sim = await _sim(stack, rate=rate, users=30, count=events, seed=11)
         flaky = await _endpoint(stack, "flaky", [secret], flaky_decide)
         limited = await _endpoint(stack, "limited", [secret])
+        healthy = await _endpoint(stack, "healthy", [secret])
         alerts = await _endpoint(stack, "alerts", [secret])
         db = workdir / "health.db"
         env = relay_env(
             sim,
-            [flaky.config(), limited.config(rate_limit=limit)],
+            [flaky.config(), limited.config(rate_limit=limit), healthy.config()],
             secret,
             f"sqlite:///{db}",
             RELAY_ALERT_URL=alerts.url,
@@ -1130,8 +1131,8 @@ async def endpoint_health(
         report = audit(
             "endpoint health: breaker, probes, pause/resume, rate limit, alerts",
             [d for d in deliveries if d.endpoint != alerts.name],
-            flaky.arrivals + limited.arrivals,
-            endpoints=[flaky.name, limited.name],
+            flaky.arrivals + limited.arrivals + healthy.arrivals,
+            endpoints=[flaky.name, limited.name, healthy.name],
             stored_events=stored - alert_events,
             sent=sent_ids(sim),
             must_store_sent=True,
@@ -1152,7 +1153,15 @@ async def endpoint_health(
         for start in opened:
             end = min([t for t in closed if t > start] or [math.inf])
             during_open += [t for t in flaky_times if start + 0.05 < t - wall_began < end - 0.05]
+        received_at = dict(rows(db, "SELECT event_id, received_at FROM events"))
+        latencies = sorted(
+            at / 1e9 - received_at[event_id]
+            for event_id, at in healthy.arrival_times().items()
+            if event_id in received_at
+        )
         facts = {
+            "healthy_p50_latency_s": round(statistics.median(latencies), 3),
+            "healthy_max_latency_s": round(latencies[-1], 3),
             "states": states,
             "alerts": dict(types),
             "attempts_while_open": len(during_open),
@@ -1177,7 +1186,8 @@ async def endpoint_health(
             f"flaky endpoint: {len(flaky.arrivals)} attempts, {len(during_open)} while open "
             f"({len(opened)} open spells); states {states}; alerts {dict(types)}; limited "
             f"endpoint's busiest second {facts['limited_busiest_second']} (limit {limit}/s), "
-            f"{quiet} arrivals while paused"
+            f"{quiet} arrivals while paused; healthy endpoint latency p50 "
+            f"{facts['healthy_p50_latency_s']}s, max {facts['healthy_max_latency_s']}s"
         )
         return Outcome(report, facts)
 

@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import gc
 import logging
-import os
 import socket
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -173,7 +172,8 @@ class Relay:
             self.store,
             settings,
             self.metrics,
-            replica=getattr(self.store, "replica", None) or f"{socket.gethostname()}:{os.getpid()}",
+            # PostgreSQL names each replica process; a SQLite store has one daemon, the host's.
+            replica=getattr(self.store, "replica", None) or socket.gethostname(),
             clock=clock,
             subscribed=lambda: self.feed.state == FeedState.SUBSCRIBED,
             wake=lambda: self.dispatcher.wake(),
