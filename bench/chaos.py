@@ -1120,7 +1120,8 @@ async def endpoint_health(
                     quiet = len(limited.arrivals) - while_paused
                     resumed = (await http.post("/api/endpoints/limited/resume")).json()
                 await wait_until(sim.finished.is_set, 60, "the simulator sent everything")
-                await settle(sqlite_probe(sim, db), timeout=60)
+                # The limited endpoint takes events / limit seconds at least.
+                await settle(sqlite_probe(sim, db), timeout=30 + 1.5 * events / limit)
                 await wait_until(lambda: len(alerts.arrivals) >= 4, 10, "the alerts")
                 await asyncio.sleep(0.3)
             finally:

@@ -31,7 +31,7 @@ from relay import service
 from relay.app import targets_of
 from relay.config import load_settings
 from relay.dispatch import Dispatcher
-from relay.errors import ConfigError
+from relay.errors import ConfigError, StoreUnavailableError
 from relay.metrics import Metrics
 from relay.monitor import Monitor
 from relay.receiver import Received, Receiver, Response
@@ -673,3 +673,47 @@ async def test_nothing_is_claimed_before_the_states_are_read(tmp_path: Path) -> 
         await store.close()
         assert alerts.receiver is not None
         await alerts.receiver.close()
+
+
+class FlakyStore(SQLiteStore):
+    """The real SQLite store, whose health writes fail while ``down`` (a store outage)."""
+
+    down = False
+
+    async def health_write(self, *args: Any, **kwargs: Any) -> bool:
+        if self.down:
+            raise StoreUnavailableError("the store is down")
+        return await super().health_write(*args, **kwargs)
+
+
+async def test_a_transition_during_a_store_outage_is_stored_when_it_returns(
+    tmp_path: Path,
+) -> None:
+    clock = Clock()
+    settings = load_settings(
+        {
+            "RELAY_ENDPOINTS": json.dumps([{"name": "sick", "url": "http://sick.test/h"}]),
+            "RELAY_ALERT_URL": "http://alerts.test/a",
+            "RELAY_SIGNING_SECRET": SECRET,
+            "RELAY_BREAKER_THRESHOLD": "2",
+        }
+    )
+    store = FlakyStore(tmp_path / "f.db")
+    await store.open(daemon=False)
+    try:
+        monitor = Monitor(store, settings, Metrics(clock), replica="r1", clock=clock)
+        await store.append([user_event(u, 1) for u in USERS[:2]], targets_of_sick(), clock())
+        for claim in await store.claim("sick", clock(), 10):
+            monitor.observe("sick", claim, SendResult(None, 1.0), probe=False, error="timed out")
+        store.down = True
+        with pytest.raises(StoreUnavailableError):
+            await monitor.step()
+        assert monitor.state("sick") == "active"
+        store.down = False
+        await monitor.step()
+        assert monitor.state("sick") == "open"
+        (body,) = await stored_alerts(store, clock)
+        assert body["type"] == "endpoint.opened"
+        assert body["data"]["last_error"] == "timed out"
+    finally:
+        await store.close()
