@@ -24,7 +24,7 @@ import json
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -504,8 +504,3 @@ class Monitor:
                 self.metrics.endpoint_state.labels(endpoint=name, state=state).set(
                     1 if state == current else 0
                 )
-
-
-def known_names(settings: Settings, stored: Sequence[str]) -> set[str]:
-    """Endpoint names an operator may pause or resume: configured ones and those with work."""
-    return {ep.name for ep in settings.all_endpoints} | set(stored)

@@ -132,7 +132,7 @@ async def simulate_outage(
     await store.open(daemon=True)
     metrics = Metrics(clock)
     sender = AiohttpSender()
-    monitor = Monitor(store, settings, metrics, replica="test", clock=clock, poll=0.01)
+    monitor = Monitor(store, settings, metrics, replica="test", clock=clock)
     dispatcher = Dispatcher(
         store,
         settings.all_endpoints,
@@ -145,23 +145,24 @@ async def simulate_outage(
     )
     events = [user_event(u, n) for n in (1, 2) for u in USERS]
     await store.append(events, targets_of(settings), clock())
-    tasks = [asyncio.create_task(dispatcher.run()), asyncio.create_task(monitor.run())]
+    await monitor.step()
+    running = asyncio.create_task(dispatcher.run())
     states: list[tuple[float, str]] = []
     try:
         while clock.elapsed < until:
-            for _ in range(3):  # let claims, requests, verdicts and the breaker's fold settle
+            # The test drives the monitor itself: at each simulated instant the attempts due
+            # go out, their results are folded into the breaker, and only then time moves.
+            for _ in range(3):
                 dispatcher.wake()
-                monitor.refresh_soon()
                 await asyncio.sleep(0.004)
                 await eventually(lambda: dispatcher.in_flight == 0, timeout=5)
+                await monitor.step()
             if not states or states[-1][1] != monitor.state("sick"):
                 states.append((clock.elapsed, monitor.state("sick")))
             clock.now += 5.0
     finally:
         await dispatcher.shutdown(1.0)
-        for task in tasks[1:]:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await running
         await sender.close()
         dead = len(await store.list_deliveries(state="dead", endpoint="sick", limit=500))
         await store.close()
