@@ -250,6 +250,59 @@ async def _deliveries(args: argparse.Namespace, store: Store) -> int:
     return 0
 
 
+def cmd_endpoints(args: argparse.Namespace) -> int:
+    from relay import service
+
+    settings = _settings(for_run=False)
+    store = _store(settings, create=False)
+
+    async def run() -> int:
+        await store.open(daemon=False)
+        try:
+            if args.action == "list":
+                listed = await service.endpoints(store, settings)
+                if args.json:
+                    for item in listed:
+                        print(json.dumps(item))
+                else:
+                    print(_endpoint_table(listed))
+                return 0
+            done = await service.endpoint_action(
+                store, settings, args.name, args.action, now=time.time()
+            )
+            if done is None:
+                print(f"relay: no endpoint named {args.name!r}", file=sys.stderr)
+                return 1
+            if args.json:
+                print(json.dumps(done))
+            else:
+                print(f"{done['name']}: {done['state']}{'' if done['changed'] else ' (unchanged)'}")
+            return 0
+        finally:
+            await store.close()
+
+    return asyncio.run(run())
+
+
+def _endpoint_table(listed: Sequence[dict[str, Any]]) -> str:
+    header = ("NAME", "STATE", "PENDING", "OLDEST", "LAST ERROR")
+    rows = [
+        (
+            e["name"],
+            e["state"],
+            str(e["pending"]),
+            "-" if e["oldest_pending_age_s"] is None else f"{e['oldest_pending_age_s']:.0f}s",
+            (e["last_error"] or "-")[:60],
+        )
+        for e in listed
+    ]
+    widths = [max(len(r[n]) for r in [header, *rows]) for n in range(len(header))]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+        for r in [header, *rows]
+    )
+
+
 def cmd_reconcile(args: argparse.Namespace) -> int:
     from relay.app import Ingest, reconciler_for, seal_key_of, targets_of
     from relay.metrics import Metrics
@@ -356,6 +409,19 @@ def _parser() -> argparse.ArgumentParser:
         "--older-than", type=_duration, required=True, help="e.g. 3d (dead ones: twice that)"
     )
     deliveries.set_defaults(fn=cmd_deliveries)
+
+    endpoints = sub.add_parser("endpoints", help="endpoint health: list, pause, resume")
+    verbs = endpoints.add_subparsers(dest="action", required=True, metavar="ACTION")
+    as_json = argparse.ArgumentParser(add_help=False)
+    as_json.add_argument("--json", action="store_true", help="one JSON object per line")
+    verbs.add_parser("list", parents=[as_json], help="state, pending, oldest age, last error")
+    for verb, text in (
+        ("pause", "attempt nothing until resumed"),
+        ("resume", "active again; waiting deliveries due now"),
+    ):
+        one = verbs.add_parser(verb, parents=[as_json], help=text)
+        one.add_argument("name")
+    endpoints.set_defaults(fn=cmd_endpoints)
 
     reconcile = sub.add_parser("reconcile", help="compare with sFOX's REST users list now")
     reconcile.add_argument("--emit-all", action="store_true", help="emit every user's state")

@@ -86,20 +86,33 @@ class DeliveryPage(BaseModel):
     next_cursor: str | None = Field(description="Pass as `before` for the next page")
 
 
+EndpointState = Literal["active", "open", "paused", "disabled", "removed"]
+
+
 class Endpoint(BaseModel):
     name: str
     url: str | None = Field(description="With any credentials masked; null if unconfigured")
     configured: bool = Field(description="False: removed from the config, work kept")
+    state: EndpointState = Field(description="Health (CONTRACT.md 5b); removed: unconfigured")
+    alerts: bool = Field(default=False, description="The operational-events endpoint")
     user_token: str | None = None
     signed: bool | None = None
     max_in_flight: int | None = None
+    rate_limit: float | None = Field(default=None, description="Attempts per second, or null")
     pending: int
+    oldest_pending_age_s: float | None
     dead: int
     delivered: int
     oldest_pending_at: str | None
     last_success_at: str | None
     last_failure_at: str | None
     last_error: str | None
+
+
+class EndpointChange(BaseModel):
+    name: str
+    state: EndpointState
+    changed: bool = Field(description="False when the endpoint already was in that state")
 
 
 class Replayed(BaseModel):
@@ -125,6 +138,9 @@ _AUTH_ERRORS: dict[int | str, dict[str, Any]] = {
 _NOT_FOUND: dict[int | str, dict[str, Any]] = {
     404: {"model": Problem, "description": "No such delivery"}
 }
+_NO_ENDPOINT: dict[int | str, dict[str, Any]] = {
+    404: {"model": Problem, "description": "No such endpoint"}
+}
 _INVALID: dict[int | str, dict[str, Any]] = {
     422: {"model": Problem, "description": "Invalid query or path parameter"}
 }
@@ -145,6 +161,7 @@ def create_app(
     feed_state: Callable[[], str],
     in_flight: Callable[[], int] = lambda: 0,
     on_replay: Callable[[], None] = lambda: None,
+    on_endpoint_change: Callable[[], None] = lambda: None,
     clock: Callable[[], float] = time.time,
 ) -> FastAPI:
     """The admin ASGI app; every dependency is injected so tests can drive it directly."""
@@ -219,6 +236,25 @@ def create_app(
     async def endpoints() -> list[Endpoint]:
         """Configured endpoints, and removed ones that still hold work, with their numbers."""
         return [Endpoint(**e) for e in await service.endpoints(store, settings)]
+
+    async def endpoint_action(name: str, action: Literal["pause", "resume"]) -> EndpointChange:
+        done = await service.endpoint_action(
+            store, settings, name, action, now=clock(), metrics=metrics
+        )
+        if done is None:
+            raise HTTPException(404, "no such endpoint")
+        on_endpoint_change()
+        return EndpointChange(**done)
+
+    @api.post("/endpoints/{name}/pause", responses=_NO_ENDPOINT)
+    async def pause(name: str) -> EndpointChange:
+        """Stop attempting deliveries to the endpoint (in-flight ones finish); idempotent."""
+        return await endpoint_action(name, "pause")
+
+    @api.post("/endpoints/{name}/resume", responses=_NO_ENDPOINT)
+    async def resume(name: str) -> EndpointChange:
+        """Make the endpoint active and its waiting deliveries due now; idempotent."""
+        return await endpoint_action(name, "resume")
 
     @api.get("/deliveries", responses=_INVALID)
     async def deliveries(

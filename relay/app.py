@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import socket
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from relay.isolation import write_isolating
 from relay.limits import raise_nofile_limit
 from relay.logs import Redactor
 from relay.metrics import Metrics
+from relay.monitor import Monitor
 from relay.reconcile import Reconciler
 from relay.store import Store, open_store
 from relay.store.base import Target
@@ -251,6 +253,7 @@ class Relay:
         feed_options: FeedOptions | None = None,
         stats_interval: float = 5.0,
         supervisor: Supervisor | None = None,
+        health_poll: float = 1.0,
     ) -> None:
         self.settings = settings
         # OTEL_* decide (CONTRACT 6b); without them nothing of OpenTelemetry is imported.
@@ -261,20 +264,32 @@ class Relay:
             settings.store.get_secret_value(), lease=settings.lease, schema=settings.store_schema
         )
         self.senders = (
-            Senders.only(sender, settings.endpoints)
+            Senders.only(sender, settings.all_endpoints)
             if sender is not None
-            else Senders.for_endpoints(settings.endpoints)
+            else Senders.for_endpoints(settings.all_endpoints)
         )
         seal_key = seal_key_of(settings)
+        self.monitor = Monitor(
+            self.store,
+            settings,
+            self.metrics,
+            # PostgreSQL names each replica process; a SQLite store has one daemon, the host's.
+            replica=getattr(self.store, "replica", None) or socket.gethostname(),
+            clock=clock,
+            subscribed=lambda: self.feed.state == FeedState.SUBSCRIBED,
+            wake=lambda: self.dispatcher.wake(),
+            poll=health_poll,
+        )
         self.dispatcher = Dispatcher(
             self.store,
-            settings.endpoints,
+            settings.all_endpoints,
             self.senders,
             self.metrics,
             seal_key=seal_key,
             clock=clock,
             redact=Redactor(secret_values(settings)),
             tracing=self.tracing,
+            monitor=self.monitor,
         )
         self.ingest = Ingest(
             self.store,
@@ -316,6 +331,7 @@ class Relay:
                 feed_state=lambda: str(self.feed.state),
                 in_flight=lambda: self.dispatcher.in_flight,
                 on_replay=self.dispatcher.wake,
+                on_endpoint_change=self.monitor.refresh_soon,
                 clock=clock,
             ),
             settings.admin_host,
@@ -385,6 +401,7 @@ class Relay:
         supervise("stats", self._stats_loop)
         supervise("reconcile", self.reconciler.run)
         supervise("retention", self._retention_loop)
+        supervise("health", self.monitor.run)
         log.info(
             "relay started",
             extra={
@@ -448,7 +465,7 @@ class Relay:
                 log.info("retention purged", extra={"event": "store.purged", "rows": removed})
 
     async def _stats_loop(self) -> None:
-        configured = {ep.name for ep in self.settings.endpoints}
+        configured = {ep.name for ep in self.settings.all_endpoints}
         known = set(configured)
         while True:
             try:

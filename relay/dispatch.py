@@ -26,6 +26,7 @@ from relay.events import stored_excerpt
 from relay.isolation import write_isolating
 from relay.limits import Throttle
 from relay.metrics import Metrics
+from relay.monitor import Monitor
 from relay.store.base import Attempt, Claim, Outcome, Store, format_delivery_id
 from relay.tracing import OFF, Tracing
 from relay.transport import Sender, Senders, SendResult
@@ -125,9 +126,11 @@ class Dispatcher:
         store_retry: float = 1.0,
         tracing: Tracing = OFF,
         unsent_retry: float = 1.0,
+        monitor: Monitor | None = None,
     ) -> None:
         self._store = store
         self._tracing = tracing
+        self._monitor = monitor
         self._redact = redact
         self._endpoints: Mapping[str, EndpointConfig] = {ep.name: ep for ep in endpoints}
         # One sender for all is what tests inject; ``relay run`` passes each endpoint's own.
@@ -225,7 +228,9 @@ class Dispatcher:
             self._wake.clear()
             try:
                 more = await self._claim_round()
-                idle = [n for n, ep in self._endpoints.items() if self._free(ep) > 0]
+                idle = [
+                    n for n, ep in self._endpoints.items() if self._free(ep) > 0 and self._open(n)
+                ]
                 next_due = await self._store.next_due(idle) if idle and not more else None
                 self.store_ok = True
             except StoreUnavailableError as exc:
@@ -239,8 +244,11 @@ class Dispatcher:
             if more:
                 continue
             timeout = self._idle_poll
-            if next_due is not None:
-                timeout = min(timeout, max(0.0, next_due - self._clock()))
+            now = self._clock()
+            held = self._monitor.next_wake(now) if self._monitor is not None else None
+            for due in (next_due, held):
+                if due is not None:
+                    timeout = min(timeout, max(0.0, due - now))
             await self._sleep_or_wake(timeout)
 
     async def _sleep_or_wake(self, timeout: float) -> None:
@@ -250,6 +258,12 @@ class Dispatcher:
     def _free(self, endpoint: EndpointConfig) -> int:
         return endpoint.max_in_flight - self._inflight[endpoint.name]
 
+    def _open(self, name: str) -> bool:
+        """Whether due work of the endpoint would be claimed now (health and rate limit)."""
+        if self._monitor is None:
+            return True
+        return self._monitor.mode(name, self._clock()) == "claim" and self._monitor.room(name) != 0
+
     async def _claim_round(self) -> bool:
         """Claim for every endpoint with room; True if some endpoint may have more due now."""
         more = False
@@ -257,19 +271,36 @@ class Dispatcher:
             want = min(self._free(endpoint), self._page)
             if want <= 0 or self._stopping.is_set():
                 continue
-            claims = await self._store.claim(name, self._clock(), want)
+            probe = False
+            if self._monitor is not None:
+                # Health and the rate limit decide before the claim, so that what waits for
+                # them waits unclaimed (no lease held, other replicas free to take it).
+                mode = self._monitor.mode(name, self._clock())
+                room = self._monitor.room(name)
+                if mode == "hold" or room == 0:
+                    continue
+                probe = mode == "probe"
+                if room is not None:
+                    want = min(want, room)
+            if probe and self._monitor is not None:
+                claim = await self._monitor.claim_probe(name, self._clock())
+                claims = [claim] if claim is not None else []
+            else:
+                claims = await self._store.claim(name, self._clock(), want)
             if self._stopping.is_set():  # shutdown began during the claim: start nothing
                 for claim in claims:
                     self._push(Outcome(claim.delivery_id, "released", self._clock(), None))
                 return False
             for claim in claims:
-                self._start(endpoint, claim)
-            more = more or len(claims) == want
+                if self._monitor is not None:
+                    await self._monitor.spend(name)
+                self._start(endpoint, claim, probe=probe)
+            more = more or (len(claims) == want and not probe)
         return more
 
-    def _start(self, endpoint: EndpointConfig, claim: Claim) -> None:
+    def _start(self, endpoint: EndpointConfig, claim: Claim, *, probe: bool = False) -> None:
         self._inflight[endpoint.name] += 1
-        task = asyncio.create_task(self._deliver(endpoint, claim))
+        task = asyncio.create_task(self._deliver(endpoint, claim, probe=probe))
         self._tasks.add(task)
         task.add_done_callback(lambda t: self._finished(endpoint.name, t))
 
@@ -288,7 +319,7 @@ class Dispatcher:
 
     # -- delivering -------------------------------------------------------------------------
 
-    async def _deliver(self, endpoint: EndpointConfig, claim: Claim) -> None:
+    async def _deliver(self, endpoint: EndpointConfig, claim: Claim, *, probe: bool) -> None:
         attempt_no = claim.attempts + 1
         span = self._tracing.deliver(endpoint.name, claim.event_id, attempt_no)
         try:
@@ -338,7 +369,16 @@ class Dispatcher:
             )
             decision = retry.Decision("pending", now + _FALLBACK_RETRY, "internal error")
             attempt = Attempt(now - result.latency, result.status, result.latency, None, None)
-        self._push(Outcome(claim.delivery_id, decision.state, decision.next_at, attempt))
+        if probe and retry.is_retryable(result.status, endpoint.retry_statuses):
+            # A failed probe uses no attempt up: the delivery waits, due, for the next probe
+            # (the breaker's schedule, not the retry schedule, says when that is).
+            decision = retry.Decision("pending", now, "probe failed")
+        spared = probe and decision.state == "pending"
+        self._push(Outcome(claim.delivery_id, decision.state, decision.next_at, attempt, spared))
+        if self._monitor is not None:
+            self._monitor.observe(endpoint.name, claim, result, probe=probe, error=attempt.error)
+            if decision.state == "dead":
+                self._monitor.dead(endpoint.name)
         outcome = _OUTCOMES[decision.state]
         counters, duration = self._series(endpoint.name)
         counters[outcome].inc()

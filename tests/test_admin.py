@@ -77,6 +77,8 @@ METRIC_NAMES = (
 API_ROUTES = (
     ("GET", "/api/status"),
     ("GET", "/api/endpoints"),
+    ("POST", "/api/endpoints/crm/pause"),
+    ("POST", "/api/endpoints/crm/resume"),
     ("GET", "/api/deliveries"),
     ("GET", "/api/deliveries/dlv_1"),
     ("POST", "/api/deliveries/dlv_1/replay"),
@@ -694,7 +696,9 @@ async def api_operations(client: httpx.AsyncClient) -> list[tuple[str, str, dict
         for method, operation in item.items()
         if path.startswith("/api/")
     ]
-    documented = {(m, re.sub(r"\{[^}]+\}", "dlv_1", p)) for m, p, _ in operations}
+    documented = {
+        (m, p.replace("{name}", "crm").replace("{delivery_id}", "dlv_1")) for m, p, _ in operations
+    }
     assert documented == set(API_ROUTES)
     return operations
 

@@ -592,7 +592,19 @@ async def test_hot_paths_read_partial_indexes_not_the_history(
     assert "deliveries_due" in claim
     assert "deliveries_leased" in claim
     record = await plan(
-        db, pg._RECORD, "r", [1], ["delivered"], [NOW], [NOW], [200], [0.1], [None], [None], NOW
+        db,
+        pg._RECORD,
+        "r",
+        [1],
+        ["delivered"],
+        [NOW],
+        [NOW],
+        [200],
+        [0.1],
+        [None],
+        [None],
+        NOW,
+        [1],
     )
     assert "deliveries_lane" in record
     locks = await plan(db, pg._LOCK_USERS_OF, [1, 2])
