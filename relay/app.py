@@ -24,6 +24,7 @@ from relay.dispatch import Dispatcher
 from relay.errors import StoreUnavailableError
 from relay.events import BadFrame, Message, NewEvent
 from relay.feed import FeedClient, FeedOptions, FeedState
+from relay.history import History
 from relay.logs import Redactor
 from relay.metrics import Metrics
 from relay.reconcile import Reconciler
@@ -207,6 +208,7 @@ class Relay:
             clock=clock,
         )
         self.ingest.when_subscribed(self.reconciler.trigger)
+        self.history = History(self.metrics, clock=clock)
         self.admin = AdminServer(
             create_app(
                 store=self.store,
@@ -217,6 +219,7 @@ class Relay:
                 in_flight=lambda: self.dispatcher.in_flight,
                 on_replay=self.dispatcher.wake,
                 clock=clock,
+                history=self.history,
             ),
             settings.admin_host,
             settings.admin_port,
@@ -262,6 +265,7 @@ class Relay:
         stats = asyncio.create_task(self._stats_loop(), name="relay-stats")
         reconcile = asyncio.create_task(self.reconciler.run(), name="relay-reconcile")
         retention = asyncio.create_task(self._retention_loop(), name="relay-retention")
+        history = asyncio.create_task(self.history.run(), name="relay-history")
         log.info(
             "relay started",
             extra={
@@ -296,7 +300,7 @@ class Relay:
         remaining = max(0.0, deadline - asyncio.get_running_loop().time())
         await self.dispatcher.shutdown(remaining)
         await dispatch
-        for background in (stats, reconcile, retention):
+        for background in (stats, reconcile, retention, history):
             background.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await background
