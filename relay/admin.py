@@ -135,6 +135,22 @@ _INVALID: dict[int | str, dict[str, Any]] = {
 
 
 _SHORT_TOKEN = 16
+# The status page and its two files: nothing from another origin, no inline script, no framing.
+_STATIC_FILES = {
+    "console.js": "text/javascript; charset=utf-8",
+    "console.css": "text/css; charset=utf-8",
+    "favicon.svg": "image/svg+xml",
+}
+_PAGE_HEADERS = {
+    "cache-control": "no-store",
+    "content-security-policy": (
+        "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
+        "img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    ),
+    "x-frame-options": "DENY",
+    "x-content-type-options": "nosniff",
+    "referrer-policy": "no-referrer",
+}
 
 
 def create_app(
@@ -199,7 +215,15 @@ def create_app(
     @app.get("/", include_in_schema=False)
     async def status_page() -> HTMLResponse:
         page = resources.files("relay").joinpath("static/index.html").read_text("utf-8")
-        return HTMLResponse(page, headers={"cache-control": "no-store"})
+        return HTMLResponse(page, headers=_PAGE_HEADERS)
+
+    @app.get("/static/{name}", include_in_schema=False)
+    async def static_file(name: str) -> Response:
+        media_type = _STATIC_FILES.get(name)
+        if media_type is None:
+            raise HTTPException(404, "not found")
+        data = resources.files("relay").joinpath("static", name).read_bytes()
+        return Response(data, media_type=media_type, headers=_PAGE_HEADERS)
 
     @api.get("/status")
     async def status() -> Status:
