@@ -17,7 +17,7 @@ from typing import Any
 from urllib.parse import quote
 
 import pytest
-from cdp import CHROMIUM, Page, chromium
+from cdp import CHROMIUM, Page, PageError, chromium
 from conftest import EnvBuilder, ReceiverFactory
 
 from relay.receiver import Received, Response
@@ -30,6 +30,8 @@ pytestmark = [
 
 ADMIN_TOKEN = "adm-Status+Page/Token=9"  # characters that need care in a fragment
 MESSAGES = 40
+REPLAY_ALL = '[aria-label^="Replay all"]'
+CONFIRM_OPEN = "document.getElementById('confirm').open"
 
 TABLE = """((id) => [...document.querySelectorAll('#' + id + ' tr')]
   .map((tr) => [...tr.cells].map((c) => c.textContent.trim())))"""
@@ -47,6 +49,19 @@ def save(shot: Path, data: bytes) -> None:
 async def table(page: Page, ident: str) -> list[list[str]]:
     rows: list[list[str]] = await page.eval(f"{TABLE}({json.dumps(ident)})")
     return rows
+
+
+async def click_until(page: Page, selector: str, condition: str, tries: int = 3) -> None:
+    """Click ``selector`` until ``condition`` holds: the page rebuilds a table when its data
+    changes (every 5 s at most), and a click that lands mid-rebuild hits nothing."""
+    for attempt in range(tries):
+        await page.click(selector)
+        try:
+            await page.wait_for(condition, timeout=3)
+            return
+        except PageError:
+            if attempt == tries - 1:
+                raise
 
 
 async def open_page(page: Page, origin: str, fragment: str) -> None:
@@ -195,30 +210,51 @@ async def test_find_by_webhook_id_shows_attempts_and_replay_reaches_the_receiver
         # Replay the dead delivery of that webhook-id from its card, after the confirmation.
         before = len(failing.received)
         await page.goto(f"{origin}/#q={webhook_id}")
-        await page.wait_for("document.querySelector('article.delivery button')")
+        await page.wait_for(
+            "document.getElementById('found-summary').textContent === "
+            f"'2 deliveries for {webhook_id}'"
+        )
         await page.click("article.delivery button")
         await page.wait_for("document.getElementById('confirm').open")
         text = await page.eval("document.getElementById('confirm-text').textContent")
         assert "Replay delivery dlv_" in text
         await page.click("#confirm-ok")
-        await eventually(lambda: len(failing.received) > before, 10)
-        assert failing.received[-1].webhook_id == webhook_id
+        await page.wait_for("!document.getElementById('confirm').open")
+        await page.wait_for(
+            "document.getElementById('found-summary').textContent.startsWith('re-queued')"
+        )
+        summary = await page.eval("document.getElementById('found-summary').textContent")
+        assert summary == "re-queued 1", summary
+
+        async def replayed() -> bool:
+            return webhook_id in [r.webhook_id for r in failing.received[before:]]
+
+        async def state() -> str:
+            found = await relay.store.list_deliveries(endpoint="archive", event_id=webhook_id)
+            return repr(found)
+
+        try:
+            await eventually(replayed, 10)
+        except AssertionError:
+            raise AssertionError(await state()) from None
         await page.wait_for(
             "document.getElementById('found-summary').textContent === 're-queued 1'"
         )
 
         # All dead of an endpoint: the confirmation says how many, cancelling sends nothing.
         await page.wait_for("document.querySelector('[aria-label^=\"Replay all\"]')")
-        await page.click('[aria-label^="Replay all"]')
-        await page.wait_for("document.getElementById('confirm').open")
+        await click_until(
+            page, '[aria-label^="Replay all"]', "document.getElementById('confirm').open"
+        )
         text = await page.eval("document.getElementById('confirm-text').textContent")
         dead_now = MESSAGES - 1 if text.startswith(f"Replay all {MESSAGES - 1} ") else MESSAGES
         assert text.startswith(f"Replay all {dead_now} dead deliveries of archive"), text
         await page.click("#confirm-cancel")
         await page.wait_for("!document.getElementById('confirm').open")
         count = len(failing.received)
-        await page.click('[aria-label^="Replay all"]')
-        await page.wait_for("document.getElementById('confirm').open")
+        await click_until(
+            page, '[aria-label^="Replay all"]', "document.getElementById('confirm').open"
+        )
         await page.click("#confirm-ok")
         await eventually(lambda: len(failing.received) >= count + dead_now - 1, 15)
         assert page.requests and all(url.startswith(origin + "/") for url in page.requests)

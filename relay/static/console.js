@@ -68,11 +68,29 @@ function relative(seconds) {
 }
 
 function timeCell(node, iso) {
-  if (!iso) { node.textContent = "-"; node.removeAttribute("title"); return node; }
+  if (!iso) {
+    node.textContent = "-"; node.removeAttribute("title"); delete node.dataset.at; return node;
+  }
   const at = new Date(iso);
+  node.dataset.at = at.toISOString();
   node.textContent = relative((Date.now() - at.getTime()) / 1000);
   node.title = at.toISOString();
   return node;
+}
+
+// Relative times age in place; rows are rebuilt only when their data changed, so a button
+// never moves under the pointer or loses keyboard focus to a refresh.
+function tickTimes() {
+  for (const node of document.querySelectorAll("[data-at]")) {
+    node.textContent = relative((Date.now() - new Date(node.dataset.at).getTime()) / 1000);
+  }
+}
+const shown = {};
+function changed(key, data) {
+  const text = JSON.stringify(data);
+  if (shown[key] === text) { return false; }
+  shown[key] = text;
+  return true;
 }
 
 // -- the header ---------------------------------------------------------------------------------
@@ -239,6 +257,7 @@ function cell(row, text, cls) {
 const STATE_CLASS = { active: "ok", open: "bad", disabled: "bad", paused: "warn", removed: "warn" };
 
 function renderEndpoints(endpoints) {
+  if (!changed("endpoints", endpoints)) { return; }
   const body = document.querySelector("#endpoints tbody");
   body.replaceChildren();
   for (const e of endpoints) {
@@ -272,6 +291,7 @@ function renderEndpoints(endpoints) {
 }
 
 function renderDead(dead) {
+  if (!changed("dead", dead.items)) { return; }
   const body = document.querySelector("#dead tbody");
   body.replaceChildren();
   for (const d of dead.items) {
@@ -341,6 +361,7 @@ async function find(q) {
   history.replaceState(null, "", location.pathname + location.search + "#q=" +
     encodeURIComponent(q));
   summary.textContent = "searching…";
+  byId("found").replaceChildren();  // never act on the previous search's results
   try {
     const path = queryFor(q);
     let ids;
@@ -373,6 +394,7 @@ async function refresh() {
     renderEndpoints(endpoints);
     renderDead(dead);
     renderHistory(hist);
+    tickTimes();
     showError(null);
     byId("updated").textContent = new Date().toLocaleTimeString();
     document.body.dataset.loaded = "1";
