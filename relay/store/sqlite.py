@@ -26,9 +26,11 @@ from relay.store.base import (
     AppendResult,
     Attempt,
     Claim,
+    DeadSummary,
     DeliveryDetail,
     DeliveryInfo,
     EndpointStats,
+    HealthRow,
     Outcome,
     PublicState,
     Target,
@@ -124,6 +126,20 @@ MIGRATIONS: tuple[str, ...] = (
     DROP INDEX deliveries_lane;
     CREATE INDEX deliveries_lane ON deliveries(user_id, endpoint, ord, created_at);
     """,
+    # v4: endpoint health (CONTRACT.md 5b, 5c): one state row per endpoint, feed and dead
+    # alert throttle, versioned for compare-and-set; replicas' heartbeats (rate-limit shares).
+    """
+    CREATE TABLE health (
+        kind TEXT NOT NULL,
+        name TEXT NOT NULL,
+        state TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        data TEXT NOT NULL,
+        updated_at REAL NOT NULL,
+        PRIMARY KEY (kind, name)
+    ) WITHOUT ROWID;
+    CREATE TABLE replicas (name TEXT PRIMARY KEY, seen_at REAL NOT NULL) WITHOUT ROWID;
+    """,
 )
 
 _UNAVAILABLE = (
@@ -163,13 +179,19 @@ _PROMOTE = """
 _FINISHED = "state IN ('delivered', 'superseded', 'dead')"
 
 _DELIVERY_COLUMNS = """
-    d.id, d.endpoint, e.event_id, d.user_id, d.state, d.attempts, e.source, e.status,
-    d.next_at, d.created_at, d.updated_at, d.last_status, d.last_error
+    d.id, d.endpoint, e.event_id, d.user_id, d.state, e.source, e.status,
+    d.next_at, d.created_at, d.updated_at, d.last_status, d.last_error,
+    (SELECT COUNT(*) FROM attempts a WHERE a.delivery_id = d.id) AS attempts
 """
+# (``attempts`` shown is the attempt records; d.attempts is the retry schedule's position,
+# which a replay resets.)
 
 
 def _filters(
-    state: PublicState | None, endpoint: str | None, user_id: str | None
+    state: PublicState | None,
+    endpoint: str | None,
+    user_id: str | None,
+    event_id: str | None = None,
 ) -> tuple[list[str], list[Any]]:
     where: list[str] = []
     args: list[Any] = []
@@ -184,6 +206,9 @@ def _filters(
     if user_id is not None:
         where.append("d.user_id = ?")
         args.append(user_id)
+    if event_id is not None:
+        where.append("d.event_seq = (SELECT seq FROM events WHERE event_id = ?)")
+        args.append(event_id)
     return where, args
 
 
@@ -231,8 +256,13 @@ class _Checkpointer:
 class SQLiteStore:
     """The SQLite outbox (``RELAY_STORE=sqlite:///path``)."""
 
-    def __init__(self, path: str | os.PathLike[str], *, busy_timeout: float = 5.0) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], *, busy_timeout: float = 5.0, read_only: bool = False
+    ) -> None:
+        """``read_only`` (`relay check`): open an existing store without writing or creating
+        anything, not even a migration; an absent or older store is a StoreError."""
         self.path = Path(path)
+        self._read_only = read_only
         self.display = f"sqlite:///{self.path}"
         self._busy_timeout = busy_timeout
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relay-sqlite")
@@ -318,10 +348,14 @@ class SQLiteStore:
         await loop.run_in_executor(self._executor, self._open, daemon)
 
     def _open(self, daemon: bool) -> None:
+        if self._read_only:
+            self._open_read_only()
+            return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if daemon:
                 self._take_lock()
+            self._create_private()
             conn = sqlite3.connect(
                 self.path, timeout=self._busy_timeout, isolation_level=None, check_same_thread=False
             )
@@ -347,6 +381,51 @@ class SQLiteStore:
         except BaseException:
             self._close()
             raise
+
+    def _create_private(self) -> None:
+        """Create the database file readable by its owner only, before SQLite does (0644).
+
+        SQLite gives the ``-wal`` and ``-shm`` files the database file's permissions, so
+        they are owner-only too. An existing file is left as it is.
+        """
+        with contextlib.suppress(FileExistsError):
+            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+
+    def _open_read_only(self) -> None:
+        if not self.path.is_file():
+            raise StoreError(f"{self.display}: no such store")
+        # Without a WAL (no daemon running) "immutable" creates no -wal/-shm files either.
+        wal = Path(f"{self.path}-wal").exists()
+        uri = f"{self.path.resolve().as_uri()}?{'mode=ro' if wal else 'immutable=1'}"
+        try:
+            conn = sqlite3.connect(
+                uri,
+                uri=True,
+                timeout=self._busy_timeout,
+                isolation_level=None,
+                check_same_thread=False,
+            )
+        except sqlite3.Error as exc:
+            raise StoreUnavailableError(f"{self.display}: {exc}") from exc
+        conn.row_factory = sqlite3.Row
+        self._conn = conn
+
+        def version(conn: sqlite3.Connection) -> int:
+            row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+            return int(row[0]) if row else 0
+
+        try:
+            found = self._call(version)
+        except StoreError:
+            self._close()
+            raise StoreError(f"{self.display}: not a relay store") from None
+        if found != len(MIGRATIONS):
+            self._close()
+            newer = found > len(MIGRATIONS)
+            raise (StoreSchemaError if newer else StoreError)(
+                f"{self.display} has schema version {found}; this relay knows "
+                f"{len(MIGRATIONS)} ({'upgrade sfox-relay' if newer else 'relay run migrates it'})"
+            )
 
     def _take_lock(self) -> None:
         fd = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
@@ -599,10 +678,18 @@ class SQLiteStore:
             tried = [out for out in tried if out.delivery_id in lanes]  # not purged meanwhile
             attempts = [(out, out.attempt) for out in tried if out.attempt is not None]
             conn.executemany(
-                "UPDATE deliveries SET state = ?, attempts = attempts + 1, next_at = ?, "
+                "UPDATE deliveries SET state = ?, attempts = attempts + ?, next_at = ?, "
                 "updated_at = ?, last_status = ?, last_error = ? WHERE id = ?",
                 [
-                    (out.state, out.next_at, now, a.status, a.error, out.delivery_id)
+                    (
+                        out.state,
+                        0 if out.probe else 1,
+                        out.next_at,
+                        now,
+                        a.status,
+                        a.error,
+                        out.delivery_id,
+                    )
                     for out, a in attempts
                 ],
             )
@@ -657,8 +744,9 @@ class SQLiteStore:
         user_id: str | None = None,
         limit: int = 50,
         before: int | None = None,
+        event_id: str | None = None,
     ) -> list[DeliveryInfo]:
-        where, args = _filters(state, endpoint, user_id)
+        where, args = _filters(state, endpoint, user_id, event_id)
         if before is not None:
             where.append("d.id < ?")
             args.append(before)
@@ -699,9 +787,10 @@ class SQLiteStore:
         endpoint: str | None = None,
         user_id: str | None = None,
         now: float,
+        event_id: str | None = None,
     ) -> int:
         def replay(conn: sqlite3.Connection) -> int:
-            where, args = _filters(state, endpoint, user_id)
+            where, args = _filters(state, endpoint, user_id, event_id)
             where.append("d.state IN ('delivered', 'dead', 'superseded')")
             if ids is not None:
                 if not ids:
@@ -736,6 +825,26 @@ class SQLiteStore:
             return len(rows)
 
         return await self._run(replay)
+
+    async def retry_now(
+        self,
+        *,
+        endpoint: str | None = None,
+        user_id: str | None = None,
+        event_id: str | None = None,
+        now: float,
+    ) -> int:
+        where, args = _filters("pending", endpoint, user_id, event_id)
+        sql = (
+            f"UPDATE deliveries SET next_at = ?, updated_at = ? WHERE id IN (SELECT d.id FROM "
+            f"deliveries d WHERE {' AND '.join(where)} AND d.state = 'pending' AND d.next_at > ?)"
+        )
+
+        def retry(conn: sqlite3.Connection) -> int:
+            with self._tx(conn):
+                return conn.execute(sql, [now, now, *args, now]).rowcount
+
+        return await self._run(retry)
 
     async def endpoint_stats(self) -> list[EndpointStats]:
         def query(conn: sqlite3.Connection) -> list[EndpointStats]:
@@ -818,7 +927,7 @@ class SQLiteStore:
 
         return await self._run(insert)
 
-    def on_wakeup(self, callback: Callable[[], None]) -> None:
+    async def watch(self, wake: Callable[[], None]) -> None:
         """One daemon per file: the relay wakes its own dispatcher, nothing to listen to."""
 
     @contextlib.asynccontextmanager
@@ -870,3 +979,147 @@ class SQLiteStore:
                 return removed
 
         return await self._run(purge)
+
+    # -- endpoint health (CONTRACT.md 5b, 5c): state rows and transactions only ------------
+
+    async def health_rows(self, kind: str) -> dict[str, HealthRow]:
+        def query(conn: sqlite3.Connection) -> dict[str, HealthRow]:
+            return {
+                row["name"]: HealthRow(row["state"], row["version"], row["data"])
+                for row in conn.execute(
+                    "SELECT name, state, version, data FROM health WHERE kind = ?", (kind,)
+                )
+            }
+
+        return await self._run(query)
+
+    @staticmethod
+    def _health_cas(
+        conn: sqlite3.Connection, kind: str, name: str, row: HealthRow, now: float
+    ) -> bool:
+        if row.version == 0:
+            cur = conn.execute(
+                "INSERT INTO health (kind, name, state, version, data, updated_at) "
+                "VALUES (?, ?, ?, 1, ?, ?) ON CONFLICT (kind, name) DO NOTHING",
+                (kind, name, row.state, row.data, now),
+            )
+        else:
+            cur = conn.execute(
+                "UPDATE health SET state = ?, version = version + 1, data = ?, updated_at = ? "
+                "WHERE kind = ? AND name = ? AND version = ?",
+                (row.state, row.data, now, kind, name, row.version),
+            )
+        return cur.rowcount == 1
+
+    async def health_write(
+        self,
+        kind: str,
+        name: str,
+        row: HealthRow,
+        now: float,
+        *,
+        alert: NewEvent | None = None,
+        alert_endpoint: str | None = None,
+        release: bool = False,
+    ) -> bool:
+        def write(conn: sqlite3.Connection) -> bool:
+            with self._tx(conn):
+                if not self._health_cas(conn, kind, name, row, now):
+                    return False
+                if release:
+                    conn.execute(
+                        "UPDATE deliveries SET next_at = ?1, updated_at = ?1 "
+                        "WHERE state = 'pending' AND endpoint = ?2 AND next_at > ?1",
+                        (now, name),
+                    )
+                if alert is not None and alert_endpoint is not None:
+                    cur = conn.execute(
+                        "INSERT OR IGNORE INTO events (event_id, source, recipient, user_id, "
+                        "status, requirements, body, has_token, received_at) "
+                        "VALUES (?, ?, ?, NULL, NULL, NULL, ?, 0, ?)",
+                        (alert.event_id, alert.source, alert.recipient, alert.body, now),
+                    )
+                    if cur.rowcount == 1:
+                        conn.execute(
+                            _INSERT_DELIVERY,
+                            (cur.lastrowid, alert_endpoint, None, "pending", now, now),
+                        )
+                return True
+
+        return await self._run(write)
+
+    async def claim_probe(
+        self, endpoint: str, now: float, row: HealthRow, after_user: str | None
+    ) -> Claim | None:
+        class Lost(Exception):
+            """Another writer moved the row: roll the claim back."""
+
+        def claim(conn: sqlite3.Connection) -> Claim | None:
+            try:
+                return attempt(conn)
+            except Lost:
+                return None
+
+        def attempt(conn: sqlite3.Connection) -> Claim | None:
+            with self._tx(conn, durable=False):
+                picked = conn.execute(
+                    "UPDATE deliveries SET state = 'inflight', updated_at = ?1 WHERE id = ("
+                    "SELECT id FROM deliveries WHERE state = 'pending' AND endpoint = ?2 "
+                    "AND next_at <= ?1 ORDER BY (?3 IS NOT NULL AND COALESCE(user_id, '') <= ?3),"
+                    " COALESCE(user_id, ''), next_at, id LIMIT 1) "
+                    "RETURNING id, event_seq, user_id, attempts, created_at",
+                    (now, endpoint, after_user),
+                ).fetchone()
+                if picked is None:
+                    return None
+                if not self._health_cas(conn, "endpoint", endpoint, row, now):
+                    raise Lost
+                event = conn.execute(
+                    "SELECT event_id, source, body, has_token FROM events WHERE seq = ?",
+                    (picked["event_seq"],),
+                ).fetchone()
+            return Claim(
+                delivery_id=picked["id"],
+                endpoint=endpoint,
+                event_id=event["event_id"],
+                user_id=picked["user_id"],
+                attempts=picked["attempts"],
+                source=event["source"],
+                body=bytes(event["body"]),
+                has_token=bool(event["has_token"]),
+                created_at=picked["created_at"],
+            )
+
+        return await self._run(claim)
+
+    async def dead_summary(self, endpoint: str, since: float) -> DeadSummary | None:
+        def query(conn: sqlite3.Connection) -> DeadSummary | None:
+            rows = conn.execute(
+                "SELECT d.id, e.event_id, d.user_id FROM deliveries d "
+                "JOIN events e ON e.seq = d.event_seq WHERE d.endpoint = ? "
+                f"AND d.{_FINISHED} AND d.state = 'dead' AND d.updated_at >= ? "
+                "ORDER BY d.updated_at, d.id",
+                (endpoint, since),
+            ).fetchall()
+            if not rows:
+                return None
+            first = rows[0]
+            return DeadSummary(len(rows), first["id"], first["event_id"], first["user_id"])
+
+        return await self._run(query)
+
+    async def beat(self, replica: str, now: float, ttl: float) -> int:
+        def beat(conn: sqlite3.Connection) -> int:
+            with self._tx(conn, durable=False):
+                conn.execute(
+                    "INSERT INTO replicas (name, seen_at) VALUES (?1, ?2) "
+                    "ON CONFLICT (name) DO UPDATE SET seen_at = ?2",
+                    (replica, now),
+                )
+                conn.execute("DELETE FROM replicas WHERE seen_at < ?", (now - 100 * ttl,))
+                count: int = conn.execute(
+                    "SELECT COUNT(*) FROM replicas WHERE seen_at >= ?", (now - ttl,)
+                ).fetchone()[0]
+                return count
+
+        return await self._run(beat)
