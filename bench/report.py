@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "Ratio",
     "Row",
     "binned_rate",
     "fmt_count",
@@ -19,6 +20,7 @@ __all__ = [
     "markdown",
     "percentile",
     "plot",
+    "ratio_text",
     "rows_as_json",
 ]
 
@@ -82,8 +84,28 @@ def fmt_ratio(a: float | None, b: float | None, of: str) -> str:
     return f"{a / b:.2f}x {of}"
 
 
+@dataclass(frozen=True, slots=True)
+class Ratio:
+    """One figure against the naive baseline's and against wrk's limit, as plain ratios."""
+
+    figure: str
+    relay: str
+    vs_naive: str = "-"
+    vs_limit: str = "-"
+
+
+def ratio_text(a: float | None, b: float | None) -> str:
+    if a is None or b is None or not b or math.isnan(a) or math.isnan(b):
+        return "-"
+    return f"{a / b:.2f}x"
+
+
 def markdown(
-    title: str, header_lines: Sequence[str], rows: Sequence[Row], notes: Sequence[str]
+    title: str,
+    header_lines: Sequence[str],
+    rows: Sequence[Row],
+    notes: Sequence[str],
+    ratios: Sequence[Ratio] = (),
 ) -> str:
     lines = [f"# {title}", ""]
     lines += list(header_lines)
@@ -95,6 +117,17 @@ def markdown(
     for r in rows:
         cells = (r.figure, r.relay, r.baseline, r.limit, r.ratio, r.target, r.verdict)
         lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
+    if ratios:
+        lines += [
+            "",
+            "Every figure against the naive baseline and against wrk's limit (same run):",
+            "",
+            "| figure | sfox-relay | / naive | / wrk limit |",
+            "|---|---:|---:|---:|",
+        ]
+        for q in ratios:
+            cells = (q.figure, q.relay, q.vs_naive, q.vs_limit)
+            lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
     if notes:
         lines += ["", "Notes:", ""]
         lines += [f"- {note}" for note in notes]

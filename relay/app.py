@@ -9,11 +9,11 @@ attempt, commit every verdict, close the store.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import logging
+import socket
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -24,12 +24,18 @@ from relay.dispatch import Dispatcher
 from relay.errors import StoreUnavailableError
 from relay.events import BadFrame, Message, NewEvent
 from relay.feed import FeedClient, FeedOptions, FeedState
+from relay.history import History
+from relay.isolation import write_isolating
+from relay.limits import raise_nofile_limit
 from relay.logs import Redactor
 from relay.metrics import Metrics
+from relay.monitor import Monitor
 from relay.reconcile import Reconciler
 from relay.store import Store, open_store
 from relay.store.base import IngestStore, ReconcileStore, Target
-from relay.transport import AiohttpSender, Sender
+from relay.supervise import Supervisor
+from relay.tracing import OFF, Tracing, from_environment
+from relay.transport import Sender, Senders
 
 __all__ = ["Ingest", "Relay", "reconciler_for", "seal_key_of", "targets_of"]
 
@@ -70,6 +76,7 @@ def reconciler_for(
     *,
     interval: float | None,
     clock: Callable[[], float] = time.time,
+    tracing: Tracing = OFF,
 ) -> Reconciler:
     """The reconciler ``relay run`` and ``relay reconcile`` both use: REST -> ingest."""
     return Reconciler(
@@ -80,6 +87,7 @@ def reconciler_for(
         api_key=api_key_of(settings),
         interval=interval,
         clock=clock,
+        tracing=tracing,
     )
 
 
@@ -100,25 +108,107 @@ class Ingest:
     retry_delay: float = 1.0
     store_ok: bool = True
     _subscribed_hooks: list[Callable[[], None]] = field(default_factory=list)
+    tracing: Tracing = OFF
 
     async def on_messages(self, messages: list[Message]) -> None:
-        await self.append([events.prepare(m, seal_key=self.seal_key) for m in messages])
+        with self.tracing.source("relay.ingest") as span:
+            span.set("relay.messages", len(messages))
+            prepared: list[NewEvent] = []
+            for message in messages:
+                try:
+                    prepared.append(events.prepare(message, seal_key=self.seal_key))
+                except Exception as exc:  # the boundary admitted it: one message, not the batch
+                    log.exception(
+                        "feed message could not be prepared; quarantined",
+                        extra={"event": "ingest.unprepared", "error": type(exc).__name__},
+                    )
+                    reason = f"could not be prepared: {type(exc).__name__}"
+                    await self._keep_bad(BadFrame(reason, events.redact(message.raw)))
+            sequences = {e.event_id: m.sequence for e, m in zip(prepared, messages, strict=False)}
+            stored = await self.append(prepared, sequences)
+            span.set("relay.stored", stored)
 
-    async def append(self, new: Sequence[NewEvent]) -> int:
-        """Store events (retrying while the store is down); returns how many were new."""
-        result = await self._until_stored(
-            lambda: self.store.append(new, self.targets, self.clock())
+    async def append(
+        self, new: Sequence[NewEvent], sequences: Mapping[str, int | None] | None = None
+    ) -> int:
+        """Store events (retrying while the store is down); returns how many were new.
+
+        An event the store refuses is quarantined on its own; the rest of its batch is stored.
+        Each new one is logged at INFO (``event.stored``) with its feed ``sequence`` when
+        ``sequences`` (event id -> sequence) has it: what an operator follows an event by.
+        """
+        results = await write_isolating(
+            new,
+            lambda part: self._until_stored(
+                lambda: self.store.append(part, self.targets, self.clock())
+            ),
+            self._refused,
         )
-        self.metrics.events_stored.inc(len(result.stored))
-        self.metrics.events_duplicate.inc(result.duplicates)
-        for endpoint, count in result.superseded.items():
-            self.metrics.deliveries.labels(endpoint=endpoint, outcome="superseded").inc(count)
-        if result.stored:
+        stored = [event for result in results for event in result.stored]
+        if log.isEnabledFor(logging.INFO):
+            for event in stored:
+                log.info(
+                    "event stored",
+                    extra={
+                        "event": "event.stored",
+                        "event_id": event.event_id,
+                        "user_id": event.user_id,
+                        "sequence": (sequences or {}).get(event.event_id),
+                        "feed": event.recipient,
+                        "source": event.source,
+                    },
+                )
+        self.metrics.events_stored.inc(len(stored))
+        self.metrics.events_duplicate.inc(sum(result.duplicates for result in results))
+        self.tracing.stored(e.event_id for e in stored)
+        for result in results:
+            for endpoint, count in result.superseded.items():
+                self.metrics.deliveries.labels(endpoint=endpoint, outcome="superseded").inc(count)
+        if stored:
             self.on_stored()
-        return len(result.stored)
+        return len(stored)
+
+    async def _refused(self, event: NewEvent, exc: Exception) -> None:
+        """An event the store refused on its own: kept (redacted) as a bad frame, counted."""
+        error = events.without_controls(f"{type(exc).__name__}: {exc}")[:300]
+        log.error(
+            "store refused one event; quarantined, the rest of its batch stored",
+            extra={"event": "ingest.refused", "event_id": event.event_id, "error": error},
+        )
+        self.metrics.feed_bad_frames.inc()
+        await self._keep_bad(
+            BadFrame(f"store refused the event: {error}", events.redact(event.body))
+        )
 
     async def on_bad_frame(self, frame: BadFrame) -> None:
         """Quarantine a malformed frame; like events, it waits for the store to return."""
+        await self._keep_bad(frame)
+
+    async def _keep_bad(self, frame: BadFrame) -> None:
+        """Quarantine ``frame``; if the store refuses it, an ASCII-only copy; else drop it,
+        logged as an error: a bad frame must never end the run or hold the feed."""
+        if await self._quarantined(frame, sanitised=False):
+            return
+        safe = BadFrame(_ascii(frame.reason), _ascii(frame.text))
+        if await self._quarantined(safe, sanitised=True):
+            return
+        log.error(
+            "bad frame dropped: the store refused even its sanitised record",
+            extra={"event": "ingest.bad_frame_dropped"},
+        )
+
+    async def _quarantined(self, frame: BadFrame, *, sanitised: bool) -> bool:
+        try:
+            await self._quarantine(frame)
+        except Exception:
+            log.exception(
+                "store refused a bad frame's record",
+                extra={"event": "ingest.quarantine_refused", "sanitised": sanitised},
+            )
+            return False
+        return True
+
+    async def _quarantine(self, frame: BadFrame) -> None:
         await self._until_stored(lambda: self.store.quarantine(frame, self.clock()))
 
     async def _until_stored(self, write: Callable[[], Awaitable[T]]) -> T:
@@ -147,6 +237,11 @@ class Ingest:
         self._subscribed_hooks.append(hook)
 
 
+def _ascii(text: str) -> str:
+    """Printable ASCII only: what any store takes (non-ASCII shown as escapes)."""
+    return events.without_controls(text.encode("ascii", "backslashreplace").decode())
+
+
 class Relay:
     """``relay run``: feed -> store -> deliveries, plus the background loops."""
 
@@ -160,25 +255,47 @@ class Relay:
         clock: Callable[[], float] = time.time,
         feed_options: FeedOptions | None = None,
         stats_interval: float = 5.0,
+        supervisor: Supervisor | None = None,
+        health_poll: float = 1.0,
     ) -> None:
         self.settings = settings
+        # OTEL_* decide (CONTRACT 6b); without them nothing of OpenTelemetry is imported.
+        self.tracing = from_environment()
         self.clock = clock
         self.metrics = metrics or Metrics(clock)
         self.store = store or open_store(
             settings.store.get_secret_value(),
             lease=settings.lease,
+            schema=settings.store_schema,
             reorder_window=settings.reorder_window,
         )
-        self.sender = sender or AiohttpSender()
+        self.senders = (
+            Senders.only(sender, settings.all_endpoints)
+            if sender is not None
+            else Senders.for_endpoints(settings.all_endpoints)
+        )
         seal_key = seal_key_of(settings)
+        self.monitor = Monitor(
+            self.store,
+            settings,
+            self.metrics,
+            # PostgreSQL names each replica process; a SQLite store has one daemon, the host's.
+            replica=getattr(self.store, "replica", None) or socket.gethostname(),
+            clock=clock,
+            subscribed=lambda: self.feed.state == FeedState.SUBSCRIBED,
+            wake=lambda: self.dispatcher.wake(),
+            poll=health_poll,
+        )
         self.dispatcher = Dispatcher(
             self.store,
-            settings.endpoints,
-            self.sender,
+            settings.all_endpoints,
+            self.senders,
             self.metrics,
             seal_key=seal_key,
             clock=clock,
             redact=Redactor(secret_values(settings)),
+            tracing=self.tracing,
+            monitor=self.monitor,
         )
         self.ingest = Ingest(
             self.store,
@@ -187,6 +304,7 @@ class Relay:
             seal_key,
             on_stored=self.dispatcher.wake,
             clock=clock,
+            tracing=self.tracing,
         )
         self.feed = FeedClient(
             feed_options
@@ -207,8 +325,10 @@ class Relay:
             self.metrics,
             interval=settings.reconcile_interval,
             clock=clock,
+            tracing=self.tracing,
         )
         self.ingest.when_subscribed(self.reconciler.trigger)
+        self.history = History(self.metrics, clock=clock)
         self.admin = AdminServer(
             create_app(
                 store=self.store,
@@ -218,52 +338,79 @@ class Relay:
                 feed_state=lambda: str(self.feed.state),
                 in_flight=lambda: self.dispatcher.in_flight,
                 on_replay=self.dispatcher.wake,
+                on_endpoint_change=self.monitor.refresh_soon,
                 clock=clock,
+                history=self.history,
             ),
             settings.admin_host,
             settings.admin_port,
         )
+        #: Every long-running task runs under it; another part adds one with one call:
+        #: ``relay.supervisor.add(name, coroutine_function)`` (cancelled at shutdown).
+        self.supervisor = supervisor or Supervisor()
         self._stop = asyncio.Event()
         self.started = asyncio.Event()
 
     @property
     def ready(self) -> dict[str, bool]:
-        """Readiness checks: the feed is subscribed and the store is writable."""
-        return {
+        """Readiness checks: the feed is subscribed, the store is writable, and no supervised
+        task is down (each one down is a failing ``task.<name>`` check)."""
+        checks = {
             "feed": self.feed.state == FeedState.SUBSCRIBED,
             "store": self.ingest.store_ok and self.dispatcher.store_ok,
         }
+        for name in self.supervisor.down:
+            checks[f"task.{name}"] = False
+        return checks
 
     def request_stop(self) -> None:
         """Begin the phased shutdown (SIGTERM/SIGINT)."""
         self._stop.set()
 
     async def run(self) -> None:
-        """Run until :meth:`request_stop`, then shut down in phases."""
-        await self.store.open(daemon=True)
-        self.store.on_wakeup(self.dispatcher.wake)  # other replicas' new work (PostgreSQL)
+        """Run until :meth:`request_stop`, then shut down in phases.
+
+        Raises :class:`TaskFailedError` (exit 1) after that shutdown if a supervised task
+        failed too often.
+        """
+        raise_nofile_limit()
+        await self.admin.start()  # bind first: an address in use creates nothing
+        try:
+            await self.store.open(daemon=True)
+        except BaseException:
+            await self.admin.stop()
+            raise
         # Everything built so far (modules, FastAPI's routes, pydantic models) lives as long
         # as the process: keep it out of the collector, whose full passes over it took
         # ~30 ms and were the delivery-latency tail.
         gc.collect()
         gc.freeze()
         try:
-            await self.admin.start()
             try:
                 await self._serve()
             finally:
                 await self.admin.stop()
+                await self.supervisor.close()
         finally:
             await self.reconciler.close()
-            await self.sender.close()
+            await self.senders.close()
             await self.store.close()
+            await self.tracing.close()  # export the last spans
+        if self.supervisor.error is not None:
+            raise self.supervisor.error
 
     async def _serve(self) -> None:
-        feed = asyncio.create_task(self.feed.run(), name="relay-feed")
-        dispatch = asyncio.create_task(self.dispatcher.run(), name="relay-dispatch")
-        stats = asyncio.create_task(self._stats_loop(), name="relay-stats")
-        reconcile = asyncio.create_task(self.reconciler.run(), name="relay-reconcile")
-        retention = asyncio.create_task(self._retention_loop(), name="relay-retention")
+        supervise = self.supervisor.add
+        supervise("admin", self.admin.serve)
+        supervise("feed", self.feed.run)
+        supervise("dispatch", self.dispatcher.deliver)
+        supervise("recorder", self.dispatcher.record)
+        supervise("store-listener", lambda: self.store.watch(self.dispatcher.wake))
+        supervise("stats", self._stats_loop)
+        supervise("reconcile", self.reconciler.run)
+        supervise("retention", self._retention_loop)
+        supervise("health", self.monitor.run)
+        supervise("history", self.history.run)
         log.info(
             "relay started",
             extra={
@@ -275,15 +422,20 @@ class Relay:
         )
         self.started.set()
         stop = asyncio.create_task(self._stop.wait())
-        done, _ = await asyncio.wait({feed, dispatch, stop}, return_when=asyncio.FIRST_COMPLETED)
-        for task in done - {stop}:
-            task.result()  # a crashed component ends the run with its exception
+        failed = asyncio.create_task(self.supervisor.failed.wait())
+        try:
+            await asyncio.wait({stop, failed}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+            failed.cancel()
         log.info("shutting down", extra={"event": "relay.stopping"})
         deadline = asyncio.get_running_loop().time() + self.settings.shutdown_grace
         await self.admin.stop()
+        await self.supervisor.stop("admin")
         try:
             async with asyncio.timeout_at(deadline):
                 await self.feed.stop()  # commits what was received, if the store takes it
+                await self.supervisor.stop("feed")
         except TimeoutError:
             # The store is down and the batch in hand cannot be committed: it was never
             # acknowledged, and reconciliation after the next start recovers it.
@@ -292,17 +444,19 @@ class Relay:
                 "(reconciliation on the next start recovers them)",
                 extra={"event": "relay.stop_uncommitted"},
             )
-            feed.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await feed
+            await self.supervisor.stop("feed", timeout=0)
         remaining = max(0.0, deadline - asyncio.get_running_loop().time())
         await self.dispatcher.shutdown(remaining)
-        await dispatch
-        for background in (stats, reconcile, retention):
-            background.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await background
-        stop.cancel()
+        await self.supervisor.stop("dispatch")
+        self.dispatcher.finish_recording()
+        await self.supervisor.stop("recorder")
+        if self.dispatcher.unrecorded:
+            log.error(
+                "delivery results not committed; those deliveries go back to pending on the "
+                "next start without using an attempt",
+                extra={"event": "relay.stop_unrecorded", "count": self.dispatcher.unrecorded},
+            )
+        await self.supervisor.close()  # the background loops
         log.info("relay stopped", extra={"event": "relay.stopped"})
 
     async def _retention_loop(self) -> None:
@@ -320,21 +474,25 @@ class Relay:
                 log.info("retention purged", extra={"event": "store.purged", "rows": removed})
 
     async def _stats_loop(self) -> None:
-        configured = {ep.name for ep in self.settings.endpoints}
+        configured = {ep.name for ep in self.settings.all_endpoints}
         known = set(configured)
         while True:
             try:
                 await self.store.check_writable()
                 pending = await self.store.pending_stats()
+                # Dead deliveries now (an indexed count): the gauge an alert on "dead
+                # rising" reads, which the outcome counter cannot give after a restart.
+                dead = {s.endpoint: s.dead for s in await self.store.endpoint_stats() if s.dead}
                 self.ingest.store_ok = True
             except StoreUnavailableError:
                 self.ingest.store_ok = False
                 await asyncio.sleep(self._stats_interval)
                 continue
             now = self.clock()
-            for name in known | set(pending):
+            for name in known | set(pending) | set(dead):
                 count, oldest = pending.get(name, (0, now))
                 self.metrics.outbox_pending.labels(endpoint=name).set(count)
                 self.metrics.outbox_oldest_age.labels(endpoint=name).set(max(0.0, now - oldest))
-            known = configured | set(pending)
+                self.metrics.outbox_dead.labels(endpoint=name).set(dead.get(name, 0))
+            known = configured | set(pending) | set(dead)
             await asyncio.sleep(self._stats_interval)

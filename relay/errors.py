@@ -15,6 +15,7 @@ __all__ = [
     "StoreLockedError",
     "StoreSchemaError",
     "StoreUnavailableError",
+    "TaskFailedError",
 ]
 
 
@@ -23,10 +24,17 @@ class RelayError(Exception):
 
 
 class ConfigError(RelayError):
-    """Invalid configuration: exit code 2, one line naming the variable and the reason."""
+    """Invalid configuration: exit code 2, one line per error naming the variable and reason.
 
-    def __init__(self, variable: str, reason: str) -> None:
-        super().__init__(f"{variable}: {reason}")
+    ``variable`` and ``reason`` are the first error's; ``errors`` holds every one, so that an
+    operator fixes them all in one round instead of one per restart.
+    """
+
+    def __init__(
+        self, variable: str, reason: str, *, more: tuple[tuple[str, str], ...] = ()
+    ) -> None:
+        self.errors = ((variable, reason), *more)
+        super().__init__("\n".join(f"{name}: {why}" for name, why in self.errors))
         self.variable = variable
         self.reason = reason
 
@@ -53,3 +61,12 @@ class StoreLockedError(StoreError):
 
 class StoreSchemaError(StoreError):
     """The store's schema is newer than this version of sfox-relay knows."""
+
+
+class TaskFailedError(RelayError):
+    """A supervised task kept failing: restarting it does not help, so the daemon exits 1."""
+
+    def __init__(self, task: str, failures: int, window: float) -> None:
+        super().__init__(f"task {task} failed {failures} times within {window:g}s")
+        self.task = task
+        self.failures = failures

@@ -1,4 +1,4 @@
-"""Every Prometheus metric of CONTRACT.md section 6, in one registry per relay.
+"""Every Prometheus metric the README lists, in one registry per relay.
 
 A registry per :class:`Metrics` instance (not the global default) so tests and the demo can
 run several relays in one process. Labels carry endpoint names, never URLs.
@@ -9,9 +9,15 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from relay import __version__
+
 __all__ = ["FEED_STATES", "Metrics"]
+
+# No `_created` series: one more sample per counter that no dashboard reads.
+prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
 
 #: The feed client's states, one ``relay_feed_state`` series each.
 FEED_STATES = (
@@ -90,6 +96,16 @@ class Metrics:
             ["endpoint"],
             registry=r,
         )
+        self.outbox_dead = Gauge(
+            "relay_outbox_dead",
+            "Dead deliveries in the store now (until replayed or purged)",
+            ["endpoint"],
+            registry=r,
+        )
+        self.build_info = Gauge(
+            "relay_build_info", "Always 1; the running version", ["version"], registry=r
+        )
+        self.build_info.labels(version=__version__).set(1)
         self.reconcile_runs = Counter(
             "relay_reconcile_runs", "Reconciliation runs by outcome", ["outcome"], registry=r
         )
@@ -100,6 +116,15 @@ class Metrics:
             "relay_reconcile_last_success_timestamp_seconds",
             "Unix time of the last successful reconciliation (0 before the first)",
             registry=r,
+        )
+        self.endpoint_state = Gauge(
+            "relay_endpoint_state",
+            "Each endpoint's health state (1 for the current one): active, open, paused, disabled",
+            ["endpoint", "state"],
+            registry=r,
+        )
+        self.alerts = Counter(
+            "relay_alerts", "Operational events raised (one per transition)", ["type"], registry=r
         )
         self.set_feed_state("stopped")
 

@@ -35,6 +35,9 @@ from bench.procs import eventually, new_key, new_whsec  # noqa: E402
 
 __all__ = ["eventually", "expected_event_id", "new_key", "new_whsec"]
 
+# Shared suites imported by several test files get pytest's assertion messages everywhere.
+pytest.register_assert_rewrite("store_suite")
+
 SimFactory = Callable[..., Awaitable[Simulator]]
 ReceiverFactory = Callable[..., Awaitable[Receiver]]
 EnvBuilder = Callable[..., dict[str, str]]

@@ -1,4 +1,4 @@
-"""The admin HTTP port (CONTRACT.md section 6): health, readiness, metrics and ``/api/*``.
+"""The admin HTTP port (see the README): health, readiness, metrics and ``/api/*``.
 
 Most tests drive :func:`relay.admin.create_app` in-process through httpx's ASGI transport, over
 a real SQLite outbox in ``tmp_path`` holding a few events in every state. Path tricks go through
@@ -12,6 +12,7 @@ import asyncio
 import base64
 import inspect
 import json
+import os
 import re
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -22,6 +23,7 @@ import pytest
 from conftest import EnvBuilder
 
 import relay.admin
+from relay import __version__, service
 from relay.admin import AdminServer, create_app
 from relay.config import Settings, load_settings
 from relay.metrics import Metrics
@@ -50,7 +52,7 @@ PASSWORD = "pw-Zq81xTk4"  # inside the endpoint URL: must never be shown
 QUERY_SECRET = "qs-Lm52bNv7Yc"
 CRM_URL = f"https://relay:{PASSWORD}@crm.example/hook?key={QUERY_SECRET}"
 
-#: CONTRACT.md section 6, counters with the ``_total`` Prometheus gives them.
+#: The metrics the README lists, counters with the ``_total`` Prometheus gives them.
 METRIC_NAMES = (
     "relay_feed_connected",
     "relay_feed_state",
@@ -68,16 +70,22 @@ METRIC_NAMES = (
     "relay_reconcile_runs_total",
     "relay_reconcile_events_total",
     "relay_reconcile_last_success_timestamp_seconds",
+    "relay_outbox_dead",
+    "relay_build_info",
 )
 
 #: Every /api route, as (method, path) with a real delivery id where one is needed.
 API_ROUTES = (
     ("GET", "/api/status"),
     ("GET", "/api/endpoints"),
+    ("GET", "/api/history"),
+    ("POST", "/api/endpoints/crm/pause"),
+    ("POST", "/api/endpoints/crm/resume"),
     ("GET", "/api/deliveries"),
     ("GET", "/api/deliveries/dlv_1"),
     ("POST", "/api/deliveries/dlv_1/replay"),
     ("POST", "/api/deliveries/replay"),
+    ("POST", "/api/deliveries/retry"),
 )
 
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -240,6 +248,53 @@ async def test_readyz_names_each_failing_check(
     assert set(body["checks"]) == {"feed", "store"}
 
 
+async def test_readyz_names_a_supervised_task_that_is_down(
+    client: httpx.AsyncClient, harness: Harness
+) -> None:
+    harness.checks = {"feed": True, "store": True, "task.recorder": False}
+    response = await client.get("/readyz")
+    assert response.status_code == 503
+    assert response.json()["checks"]["task.recorder"] == "failing"
+
+
+# -- the admin origin holds the token: nothing else may run in it -----------------------------
+
+
+@pytest.mark.parametrize("path", ["/api/docs", "/api/redoc", "/docs", "/redoc"])
+async def test_no_api_browser_is_served(client: httpx.AsyncClient, path: str) -> None:
+    response = await client.get(path)
+    assert response.status_code in (401, 404), path
+    assert "swagger" not in response.text.lower() and "cdn" not in response.text.lower()
+
+
+async def test_the_status_page_forbids_framing_and_other_origins(
+    client: httpx.AsyncClient,
+) -> None:
+    response = await client.get("/")
+    assert response.status_code == 200
+    policy = dict(
+        part.strip().split(" ", 1)
+        for part in response.headers["content-security-policy"].split(";")
+    )
+    assert policy["frame-ancestors"] == "'none'"
+    assert policy["default-src"] == "'self'"
+    assert policy["object-src"] == "'none'" and policy["base-uri"] == "'none'"
+    for directive in ("script-src", "style-src"):
+        assert "'unsafe-inline'" not in policy[directive] and "http" not in policy[directive]
+    assert response.headers["x-frame-options"] == "DENY"
+    assert response.headers["x-content-type-options"] == "nosniff"
+
+
+@pytest.mark.parametrize("path", ["/healthz", "/readyz", "/metrics", "/api/endpoints"])
+async def test_every_answer_says_nosniff_and_no_framing(
+    client: httpx.AsyncClient, path: str
+) -> None:
+    response = await client.get(path)
+    assert response.headers["x-content-type-options"] == "nosniff"
+    assert response.headers["x-frame-options"] == "DENY"
+    assert "frame-ancestors 'none'" in response.headers["content-security-policy"]
+
+
 def metric_families(text: str) -> dict[str, str]:
     """``# TYPE`` lines: metric name -> type."""
     return dict(re.findall(r"^# TYPE (\S+) (\S+)$", text, re.MULTILINE))
@@ -258,6 +313,9 @@ async def test_metrics_has_every_contract_metric(client: httpx.AsyncClient) -> N
     # One relay_feed_state series per state, 1 for the current one.
     states = re.findall(r'^relay_feed_state\{state="(\w+)"\} (\S+)$', response.text, re.M)
     assert len(states) >= 5 and [s for s, v in states if float(v) == 1.0] == ["stopped"]
+    assert families["relay_outbox_dead"] == "gauge"
+    assert f'relay_build_info{{version="{__version__}"}} 1.0' in response.text
+    assert "_created" not in response.text
 
 
 async def test_metrics_label_endpoints_by_name(client: httpx.AsyncClient, harness: Harness) -> None:
@@ -368,6 +426,32 @@ async def test_status(client: httpx.AsyncClient, harness: Harness) -> None:
     assert body["ready"] == {"feed": True, "store": False}
     assert body["in_flight"] == 3
     assert body["version"] == relay.__version__
+    assert body["feed_last_message_age_s"] is None  # nothing received yet
+    assert (body["feed_reconnects"], body["last_reconcile_at"]) == (0, None)
+    assert body["replica"].rpartition(":")[2] == str(os.getpid())
+
+
+async def test_status_shows_the_feed_age_reconnects_and_last_reconciliation(
+    client: httpx.AsyncClient, harness: Harness
+) -> None:
+    harness.metrics.frame_received()  # at NOW; the metrics' clock stays there
+    harness.metrics.feed_reconnects.inc(2)
+    harness.metrics.reconcile_last_success.set(NOW - 60)
+    body = (await client.get("/api/status", headers=AUTH)).json()
+    assert body["feed_last_message_age_s"] == 0.0
+    assert body["feed_reconnects"] == 2
+    assert body["last_reconcile_at"] == service.iso(NOW - 60)
+
+
+async def test_history_serves_per_second_series_of_the_last_hour(
+    client: httpx.AsyncClient, harness: Harness
+) -> None:
+    history = (await client.get("/api/history?seconds=5", headers=AUTH)).json()
+    assert history["step_s"] == 1 and history["end"] - history["start"] == 4
+    assert history["feed_messages"] == [0] * 5
+    assert (await client.get("/api/history?seconds=0", headers=AUTH)).status_code == 422
+    assert (await client.get("/api/history?seconds=3601", headers=AUTH)).status_code == 422
+    assert (await client.get("/api/history")).status_code == 401
 
 
 async def test_endpoints_masks_urls_and_lists_removed_endpoints_with_work(
@@ -420,6 +504,31 @@ async def test_deliveries_filters(client: httpx.AsyncClient, seeded: Seeded) -> 
         ids["crm:a2"]
     ]
     assert await list_ids(client, endpoint="nowhere") == []
+
+
+async def test_deliveries_filter_by_event_id(client: httpx.AsyncClient, seeded: Seeded) -> None:
+    detail = (await client.get(f"/api/deliveries/{seeded.ids['crm:b1']}", headers=AUTH)).json()
+    found = await list_ids(client, event_id=detail["event_id"])
+    assert set(found) == {seeded.ids["crm:b1"], seeded.ids["old:b1"]}
+    assert await list_ids(client, event_id="evt_" + "0" * 64) == []
+
+
+async def test_retry_makes_waiting_retries_due_now(
+    client: httpx.AsyncClient, seeded: Seeded, harness: Harness
+) -> None:
+    [claim] = await seeded.store.claim("crm", NOW + 3, 10)  # a2, now that a1 is delivered
+    failed = Attempt(NOW + 4, 503, 0.01)
+    await seeded.store.record([Outcome(claim.delivery_id, "pending", NOW + 9999, failed)], NOW + 4)
+
+    none = await client.post(f"/api/deliveries/retry?user_id={USER_B}", headers=AUTH)
+    assert none.json() == {"retried": 0}
+    response = await client.post("/api/deliveries/retry?endpoint=crm", headers=AUTH)
+
+    assert response.status_code == 200
+    assert response.json() == {"retried": 1}
+    assert harness.replays == 2
+    [again] = await seeded.store.claim("crm", NOW + 100, 10)
+    assert (again.delivery_id, again.attempts) == (claim.delivery_id, 1)
 
 
 async def test_deliveries_show_what_the_cli_shows(
@@ -475,7 +584,25 @@ async def test_deliveries_refuses_bad_parameters_with_422(
 ) -> None:
     response = await client.get(f"/api/deliveries?{query}", headers=AUTH)
     assert response.status_code == 422, response.text
-    assert "detail" in response.json()
+    detail = response.json()["detail"]
+    assert isinstance(detail, str) and detail.startswith("query."), detail  # as documented
+
+
+async def test_a_cursor_that_matches_the_documented_pattern_is_accepted(
+    client: httpx.AsyncClient,
+) -> None:
+    document = (await client.get("/api/openapi.json")).json()
+    (before,) = [
+        p
+        for p in document["paths"]["/api/deliveries"]["get"]["parameters"]
+        if p["name"] == "before"
+    ]
+    pattern = next(s["pattern"] for s in before["schema"]["anyOf"] if "pattern" in s)
+    for cursor in ("dlv_1", "dlv_000", "dlv_" + "9" * 18):
+        assert re.fullmatch(pattern, cursor)
+        response = await client.get(f"/api/deliveries?before={cursor}", headers=AUTH)
+        assert response.status_code == 200, (cursor, response.text)
+    assert not re.search(pattern, "dlv_" + "9" * 19)  # beyond the stores' 64-bit keys
 
 
 async def test_deliveries_refuses_a_malformed_cursor_with_422(client: httpx.AsyncClient) -> None:
@@ -520,6 +647,10 @@ async def test_delivery_detail_has_attempts_and_no_plaintext_token(
         "dlv_%20",
         "dlv_²",  # str.isdigit() is true for it, int() refuses it
         "dlv_１",  # a full-width 1: not an alias of dlv_1
+        "dlv_9223372036854775807",  # the largest key a store holds: unknown, not an error
+        "dlv_9223372036854775808",  # one more than a 64-bit key
+        "dlv_99999999999999999999",
+        "dlv_" + "9" * 5000,  # beyond what int() parses
     ],
 )
 async def test_unknown_or_malformed_delivery_ids_answer_404(
@@ -593,7 +724,9 @@ async def api_operations(client: httpx.AsyncClient) -> list[tuple[str, str, dict
         for method, operation in item.items()
         if path.startswith("/api/")
     ]
-    documented = {(m, re.sub(r"\{[^}]+\}", "dlv_1", p)) for m, p, _ in operations}
+    documented = {
+        (m, p.replace("{name}", "crm").replace("{delivery_id}", "dlv_1")) for m, p, _ in operations
+    }
     assert documented == set(API_ROUTES)
     return operations
 
@@ -674,6 +807,7 @@ async def test_path_tricks_never_bypass_auth(seeded: Seeded, harness: Harness) -
     )
     server = AdminServer(app, "127.0.0.1", 0)
     await server.start()
+    serving = asyncio.create_task(server.serve())
     try:
         port = server.port
         authorized = f"Authorization: {AUTH['Authorization']}\r\n"
@@ -689,6 +823,7 @@ async def test_path_tricks_never_bypass_auth(seeded: Seeded, harness: Harness) -
         assert len(await seeded.store.list_deliveries(state="dead")) == 2
     finally:
         await server.stop()
+        await serving
 
 
 # -- the whole port of a running relay ------------------------------------------------------
@@ -732,6 +867,7 @@ async def test_a_running_relay_serves_the_whole_admin_port(
             families = metric_families(text)
             assert [n for n in METRIC_NAMES if n not in families] == []
             assert "relay_feed_connected 1.0" in text
+            assert f'relay_outbox_dead{{endpoint="{name}"}} 0.0' in text
             assert 'relay_feed_state{state="subscribed"} 1.0' in text
             assert PASSWORD not in text
             for value in set(re.findall(r'endpoint="([^"]*)"', text)):

@@ -1,17 +1,18 @@
 """The PostgreSQL outbox: the shared store contract, plus what replicas sharing one store need.
 
-Runs against the server at ``RELAY_TEST_PG`` (default ``postgresql://postgres@127.0.0.1:5432/
+Runs against the server at ``SFOX_RELAY_TEST_PG`` (default ``postgresql://postgres@127.0.0.1:5432/
 test``); skipped when it is unreachable. Every test works in a fresh schema, dropped afterwards.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import random
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import asyncpg
@@ -50,7 +51,7 @@ from store_suite import (  # noqa: E402
     user_event,
 )
 
-PG_URL = os.environ.get("RELAY_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
+PG_URL = os.environ.get("SFOX_RELAY_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 NOW = 1_717_005_400.0
 #: The suite's clock is injected, so a long lease costs no waiting; it must exceed the hour
 #: ``test_claim_marks_deliveries_in_flight`` waits while expecting its claims to hold.
@@ -67,7 +68,7 @@ def _unreachable() -> str | None:
     except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         return (
             f"PostgreSQL unreachable at {display_url(PG_URL)} ({type(exc).__name__}); "
-            "set RELAY_TEST_PG to a server these tests may create schemas in"
+            "set SFOX_RELAY_TEST_PG to a server these tests may create schemas in"
         )
     return None
 
@@ -89,6 +90,7 @@ class Replicas:
         self.schema = schema
         self.stores: list[PostgresStore] = []
         self.current: PostgresStore | None = None
+        self.watchers: list[asyncio.Task[None]] = []
 
     def new(self, *, lease: float = SUITE_LEASE, **options: Any) -> PostgresStore:
         options.setdefault("pool_size", 4)
@@ -108,7 +110,16 @@ class Replicas:
         self.current = await self.open()
         return self.current
 
+    def watch(self, store: PostgresStore, wake: Callable[[], None]) -> None:
+        """Run ``store.watch(wake)`` until teardown, as the daemon's supervisor would."""
+        self.watchers.append(asyncio.create_task(store.watch(wake)))
+
     async def close(self) -> None:
+        for task in self.watchers:
+            task.cancel()
+        for task in self.watchers:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         for store in self.stores:
             await store.close()
 
@@ -435,6 +446,41 @@ async def test_newer_schema_version_raises_schema_error(
     await store.check_writable()
 
 
+async def test_a_read_only_open_never_writes(
+    replicas: Replicas, db: asyncpg.Connection[asyncpg.Record]
+) -> None:
+    """`relay check` opens the store read-only: no schema, no migration, no write at all."""
+    absent = replicas.new(read_only=True)
+    with pytest.raises(StoreError, match="no relay store"):
+        await absent.open(daemon=False)
+    await absent.close()
+    assert await db.fetchval("SELECT to_regclass('meta')") is None
+
+    await (await replicas.open()).close()
+    store = await replicas.open(daemon=False, read_only=True)
+    assert await store.endpoint_stats() == []
+    with pytest.raises(StoreError):
+        await store.check_writable()
+
+
+async def test_pg_schema_is_created_once_and_used(schema: str) -> None:
+    """RELAY_PG_SCHEMA, wired through open_store: the tables live in that schema."""
+    url_store = open_store(PG_URL, schema=schema + "_x")
+    await url_store.open(daemon=False)
+    await url_store.close()
+    conn = await asyncpg.connect(PG_URL, timeout=5)
+    try:
+        found = await conn.fetchval(
+            "SELECT count(*) FROM information_schema.tables WHERE table_schema = $1 "
+            "AND table_name = 'deliveries'",
+            schema + "_x",
+        )
+        assert found == 1
+    finally:
+        await conn.execute(f'DROP SCHEMA "{schema}_x" CASCADE')
+        await conn.close()
+
+
 @pytest.mark.parametrize(
     "url",
     [
@@ -492,10 +538,10 @@ async def test_store_recovers_when_its_connections_are_cut(
 # -- wake-ups and the reconciliation lock -----------------------------------------------------
 
 
-async def listening(store: PostgresStore) -> asyncio.Event:
-    """Register a wake-up callback and wait until its listener is up (it wakes once then)."""
+async def listening(replicas: Replicas, store: PostgresStore) -> asyncio.Event:
+    """Watch ``store`` for wake-ups and wait until its listener is up (it wakes once then)."""
     woke = asyncio.Event()
-    store.on_wakeup(woke.set)
+    replicas.watch(store, woke.set)
     await wait_for(woke)
     woke.clear()
     return woke
@@ -503,8 +549,8 @@ async def listening(store: PostgresStore) -> asyncio.Event:
 
 async def test_notify_wakes_other_replicas_when_work_becomes_due(replicas: Replicas) -> None:
     writer, reader = await replicas.open(), await replicas.open()
-    woke = await listening(reader)
-    own = await listening(writer)
+    woke = await listening(replicas, reader)
+    own = await listening(replicas, writer)
     a1, a2 = user_event(USER_A, 1), user_event(USER_A, 2, status="VERIFIED")
 
     await writer.append([a1, a2], [CRM], NOW)
@@ -525,25 +571,16 @@ async def test_notify_wakes_other_replicas_when_work_becomes_due(replicas: Repli
     assert not own.is_set()  # a replica's own commits wake its dispatcher directly
 
 
-async def test_wakeup_registered_before_open_listens_once_open(replicas: Replicas) -> None:
-    reader = replicas.new()
-    woke = asyncio.Event()
-    reader.on_wakeup(woke.set)
-    await reader.open(daemon=True)
-    await wait_for(woke)
-    woke.clear()
-    writer = await replicas.open()
-
-    await writer.append([balance_event(1)], [CRM], NOW)
-
-    await wait_for(woke)
+async def test_watching_needs_an_open_store(replicas: Replicas) -> None:
+    with pytest.raises(StoreError):
+        await replicas.new().watch(lambda: None)
 
 
 async def test_listener_reconnects_after_losing_its_connection(
     replicas: Replicas, db: asyncpg.Connection[asyncpg.Record]
 ) -> None:
     writer, reader = await replicas.open(), await replicas.open(liveness=0.1)
-    woke = await listening(reader)
+    woke = await listening(replicas, reader)
 
     cut = await db.fetch(
         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
@@ -621,7 +658,19 @@ async def test_hot_paths_read_partial_indexes_not_the_history(
     assert "deliveries_due" in claim
     assert "deliveries_leased" in claim
     record = await plan(
-        db, pg._APPLY, "r", [1], ["delivered"], [NOW], [NOW], [200], [0.1], [None], [None], NOW
+        db,
+        pg._APPLY,
+        "r",
+        [1],
+        ["delivered"],
+        [NOW],
+        [NOW],
+        [200],
+        [0.1],
+        [None],
+        [None],
+        [1],
+        NOW,
     )
     assert "deliveries_pkey" in record
     lanes = await plan(db, sql.lane_rows("= ANY($1::text[])"), [USER_A])

@@ -2,7 +2,8 @@
 
 Each consumer types against its own role (:class:`IngestStore` for the feed's ingest,
 :class:`DispatchStore` for the dispatcher, :class:`ReconcileStore` for reconciliation,
-:class:`AdminStore` for the CLI, the API and retention); :class:`Store` is all of them plus
+:class:`HealthStore` for endpoint health, :class:`AdminStore` for the CLI, the API and
+retention); :class:`Store` is all of them plus
 the lifecycle, and both backends implement it. The rules a store keeps (lanes, supersession,
 fan-out, health) are in :mod:`relay.store.core`, the records in :mod:`relay.store.records`.
 """
@@ -27,9 +28,12 @@ from relay.store.records import (
     AppendResult,
     Attempt,
     Claim,
+    DeadSummary,
     DeliveryDetail,
     DeliveryInfo,
     EndpointStats,
+    HealthRow,
+    HealthWrite,
     Outcome,
     Page,
     PublicState,
@@ -45,11 +49,15 @@ __all__ = [
     "AppendResult",
     "Attempt",
     "Claim",
+    "DeadSummary",
     "DeliveryDetail",
     "DeliveryInfo",
     "DeliveryState",
     "DispatchStore",
     "EndpointStats",
+    "HealthRow",
+    "HealthStore",
+    "HealthWrite",
     "IngestStore",
     "Outcome",
     "Page",
@@ -109,10 +117,11 @@ class DispatchStore(Protocol):
         event of their lane was delivered), for ``relay_deliveries_total``.
         """
 
-    def on_wakeup(self, callback: Callable[[], None]) -> None:
-        """Call ``callback`` when another process made work due (PostgreSQL: LISTEN/NOTIFY).
+    async def watch(self, wake: Callable[[], None]) -> None:
+        """Call ``wake`` when another process made work due, until cancelled (PostgreSQL:
+        LISTEN/NOTIFY); the daemon supervises it.
 
-        A store with a single writer may do nothing: the relay wakes its own dispatcher.
+        A store with a single writer may return at once: the relay wakes its own dispatcher.
         """
 
 
@@ -134,11 +143,45 @@ class ReconcileStore(Protocol):
         """Hold while reconciling; yields False when another replica already is."""
 
 
-class AdminStore(Protocol):
-    """What the CLI, the admin API, metrics and retention use."""
+class HealthStore(Protocol):
+    """Endpoint health (CONTRACT.md 5b, 5c): rows and transactions only; the rules are in
+    :mod:`relay.health`, their use in :mod:`relay.monitor`."""
+
+    async def health_rows(self, kind: str) -> dict[str, HealthRow]:
+        """Every state row of one kind (``endpoint``, ``feed``, ``dead``): name -> row."""
+
+    async def health_write(
+        self, kind: str, name: str, row: HealthRow, now: float, **also: Unpack[HealthWrite]
+    ) -> bool:
+        """Compare-and-set one state row (``row.version`` is the version read; 0: none yet;
+        it is stored as version + 1), in one transaction with the alert event (and its
+        delivery to ``alert_endpoint``) and, with ``release``, making the endpoint's pending
+        deliveries due now. False (nothing written) when another writer got there first."""
+
+    async def claim_probe(
+        self, endpoint: str, now: float, row: HealthRow, after_user: str | None
+    ) -> Claim | None:
+        """Claim one due delivery of an open endpoint as its probe, rotating over users (the
+        first user after ``after_user``, wrapping), and write ``row`` (compare-and-set) in the
+        same transaction. None, and nothing written, when nothing is due or the row moved."""
+
+    async def dead_summary(self, endpoint: str, since: float) -> DeadSummary | None:
+        """Deliveries of ``endpoint`` that went dead since ``since``: how many, and the first."""
+
+    async def beat(self, replica: str, now: float, ttl: float) -> int:
+        """Record this replica's heartbeat; returns how many replicas beat within ``ttl``."""
+
+    async def pending_stats(self) -> dict[str, tuple[int, float]]:
+        """Cheap, for metrics: endpoint -> (unfinished deliveries, oldest created_at)."""
+
+
+class AdminStore(HealthStore, Protocol):
+    """What the CLI, the admin API, metrics and retention use (with endpoint health: the
+    API shows it and pauses or resumes endpoints)."""
 
     async def list_deliveries(self, **page: Unpack[Page]) -> list[DeliveryInfo]:
-        """Newest first (50 unless ``limit`` says); ``before`` pages on."""
+        """Newest first (50 unless ``limit`` says); ``before`` pages on. ``attempts`` is the
+        number of attempt records (a replay keeps the earlier ones)."""
 
     async def get_delivery(self, delivery_id: int) -> DeliveryDetail | None: ...
 
@@ -148,11 +191,13 @@ class AdminStore(Protocol):
         A replayed delivery is never superseded.
         """
 
+    async def retry_now(self, *, now: float, **selection: Unpack[Selection]) -> int:
+        """Make pending deliveries that wait for a scheduled retry due at ``now``, without
+        using an attempt; returns how many. Lanes keep their order: only the one pending
+        delivery of a lane can wait for a retry. (``state`` is ignored: always pending.)"""
+
     async def endpoint_stats(self) -> list[EndpointStats]:
         """Full per-endpoint numbers (API, status page, `relay check`)."""
-
-    async def pending_stats(self) -> dict[str, tuple[int, float]]:
-        """Cheap, for metrics: endpoint -> (unfinished deliveries, oldest created_at)."""
 
     async def purge(self, *, delivered_before: float, dead_before: float, batch: int) -> int:
         """Delete up to ``batch`` old finished deliveries, and up to ``batch`` old events no

@@ -32,9 +32,11 @@ from relay.events import NewEvent
 from relay.store.records import (
     Attempt,
     Claim,
+    DeadSummary,
     DeliveryDetail,
     DeliveryInfo,
     EndpointStats,
+    HealthRow,
     Outcome,
     PublicState,
     Target,
@@ -55,11 +57,15 @@ __all__ = [
     "StateRow",
     "Change",
     "Replayed",
+    "RowMoved",
     "Verdict",
+    "attempts_used",
     "claim",
+    "dead_summary",
     "delivery_detail",
     "delivery_info",
     "event_row",
+    "health_row",
     "finished_lanes",
     "lane_users",
     "replay_plan",
@@ -144,12 +150,23 @@ def format_delivery_id(number: int) -> str:
     return f"dlv_{number}"
 
 
+#: Delivery keys are 64-bit signed integers in both stores.
+_MAX_DELIVERY_KEY = 2**63 - 1
+
+
 def parse_delivery_id(text: str) -> int | None:
-    """The store's key for an opaque id, or None if it is not one of ours."""
+    """The store's key for an opaque id, or None if it is not one of ours.
+
+    An id no store can hold (``dlv_99999999999999999999``, or thousands of digits, which
+    ``int()`` refuses) is not one of ours either: a 404, never a store or parser error.
+    """
     digits = text[4:]
     if not text.startswith("dlv_") or not (digits.isascii() and digits.isdigit()):
         return None
-    return int(digits)
+    if len(digits.lstrip("0")) > 19:
+        return None
+    number = int(digits)
+    return number if number <= _MAX_DELIVERY_KEY else None
 
 
 def display_body(body: bytes) -> str:
@@ -576,8 +593,16 @@ def lane_users(replayed: Iterable[Replayed]) -> list[str]:
 # -- verdicts and endpoint health -------------------------------------------------------------
 
 
+def attempts_used(outcome: Outcome) -> int:
+    """How many steps of the retry schedule a verdict with an attempt uses: one, except a
+    probe's (an open endpoint's test delivery, CONTRACT.md 5b), which is recorded and
+    counted but leaves the schedule where it was."""
+    return 0 if outcome.probe else 1
+
+
 def verdict_row(outcome: Outcome) -> tuple[Any, ...]:
-    """A verdict with an attempt: id, state, next_at, then the attempt's columns."""
+    """A verdict with an attempt: id, state, next_at, the attempt's columns, then how many
+    schedule steps it uses (:func:`attempts_used`)."""
     a = outcome.attempt
     assert a is not None, "released outcomes carry no attempt"
     return (
@@ -589,6 +614,7 @@ def verdict_row(outcome: Outcome) -> tuple[Any, ...]:
         a.latency,
         a.error,
         a.excerpt,
+        attempts_used(outcome),
     )
 
 
@@ -732,6 +758,21 @@ def claim(row: Row, endpoint: str) -> Claim:
         has_token=bool(row["has_token"]),
         created_at=row["created_at"],
     )
+
+
+class RowMoved(Exception):
+    """A health row's compare-and-set lost to another writer inside a larger transaction
+    (a probe's claim): raised to roll that transaction back, caught by the backend."""
+
+
+def health_row(row: Row) -> HealthRow:
+    """A ``health`` state row (its data stays the JSON the rules wrote)."""
+    return HealthRow(row["state"], row["version"], row["data"])
+
+
+def dead_summary(row: Row) -> DeadSummary:
+    """The first recent dead delivery of an endpoint, with how many there were."""
+    return DeadSummary(row["n"], row["id"], row["event_id"], row["user_id"])
 
 
 def endpoint_stats(

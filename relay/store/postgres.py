@@ -16,7 +16,7 @@ how replicas share it:
   replica's claim, so a takeover wins. Claims are never renewed: configuration keeps every
   delivery timeout below half the lease, so an attempt ends well before its claim does.
 - **Wake-ups.** Commits that make work due (new deliveries, promotions, releases, replays)
-  ``NOTIFY`` a channel of this schema; :meth:`PostgresStore.on_wakeup` listens on a dedicated
+  ``NOTIFY`` a channel of this schema; :meth:`PostgresStore.watch` listens on a dedicated
   connection. One replica reconciles at a time under a session advisory lock.
 
 Time is the caller's clock (``now``), as with SQLite, so replicas' clocks must agree to well
@@ -38,13 +38,15 @@ import socket
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar, Unpack
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import asyncpg
 
 from relay.errors import StoreError, StoreSchemaError, StoreUnavailableError
 from relay.events import BadFrame, NewEvent
+from relay.masking import mask_url
 from relay.store import core, records, sql
+from relay.store.records import HealthRow, HealthWrite
 
 if TYPE_CHECKING:
     from asyncpg.pool import PoolConnectionProxy
@@ -148,6 +150,20 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE deliveries ADD COLUMN ts bigint NOT NULL DEFAULT 0,
         ADD COLUMN feed_ts bigint, ADD COLUMN replayed boolean NOT NULL DEFAULT false;
     ALTER TABLE user_state ADD COLUMN high_ts bigint NOT NULL DEFAULT 0;
+    """,
+    # v3: endpoint health (CONTRACT.md 5b, 5c): one state row per endpoint, feed and dead
+    # alert throttle, versioned for compare-and-set; replicas' heartbeats (rate-limit shares).
+    """
+    CREATE TABLE health (
+        kind text NOT NULL,
+        name text NOT NULL,
+        state text NOT NULL,
+        version integer NOT NULL,
+        data text NOT NULL,
+        updated_at double precision NOT NULL,
+        PRIMARY KEY (kind, name)
+    );
+    CREATE TABLE replicas (name text PRIMARY KEY, seen_at double precision NOT NULL);
     """,
 )
 
@@ -253,11 +269,11 @@ _CLAIM = """
 _APPLY = """
     WITH verdict AS (
         SELECT * FROM unnest($2::bigint[], $3::text[], $4::float8[], $5::float8[], $6::int4[],
-            $7::float8[], $8::text[], $9::text[]) WITH ORDINALITY
-            AS v(id, state, next_at, at, status, latency, error, excerpt, i)
+            $7::float8[], $8::text[], $9::text[], $10::int4[]) WITH ORDINALITY
+            AS v(id, state, next_at, at, status, latency, error, excerpt, used, i)
     ), applied AS (
-        UPDATE deliveries d SET state = v.state, attempts = d.attempts + 1,
-            next_at = v.next_at, updated_at = $10, last_status = v.status, last_error = v.error,
+        UPDATE deliveries d SET state = v.state, attempts = d.attempts + v.used,
+            next_at = v.next_at, updated_at = $11, last_status = v.status, last_error = v.error,
             claimed_by = NULL, lease_until = NULL
         FROM verdict v
         WHERE d.id = v.id AND d.claimed_by = $1
@@ -317,15 +333,7 @@ async def _keep_session(conn: asyncpg.Connection[asyncpg.Record]) -> None:
 
 def display_url(url: str) -> str:
     """``url`` with any password (user info or ``password`` parameter) masked."""
-    parts = urlsplit(url)
-    userinfo, at, host = parts.netloc.rpartition("@")
-    user, colon, _ = userinfo.partition(":")
-    netloc = f"{user}{':' + _MASK if colon else ''}{at}{host}"
-    pieces = []
-    for piece in parts.query.split("&") if parts.query else []:
-        name, eq, _ = piece.partition("=")
-        pieces.append(f"{name}={_MASK}" if eq and name.lower() == "password" else piece)
-    return urlunsplit((parts.scheme, netloc, parts.path, "&".join(pieces), parts.fragment))
+    return mask_url(url)
 
 
 def _columns(rows: Sequence[Any], width: int) -> list[list[Any]]:
@@ -366,6 +374,8 @@ class PostgresStore:
         liveness: seconds between checks of the wake-up listener's connection.
         reorder_window: ``RELAY_REORDER_WINDOW``: how long after each (re)subscription
             this replica holds the feed events it stores (see :meth:`append`).
+        read_only: `relay check`: every transaction read-only, no migration; a store that
+            is not at this version's schema is a StoreError.
     """
 
     def __init__(
@@ -379,6 +389,7 @@ class PostgresStore:
         timeout: float = 10.0,
         liveness: float = 15.0,
         reorder_window: float = 1.0,
+        read_only: bool = False,
     ) -> None:
         if lease <= 0:
             raise ValueError("lease must be positive")
@@ -388,14 +399,13 @@ class PostgresStore:
         self.lease = lease
         self.replica = replica or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self.schema = schema
+        self._read_only = read_only
         self._pool_size = max(2, pool_size)
         self._timeout = timeout
         self._liveness = liveness
         self._pool: asyncpg.Pool[asyncpg.Record] | None = None
         self._namespace = ""
         self._channel = ""
-        self._callbacks: list[Callable[[], None]] = []
-        self._listener: asyncio.Task[None] | None = None
         self.reorder_window = reorder_window
         self._subscribed_at: float | None = None
 
@@ -407,6 +417,8 @@ class PostgresStore:
         settings = {"application_name": name[:63]}
         if self.schema is not None:
             settings["search_path"] = _quote_ident(self.schema)
+        if self._read_only:
+            settings["default_transaction_read_only"] = "on"
         return settings
 
     def _error(self, exc: BaseException) -> StoreError:
@@ -520,14 +532,14 @@ class PostgresStore:
             raise self._error(exc) from exc
         self._pool = pool
         try:
-            self._namespace = await self._run(self._migrate)
+            self._namespace = await self._run(
+                self._check_schema if self._read_only else self._migrate
+            )
         except BaseException:
             self._pool = None
             await self._close_pool(pool)
             raise
         self._channel = f"relay_wakeup_{_lock_key(self._namespace, 'wakeup') & 0xFFFFFFFFFFFF:012x}"
-        if self._callbacks:
-            self._start_listener()
 
     async def _migrate(self, conn: Conn) -> str:
         """Apply what migrations are missing, once, however many replicas start together."""
@@ -540,7 +552,9 @@ class PostgresStore:
                     "one with ?options=-csearch_path%3D<schema>"
                 )
         await conn.execute("SELECT pg_advisory_xact_lock($1)", _lock_key(namespace, "migrate"))
-        if self.schema is not None:
+        exists = "SELECT 1 FROM pg_namespace WHERE nspname = $1"
+        # CREATE SCHEMA checks the database's CREATE privilege even when the schema exists.
+        if self.schema is not None and not await conn.fetchval(exists, self.schema):
             await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {_quote_ident(self.schema)}")
         await conn.execute(_BOOKKEEPING)
         value = await conn.fetchval("SELECT value FROM meta WHERE key = 'schema_version'")
@@ -568,6 +582,22 @@ class PostgresStore:
             )
         return str(namespace)
 
+    async def _check_schema(self, conn: Conn) -> str:
+        """What :meth:`_migrate` would find, without writing: the version must be current."""
+        namespace = self.schema or await conn.fetchval("SELECT current_schema()")
+        try:
+            value = await conn.fetchval("SELECT value FROM meta WHERE key = 'schema_version'")
+        except asyncpg.UndefinedTableError:
+            raise StoreError(f"{self.display}: no relay store in schema {namespace}") from None
+        version = int(value) if value is not None else 0
+        if version != len(MIGRATIONS):
+            newer = version > len(MIGRATIONS)
+            raise (StoreSchemaError if newer else StoreError)(
+                f"{self.display} has schema version {version}; this relay knows "
+                f"{len(MIGRATIONS)} ({'upgrade sfox-relay' if newer else 'relay run migrates it'})"
+            )
+        return str(namespace)
+
     async def _close_pool(self, pool: asyncpg.Pool[asyncpg.Record]) -> None:
         try:
             await asyncio.wait_for(pool.close(), self._timeout)
@@ -576,11 +606,6 @@ class PostgresStore:
             raise
 
     async def close(self) -> None:
-        listener, self._listener = self._listener, None
-        if listener is not None:
-            listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await listener
         pool, self._pool = self._pool, None
         if pool is not None:
             with contextlib.suppress(*_MAPPED):
@@ -645,7 +670,9 @@ class PostgresStore:
                 _INSERT_EVENTS, *_columns([core.event_row(e) for e in fresh], 8), now
             )
             seqs: dict[str, int] = {row["event_id"]: row["seq"] for row in rows}
-            new = [(seqs[e.event_id], e) for e in fresh if e.event_id in seqs]
+            # An event twice in one run (no user: runs split only per user) was inserted
+            # once: its first occurrence is the new one, the other a duplicate.
+            new = [(seqs.pop(e.event_id), e) for e in fresh if e.event_id in seqs]
             duplicates += len(fresh) - len(new)
             stored.extend(e for _, e in new)
             plan = core.fan_out(new, targets, states, now, hold_until=hold)
@@ -779,7 +806,7 @@ class PostgresStore:
             changes: list[core.Change] = []
             if tried:
                 verdicts = [core.verdict_row(o) for o in tried]
-                applied = await conn.fetch(_APPLY, self.replica, *_columns(verdicts, 8), now)
+                applied = await conn.fetch(_APPLY, self.replica, *_columns(verdicts, 9), now)
                 health = core.fold_health(
                     [
                         core.Verdict(r["endpoint"], r["state"], r["at"], r["status"], r["error"])
@@ -868,6 +895,17 @@ class PostgresStore:
 
         return await self._run(replay)
 
+    async def retry_now(self, *, now: float, **selection: Unpack[records.Selection]) -> int:
+        statement, args = sql.retry_now(selection, now)
+
+        async def retry(conn: Conn) -> int:
+            count = int((await conn.execute(statement, *args)).split()[-1])
+            if count:
+                await self._notify(conn)
+            return count
+
+        return await self._run(retry)
+
     async def endpoint_stats(self) -> list[records.EndpointStats]:
         async def query(conn: Conn) -> list[records.EndpointStats]:
             # Every query here is served by a small index: a status page refreshing every few
@@ -927,40 +965,24 @@ class PostgresStore:
 
         return await self._run(query, tx=False)
 
-    def on_wakeup(self, callback: Callable[[], None]) -> None:
-        """Call ``callback`` when another replica commits work that is due.
+    async def watch(self, wake: Callable[[], None]) -> None:
+        """Call ``wake`` when another replica commits work that is due, until cancelled.
 
-        A dedicated connection LISTENs (started now if the store is open, else by ``open``).
-        Each time it starts listening (first, and after reconnecting) it calls back once, for
-        anything committed while it was not.
+        A dedicated connection LISTENs, reconnecting when it is lost. Each time it starts
+        listening (first, and after reconnecting) it calls ``wake`` once, for anything
+        committed while it was not. The daemon runs this under its supervisor.
         """
-        self._callbacks.append(callback)
-        if self._pool is not None and self._listener is None:
-            self._start_listener()
+        self._require_pool()
 
-    def _start_listener(self) -> None:
-        self._listener = asyncio.get_running_loop().create_task(
-            self._listen(), name="relay-store-listener"
-        )
+        def notified(
+            conn: asyncpg.Connection[Any] | PoolConnectionProxy[Any],
+            pid: int,
+            channel: str,
+            payload: object,
+        ) -> None:
+            if payload != self.replica:  # our own commits wake our dispatcher directly
+                wake()
 
-    def _notified(
-        self,
-        conn: asyncpg.Connection[Any] | PoolConnectionProxy[Any],
-        pid: int,
-        channel: str,
-        payload: object,
-    ) -> None:
-        if payload != self.replica:  # our own commits wake our dispatcher directly
-            self._wake()
-
-    def _wake(self) -> None:
-        for callback in self._callbacks:
-            try:
-                callback()
-            except Exception:
-                log.exception("wake-up callback failed", extra={"event": "store.wakeup_error"})
-
-    async def _listen(self) -> None:
         delay = 0.5
         while True:
             try:
@@ -976,11 +998,11 @@ class PostgresStore:
             lost = asyncio.Event()
             conn.add_termination_listener(lambda _conn, lost=lost: lost.set())
             try:
-                await conn.add_listener(self._channel, self._notified)
+                await conn.add_listener(self._channel, notified)
                 delay = 0.5
                 # Whatever was committed before we listened (or while we were cut off) may be
                 # due: wake once. This also tells a caller the listener is up.
-                self._wake()
+                wake()
                 while True:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(lost.wait(), self._liveness)
@@ -1039,3 +1061,104 @@ class PostgresStore:
             return int(deliveries) + int(events.rsplit(" ", 1)[-1])
 
         return await self._run(purge)
+
+    # -- endpoint health (CONTRACT.md 5b, 5c): state rows and transactions only ------------
+
+    async def health_rows(self, kind: str) -> dict[str, HealthRow]:
+        async def query(conn: Conn) -> dict[str, HealthRow]:
+            rows = await conn.fetch(sql.HEALTH_ROWS, kind)
+            return {row["name"]: core.health_row(row) for row in rows}
+
+        return await self._run(query, tx=False)
+
+    @staticmethod
+    async def _health_cas(conn: Conn, kind: str, name: str, row: HealthRow, now: float) -> bool:
+        if row.version == 0:
+            status = await conn.execute(sql.HEALTH_CREATE, kind, name, row.state, row.data, now)
+        else:
+            status = await conn.execute(
+                sql.HEALTH_UPDATE, kind, name, row.state, row.data, now, row.version
+            )
+        return bool(status.endswith(" 1"))
+
+    async def health_write(
+        self, kind: str, name: str, row: HealthRow, now: float, **also: Unpack[HealthWrite]
+    ) -> bool:
+        alert, alert_endpoint = also.get("alert"), also.get("alert_endpoint")
+
+        async def write(conn: Conn) -> bool:
+            if not await self._health_cas(conn, kind, name, row, now):
+                return False
+            due = False
+            if also.get("release"):
+                status = await conn.execute(sql.RELEASE_ENDPOINT, now, name)
+                due = not status.endswith(" 0")
+            if alert is not None and alert_endpoint is not None:
+                seq = await conn.fetchval(
+                    sql.INSERT_ALERT_EVENT,
+                    alert.event_id,
+                    alert.source,
+                    alert.recipient,
+                    alert.body,
+                    False,
+                    now,
+                )
+                if seq is not None:
+                    await conn.execute(sql.INSERT_ALERT_DELIVERY, seq, alert_endpoint, now)
+                    due = True
+            if due:
+                await self._notify(conn)
+            return True
+
+        return await self._run(write)
+
+    async def claim_probe(
+        self, endpoint: str, now: float, row: HealthRow, after_user: str | None
+    ) -> records.Claim | None:
+        async def claim(conn: Conn) -> records.Claim | None:
+            picked = await conn.fetchrow(
+                "WITH picked AS (SELECT id FROM deliveries WHERE state = 'pending' "
+                "AND endpoint = $1 AND next_at <= $2 ORDER BY "
+                "($3::text IS NOT NULL AND COALESCE(user_id, '') <= $3::text), "
+                "COALESCE(user_id, ''), next_at, id LIMIT 1 FOR UPDATE SKIP LOCKED) "
+                "UPDATE deliveries d SET state = 'inflight', claimed_by = $4, "
+                "lease_until = $2::float8 + $5::float8, updated_at = $2 FROM picked "
+                "WHERE d.id = picked.id RETURNING d.id, d.event_seq, d.user_id, d.attempts, "
+                "d.created_at",
+                endpoint,
+                now,
+                after_user,
+                self.replica,
+                self.lease,
+            )
+            if picked is None:
+                return None
+            if not await self._health_cas(conn, "endpoint", endpoint, row, now):
+                raise core.RowMoved
+            event = await conn.fetchrow(
+                "SELECT event_id, source, body, has_token FROM events WHERE seq = $1",
+                picked["event_seq"],
+            )
+            if event is None:  # deliveries refer to their event until both are purged
+                raise StoreError(f"{self.display}: delivery {picked['id']} has no event")
+            return core.claim({**picked, **event}, endpoint)
+
+        try:
+            return await self._run(claim, durable=False)
+        except core.RowMoved:  # rolled back: another replica changed the row
+            return None
+
+    async def dead_summary(self, endpoint: str, since: float) -> records.DeadSummary | None:
+        async def query(conn: Conn) -> records.DeadSummary | None:
+            found = await conn.fetchrow(sql.DEAD_SUMMARY, endpoint, since)
+            return None if found is None else core.dead_summary(found)
+
+        return await self._run(query, tx=False)
+
+    async def beat(self, replica: str, now: float, ttl: float) -> int:
+        async def beat(conn: Conn) -> int:
+            await conn.execute(sql.BEAT, replica, now)
+            await conn.execute(sql.FORGET_REPLICAS, now - 100 * ttl)
+            return int(await conn.fetchval(sql.LIVE_REPLICAS, now - ttl))
+
+        return await self._run(beat, durable=False)

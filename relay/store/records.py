@@ -12,9 +12,12 @@ __all__ = [
     "AppendResult",
     "Attempt",
     "Claim",
+    "DeadSummary",
     "DeliveryDetail",
     "DeliveryInfo",
     "EndpointStats",
+    "HealthRow",
+    "HealthWrite",
     "Outcome",
     "Page",
     "PublicState",
@@ -33,6 +36,7 @@ class Selection(TypedDict, total=False):
     state: PublicState | None
     endpoint: str | None
     user_id: str | None
+    event_id: str | None
 
 
 class Page(Selection, total=False):
@@ -100,17 +104,24 @@ class Outcome:
     """The dispatcher's verdict on a claimed delivery.
 
     ``released`` puts it back to ``pending`` without using an attempt (shutdown cut it off).
+    A ``probe`` (an open endpoint's, CONTRACT.md 5b) is recorded as an attempt but does not
+    use one up.
     """
 
     delivery_id: int
     state: Literal["delivered", "pending", "dead", "released"]
     next_at: float
     attempt: Attempt | None
+    probe: bool = False
 
 
 @dataclass(frozen=True, slots=True)
 class DeliveryInfo:
-    """A delivery as `relay deliveries list` and the API show it."""
+    """A delivery as `relay deliveries list` and the API show it.
+
+    ``attempts`` is the number of attempt records (a replay keeps the earlier ones), not the
+    retry schedule's position, which a replay resets.
+    """
 
     id: str
     endpoint: str
@@ -148,6 +159,35 @@ class EndpointStats:
     last_success_at: float | None = None
     last_failure_at: float | None = None
     last_error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HealthRow:
+    """A health state row as stored: the rules' data is JSON the store does not read."""
+
+    state: str
+    version: int
+    data: str
+
+
+class HealthWrite(TypedDict, total=False):
+    """What a health row's write also does in its transaction (all optional): store the
+    ``alert`` event with its delivery to ``alert_endpoint``, and with ``release`` make the
+    endpoint's pending deliveries due now."""
+
+    alert: NewEvent | None
+    alert_endpoint: str | None
+    release: bool
+
+
+@dataclass(frozen=True, slots=True)
+class DeadSummary:
+    """Recent dead deliveries of one endpoint, for the ``delivery.dead`` alert."""
+
+    count: int
+    delivery_id: int
+    event_id: str
+    user_id: str | None
 
 
 @dataclass(frozen=True, slots=True)

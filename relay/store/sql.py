@@ -14,16 +14,26 @@ from relay.store.records import Page, ReplaySelection, Selection
 
 __all__ = [
     "ATTEMPTS_OF",
+    "BEAT",
     "DEAD_STATS",
+    "DEAD_SUMMARY",
     "DELIVERY",
     "DELIVERY_COLUMNS",
     "DELIVERY_INSERT_COLUMNS",
     "HEAD_STATES",
     "HEALTH_STATS",
+    "FORGET_REPLICAS",
     "Filters",
+    "HEALTH_CREATE",
+    "HEALTH_ROWS",
+    "HEALTH_UPDATE",
+    "INSERT_ALERT_DELIVERY",
+    "INSERT_ALERT_EVENT",
+    "LIVE_REPLICAS",
     "LANE_COLUMNS",
     "MARK_BASELINE",
     "PENDING_STATS",
+    "RELEASE_ENDPOINT",
     "REPLAY",
     "SETTLE",
     "UPSERT_HEALTH",
@@ -38,12 +48,16 @@ __all__ = [
     "list_deliveries",
     "replay_candidates",
     "replay_selection",
+    "retry_now",
 ]
 
 #: A delivery as users see it (:func:`relay.store.core.delivery_info`), joined with its event.
+#: ``attempts`` shown is the number of attempt records; ``d.attempts`` is the retry schedule's
+#: position, which a replay resets (and a probe does not advance).
 DELIVERY_COLUMNS = """
-    d.id, d.endpoint, e.event_id, d.user_id, d.state, d.attempts, e.source, e.status,
-    d.next_at, d.created_at, d.updated_at, d.last_status, d.last_error
+    d.id, d.endpoint, e.event_id, d.user_id, d.state, e.source, e.status,
+    d.next_at, d.created_at, d.updated_at, d.last_status, d.last_error,
+    CAST((SELECT COUNT(*) FROM attempts a WHERE a.delivery_id = d.id) AS INTEGER) AS attempts
 """
 
 #: What :func:`relay.store.core.settle` needs of a lane's delivery.
@@ -190,6 +204,73 @@ ATTEMPTS_OF = (
 )
 
 
+def retry_now(selection: Selection, now: float, *, mark: str = "$") -> tuple[str, list[Any]]:
+    """Make the pending deliveries ``selection`` picks that wait for a scheduled retry due at
+    ``now``: the statement and its arguments. Only a lane's one pending delivery can wait for
+    a retry, so lanes keep their order."""
+    found = Filters.of({**selection, "state": None}, mark=mark)
+    found.add(f"d.state = '{DeliveryState.PENDING.value}'")
+    found.add("d.next_at > {}", now)
+    at = found.next_mark()
+    statement = (
+        f"UPDATE deliveries SET next_at = {at}, updated_at = {at} "
+        f"WHERE id IN (SELECT d.id FROM deliveries d {found.where()})"
+    )
+    return statement, [*found.args, now]
+
+
+# -- endpoint health (CONTRACT.md 5b, 5c): state rows, alerts, probes, heartbeats -------------
+
+HEALTH_ROWS = "SELECT name, state, version, data FROM health WHERE kind = $1"
+
+#: Compare-and-set of a health row: the first one (version 0 read) ...
+HEALTH_CREATE = """
+    INSERT INTO health (kind, name, state, version, data, updated_at)
+    VALUES ($1, $2, $3, 1, $4, $5) ON CONFLICT (kind, name) DO NOTHING
+"""
+#: ... or the next version of the one read (``$6``).
+HEALTH_UPDATE = """
+    UPDATE health SET state = $3, version = version + 1, data = $4, updated_at = $5
+    WHERE kind = $1 AND name = $2 AND version = $6
+"""
+
+#: An endpoint's pending deliveries become due now (a breaker closed or was resumed).
+RELEASE_ENDPOINT = f"""
+    UPDATE deliveries SET next_at = $1, updated_at = $1
+    WHERE state = '{DeliveryState.PENDING.value}' AND endpoint = $2 AND next_at > $1
+"""
+
+#: A relay alert event (no user, no token), stored once per event id.
+INSERT_ALERT_EVENT = """
+    INSERT INTO events (event_id, source, recipient, user_id, status, requirements, body,
+        has_token, received_at)
+    VALUES ($1, $2, $3, NULL, NULL, NULL, $4, $5, $6)
+    ON CONFLICT (event_id) DO NOTHING RETURNING seq
+"""
+
+#: The alert's delivery to the alert endpoint: no lane, due now, placed by its own seq.
+INSERT_ALERT_DELIVERY = insert_deliveries(
+    f"VALUES ($1, $2, NULL, $1, '{DeliveryState.PENDING.value}', $3, $3, $3, 0, NULL)"
+)
+
+#: Deliveries of an endpoint that went dead since ``$2``: how many, and the first of them.
+DEAD_SUMMARY = f"""
+    SELECT COUNT(*) OVER () AS n, d.id, e.event_id, d.user_id FROM deliveries d
+    JOIN events e ON e.seq = d.event_seq
+    WHERE d.state = '{DeliveryState.DEAD.value}' AND d.updated_at >= $2 AND d.endpoint = $1
+    ORDER BY d.updated_at, d.id LIMIT 1
+"""
+
+#: A replica's heartbeat, forgetting replicas long gone (``$3``) ...
+BEAT = """
+    INSERT INTO replicas (name, seen_at) VALUES ($1, $2)
+    ON CONFLICT (name) DO UPDATE SET seen_at = excluded.seen_at
+"""
+FORGET_REPLICAS = "DELETE FROM replicas WHERE seen_at < $1"
+#: ... and how many beat recently.
+LIVE_REPLICAS = "SELECT COUNT(*) FROM replicas WHERE seen_at >= $1"
+
+
 def for_sqlite(statement: str) -> str:
     """``statement`` with SQLite's numbered parameters (``?1``) for PostgreSQL's (``$1``)."""
     return statement.replace("$", "?")
@@ -226,6 +307,11 @@ class Filters:
             found.add("d.endpoint = {}", selection.get("endpoint"))
         if selection.get("user_id") is not None:
             found.add("d.user_id = {}", selection.get("user_id"))
+        if selection.get("event_id") is not None:
+            found.add(
+                "d.event_seq = (SELECT seq FROM events WHERE event_id = {})",
+                selection.get("event_id"),
+            )
         return found
 
     def ids(self, ids: Sequence[int]) -> None:

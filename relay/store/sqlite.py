@@ -23,6 +23,7 @@ from typing import TypeVar, Unpack
 from relay.errors import StoreError, StoreLockedError, StoreSchemaError, StoreUnavailableError
 from relay.events import BadFrame, NewEvent
 from relay.store import core, records, sql
+from relay.store.records import HealthRow, HealthWrite
 
 __all__ = ["MIGRATIONS", "SQLiteStore"]
 
@@ -121,6 +122,20 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE deliveries ADD COLUMN replayed INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE user_state ADD COLUMN high_ts INTEGER NOT NULL DEFAULT 0;
     """,
+    # v5: endpoint health (CONTRACT.md 5b, 5c): one state row per endpoint, feed and dead
+    # alert throttle, versioned for compare-and-set; replicas' heartbeats (rate-limit shares).
+    """
+    CREATE TABLE health (
+        kind TEXT NOT NULL,
+        name TEXT NOT NULL,
+        state TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        data TEXT NOT NULL,
+        updated_at REAL NOT NULL,
+        PRIMARY KEY (kind, name)
+    ) WITHOUT ROWID;
+    CREATE TABLE replicas (name TEXT PRIMARY KEY, seen_at REAL NOT NULL) WITHOUT ROWID;
+    """,
 )
 
 _UNAVAILABLE = (
@@ -197,8 +212,13 @@ class _Checkpointer:
 class SQLiteStore:
     """The SQLite outbox (``RELAY_STORE=sqlite:///path``)."""
 
-    def __init__(self, path: str | os.PathLike[str], *, busy_timeout: float = 5.0) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], *, busy_timeout: float = 5.0, read_only: bool = False
+    ) -> None:
+        """``read_only`` (`relay check`): open an existing store without writing or creating
+        anything, not even a migration; an absent or older store is a StoreError."""
         self.path = Path(path)
+        self._read_only = read_only
         self.display = f"sqlite:///{self.path}"
         self._busy_timeout = busy_timeout
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relay-sqlite")
@@ -284,10 +304,14 @@ class SQLiteStore:
         await loop.run_in_executor(self._executor, self._open, daemon)
 
     def _open(self, daemon: bool) -> None:
+        if self._read_only:
+            self._open_read_only()
+            return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if daemon:
                 self._take_lock()
+            self._create_private()
             conn = sqlite3.connect(
                 self.path, timeout=self._busy_timeout, isolation_level=None, check_same_thread=False
             )
@@ -313,6 +337,51 @@ class SQLiteStore:
         except BaseException:
             self._close()
             raise
+
+    def _create_private(self) -> None:
+        """Create the database file readable by its owner only, before SQLite does (0644).
+
+        SQLite gives the ``-wal`` and ``-shm`` files the database file's permissions, so
+        they are owner-only too. An existing file is left as it is.
+        """
+        with contextlib.suppress(FileExistsError):
+            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+
+    def _open_read_only(self) -> None:
+        if not self.path.is_file():
+            raise StoreError(f"{self.display}: no such store")
+        # Without a WAL (no daemon running) "immutable" creates no -wal/-shm files either.
+        wal = Path(f"{self.path}-wal").exists()
+        uri = f"{self.path.resolve().as_uri()}?{'mode=ro' if wal else 'immutable=1'}"
+        try:
+            conn = sqlite3.connect(
+                uri,
+                uri=True,
+                timeout=self._busy_timeout,
+                isolation_level=None,
+                check_same_thread=False,
+            )
+        except sqlite3.Error as exc:
+            raise StoreUnavailableError(f"{self.display}: {exc}") from exc
+        conn.row_factory = sqlite3.Row
+        self._conn = conn
+
+        def version(conn: sqlite3.Connection) -> int:
+            row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+            return int(row[0]) if row else 0
+
+        try:
+            found = self._call(version)
+        except StoreError:
+            self._close()
+            raise StoreError(f"{self.display}: not a relay store") from None
+        if found != len(MIGRATIONS):
+            self._close()
+            newer = found > len(MIGRATIONS)
+            raise (StoreSchemaError if newer else StoreError)(
+                f"{self.display} has schema version {found}; this relay knows "
+                f"{len(MIGRATIONS)} ({'upgrade sfox-relay' if newer else 'relay run migrates it'})"
+            )
 
     def _take_lock(self) -> None:
         fd = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
@@ -587,10 +656,18 @@ class SQLiteStore:
                 if out.delivery_id in lanes and out.attempt is not None  # not purged meanwhile
             ]
             conn.executemany(
-                "UPDATE deliveries SET state = ?, attempts = attempts + 1, next_at = ?, "
+                "UPDATE deliveries SET state = ?, attempts = attempts + ?, next_at = ?, "
                 "updated_at = ?, last_status = ?, last_error = ? WHERE id = ?",
                 [
-                    (out.state, out.next_at, now, a.status, a.error, out.delivery_id)
+                    (
+                        out.state,
+                        core.attempts_used(out),
+                        out.next_at,
+                        now,
+                        a.status,
+                        a.error,
+                        out.delivery_id,
+                    )
                     for out, a in attempts
                 ],
             )
@@ -666,6 +743,15 @@ class SQLiteStore:
 
         return await self._run(replay)
 
+    async def retry_now(self, *, now: float, **selection: Unpack[records.Selection]) -> int:
+        statement, args = sql.retry_now(selection, now, mark="?")
+
+        def retry(conn: sqlite3.Connection) -> int:
+            with self._tx(conn):
+                return conn.execute(statement, args).rowcount
+
+        return await self._run(retry)
+
     async def endpoint_stats(self) -> list[records.EndpointStats]:
         def query(conn: sqlite3.Connection) -> list[records.EndpointStats]:
             # Every query here is served by a small index: a status page refreshing every few
@@ -709,7 +795,7 @@ class SQLiteStore:
 
         return await self._run(insert)
 
-    def on_wakeup(self, callback: Callable[[], None]) -> None:
+    async def watch(self, wake: Callable[[], None]) -> None:
         """One daemon per file: the relay wakes its own dispatcher, nothing to listen to."""
 
     @contextlib.asynccontextmanager
@@ -761,3 +847,102 @@ class SQLiteStore:
                 return removed
 
         return await self._run(purge)
+
+    # -- endpoint health (CONTRACT.md 5b, 5c): state rows and transactions only ------------
+
+    async def health_rows(self, kind: str) -> dict[str, HealthRow]:
+        def query(conn: sqlite3.Connection) -> dict[str, HealthRow]:
+            found = conn.execute(sql.for_sqlite(sql.HEALTH_ROWS), (kind,))
+            return {row["name"]: core.health_row(row) for row in found}
+
+        return await self._run(query)
+
+    @staticmethod
+    def _health_cas(
+        conn: sqlite3.Connection, kind: str, name: str, row: HealthRow, now: float
+    ) -> bool:
+        if row.version == 0:
+            cur = conn.execute(
+                sql.for_sqlite(sql.HEALTH_CREATE), (kind, name, row.state, row.data, now)
+            )
+        else:
+            cur = conn.execute(
+                sql.for_sqlite(sql.HEALTH_UPDATE),
+                (kind, name, row.state, row.data, now, row.version),
+            )
+        return cur.rowcount == 1
+
+    async def health_write(
+        self, kind: str, name: str, row: HealthRow, now: float, **also: Unpack[HealthWrite]
+    ) -> bool:
+        alert, alert_endpoint = also.get("alert"), also.get("alert_endpoint")
+
+        def write(conn: sqlite3.Connection) -> bool:
+            with self._tx(conn):
+                if not self._health_cas(conn, kind, name, row, now):
+                    return False
+                if also.get("release"):
+                    conn.execute(sql.for_sqlite(sql.RELEASE_ENDPOINT), (now, name))
+                if alert is not None and alert_endpoint is not None:
+                    seq = conn.execute(
+                        sql.for_sqlite(sql.INSERT_ALERT_EVENT),
+                        (alert.event_id, alert.source, alert.recipient, alert.body, False, now),
+                    ).fetchone()
+                    if seq is not None:
+                        conn.execute(
+                            sql.for_sqlite(sql.INSERT_ALERT_DELIVERY),
+                            (seq[0], alert_endpoint, now),
+                        )
+                return True
+
+        return await self._run(write)
+
+    async def claim_probe(
+        self, endpoint: str, now: float, row: HealthRow, after_user: str | None
+    ) -> records.Claim | None:
+        def claim(conn: sqlite3.Connection) -> records.Claim | None:
+            try:
+                return attempt(conn)
+            except core.RowMoved:  # rolled back: another writer changed the row
+                return None
+
+        def attempt(conn: sqlite3.Connection) -> records.Claim | None:
+            with self._tx(conn, durable=False):
+                picked = conn.execute(
+                    "UPDATE deliveries SET state = 'inflight', updated_at = ?1 WHERE id = ("
+                    "SELECT id FROM deliveries WHERE state = 'pending' AND endpoint = ?2 "
+                    "AND next_at <= ?1 ORDER BY (?3 IS NOT NULL AND COALESCE(user_id, '') <= ?3),"
+                    " COALESCE(user_id, ''), next_at, id LIMIT 1) "
+                    "RETURNING id, event_seq, user_id, attempts, created_at",
+                    (now, endpoint, after_user),
+                ).fetchone()
+                if picked is None:
+                    return None
+                if not self._health_cas(conn, "endpoint", endpoint, row, now):
+                    raise core.RowMoved
+                event = conn.execute(
+                    "SELECT event_id, source, body, has_token FROM events WHERE seq = ?",
+                    (picked["event_seq"],),
+                ).fetchone()
+            return core.claim({**picked, **event}, endpoint)
+
+        return await self._run(claim)
+
+    async def dead_summary(self, endpoint: str, since: float) -> records.DeadSummary | None:
+        def query(conn: sqlite3.Connection) -> records.DeadSummary | None:
+            found = conn.execute(sql.for_sqlite(sql.DEAD_SUMMARY), (endpoint, since)).fetchone()
+            return None if found is None else core.dead_summary(found)
+
+        return await self._run(query)
+
+    async def beat(self, replica: str, now: float, ttl: float) -> int:
+        def beat(conn: sqlite3.Connection) -> int:
+            with self._tx(conn, durable=False):
+                conn.execute(sql.for_sqlite(sql.BEAT), (replica, now))
+                conn.execute(sql.for_sqlite(sql.FORGET_REPLICAS), (now - 100 * ttl,))
+                count: int = conn.execute(
+                    sql.for_sqlite(sql.LIVE_REPLICAS), (now - ttl,)
+                ).fetchone()[0]
+                return count
+
+        return await self._run(beat)
