@@ -37,6 +37,7 @@ from pydantic.fields import FieldInfo
 from pydantic_core import ErrorDetails
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from relay.brokers import target as brokers
 from relay.errors import ConfigError
 from relay.events import KNOWN_FEEDS
 from relay.signing import decode_secret
@@ -49,6 +50,7 @@ __all__ = [
     "describe",
     "load_settings",
     "parse_duration",
+    "plaintext_forwarding",
     "secret_values",
 ]
 
@@ -462,6 +464,11 @@ def _default_name(url: object) -> str | None:
         parts = urlsplit(text.strip())
     except ValueError:
         return None
+    if brokers.is_broker(text):
+        try:
+            return brokers.default_name(brokers.parse(text.strip()))
+        except ValueError:
+            return None  # the url validator reports it
     host = parts.netloc.rpartition("@")[2].lower()
     return f"{host}{parts.path.rstrip('/')}" if host else None
 
@@ -506,7 +513,14 @@ class EndpointConfig(BaseModel):
     @field_validator("url", mode="before")
     @classmethod
     def _check_url(cls, value: object) -> str:
-        return _url(value, ("http", "https"), "an http(s) URL")
+        text = _secret_text(value)
+        if brokers.is_broker(text):
+            try:
+                brokers.parse(text)  # section 4b: what each broker's URL must name
+            except ValueError as exc:  # its reason never quotes the URL
+                raise _Invalid(str(exc)) from None
+            return text
+        return _url(text, ("http", "https"), "an http(s) URL or a broker URL (section 4b)")
 
     @field_validator("name", mode="before")
     @classmethod
@@ -905,6 +919,12 @@ def _endpoint(item: object, where: str, defaults: Mapping[str, object]) -> Endpo
     """One endpoint object from the configuration, with the global defaults filled in."""
     if not isinstance(item, Mapping):
         raise _Invalid("expected an object with at least a url", where)
+    url = item.get("url")
+    url_text = url.get_secret_value() if isinstance(url, SecretStr) else url
+    if item.get("proxy") is not None and isinstance(url_text, str) and brokers.is_broker(url_text):
+        raise _Invalid(
+            "a broker URL takes no proxy (proxy is for http(s) endpoints)", f"{where}.url"
+        )
     for key in item:
         if key not in _ENDPOINT_KEYS:
             raise _Invalid(f"unknown key {str(key)!r}", where)
@@ -1060,6 +1080,19 @@ def _key_texts(key: SecretBytes | None) -> list[str]:
         return []
     raw = key.get_secret_value()
     return [base64.b64encode(raw).decode(), base64.urlsafe_b64encode(raw).decode()]
+
+
+def plaintext_forwarding(settings: Settings) -> list[str]:
+    """Names of endpoints that get user tokens in the clear over an unencrypted connection
+    (``forward`` to ``http://``, ``amqp://``, ``nats://``, ``redis://``): allowed, but worth
+    a warning at start-up."""
+    plaintext = ("http", *brokers.PLAINTEXT_SCHEMES)
+    return [
+        endpoint.name
+        for endpoint in settings.endpoints
+        if endpoint.user_token == "forward"
+        and urlsplit(endpoint.url.get_secret_value()).scheme.lower() in plaintext
+    ]
 
 
 def secret_values(settings: Settings) -> list[str]:

@@ -240,6 +240,7 @@ class Dispatcher:
                 now=now,
                 retry_after=result.retry_after,
                 rand=self._rand,
+                permanent=result.permanent,
             )
         except Exception:  # a claim must never be left unrecorded (its lane would wedge)
             log.exception(

@@ -4,7 +4,8 @@
 endpoint's schedule: the delay before attempt *n* is ``schedule[n-1]``, so the schedule's
 length is the attempt limit. A ``Retry-After`` (seconds or HTTP date, capped at one hour)
 stretches the delay, never shortens it; +-10% jitter spreads retries of an outage's backlog.
-Any other 3xx/4xx is permanent: a receiver that rejects the request will reject it again.
+Any other 3xx/4xx is permanent: a receiver that rejects the request will reject it again, as
+is a failure the sender marks permanent (a message larger than a broker accepts).
 """
 
 from __future__ import annotations
@@ -59,13 +60,17 @@ def decide(
     now: float,
     retry_after: str | None = None,
     rand: Callable[[], float] = random.random,
+    permanent: bool = False,
 ) -> Decision:
     """The verdict on attempt number ``attempt`` (1-based) that ended with ``status``.
 
     ``status`` is None when no response arrived. ``rand`` returns a float in [0, 1).
+    ``permanent`` is the sender's word that retrying cannot help, whatever the status.
     """
     if status is not None and 200 <= status <= 299:
         return Decision("delivered", now, "success")
+    if permanent:
+        return Decision("dead", now, "permanent: refused by the destination")
     if not is_retryable(status):
         return Decision("dead", now, f"permanent: HTTP {status}")
     if attempt >= len(schedule):

@@ -46,13 +46,18 @@ _RAW_BODY_LIMIT = 1024 * 1024
 
 @dataclass(frozen=True, slots=True)
 class SendResult:
-    """What came back from one POST. ``status`` is None when no response arrived."""
+    """What came back from one POST (or publish). ``status`` is None when no response arrived.
+
+    ``permanent`` marks a failure that no retry can fix although no HTTP status says so (a
+    message larger than a broker accepts): the delivery goes dead at once.
+    """
 
     status: int | None
     latency: float
     retry_after: str | None = None
     excerpt: str | None = None
     error: str | None = None
+    permanent: bool = False
 
 
 class Sender(Protocol):
@@ -69,9 +74,17 @@ def sender_for(endpoint: EndpointConfig, http: Sender) -> Sender:
     """The sender one endpoint's deliveries go through; ``http`` is the shared HTTP pool.
 
     The one place a destination is chosen: endpoints whose URL or options need a client of
-    their own get it here, built once.
+    their own get it here, built once. A broker URL (CONTRACT 4b) gets that broker's sender,
+    whose client library is imported only then; it connects on its first publish, so a
+    broker that is down at start-up never stops the relay.
     """
-    del endpoint  # every endpoint is plain HTTP(S) through the shared pool, for now
+    url = endpoint.url.get_secret_value()
+    from relay.brokers import is_broker
+
+    if is_broker(url):
+        from relay.brokers import open_sender
+
+        return open_sender(url, tuple(endpoint.headers))
     return http
 
 
