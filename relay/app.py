@@ -19,7 +19,7 @@ from typing import TypeVar
 
 from relay import events, service
 from relay.admin import AdminServer, create_app
-from relay.config import Settings, secret_values
+from relay.config import Settings, plaintext_forwarding, secret_values
 from relay.dispatch import Dispatcher
 from relay.errors import StoreUnavailableError
 from relay.events import BadFrame, Message, NewEvent
@@ -271,6 +271,11 @@ class Relay:
                 "feeds": list(self.settings.feeds),
             },
         )
+        for name in plaintext_forwarding(self.settings):
+            log.warning(
+                "user tokens are forwarded to an endpoint over an unencrypted connection",
+                extra={"event": "config.plaintext_forward", "endpoint": name},
+            )
         self.started.set()
         stop = asyncio.create_task(self._stop.wait())
         done, _ = await asyncio.wait({feed, dispatch, stop}, return_when=asyncio.FIRST_COMPLETED)

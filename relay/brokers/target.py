@@ -107,6 +107,8 @@ def parse(url: str) -> Target:
     scheme = url.partition(":")[0].strip().lower()
     if scheme in _REDIS_TOPOLOGIES:
         raise ValueError("Redis Sentinel and Cluster URLs are not supported: name one server")
+    if "," in url.partition("?")[0]:
+        raise ValueError("one broker host is required (server lists are not supported)")
     try:
         parts = urlsplit(url)
         port = parts.port
@@ -115,7 +117,7 @@ def parse(url: str) -> Target:
     if scheme not in BROKER_SCHEMES or any(c <= " " for c in url) or parts.fragment:
         raise ValueError("not a valid broker URL")
     host = parts.hostname or ""
-    if not host or "," in parts.netloc:
+    if not host:
         raise ValueError("one broker host is required (server lists are not supported)")
     port = port or _DEFAULT_PORTS[scheme]
     family = {"amqps": "amqp", "tls": "nats", "rediss": "redis"}.get(scheme, scheme)
