@@ -111,7 +111,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     stop = asyncio.Event()
     return _run_until_signal(
-        lambda: run_demo(events=args.events, keep_running=args.keep_running, stop=stop),
+        lambda: run_demo(events=args.events, keep_running=args.keep_running, stop=stop, to=args.to),
         stop.set,
     )
 
@@ -260,6 +260,11 @@ def _parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="the whole pipeline on this machine, no credentials")
     demo.add_argument("--events", type=int, default=60, help="feed messages to relay (60)")
     demo.add_argument("--keep-running", action="store_true", help="keep relaying until Ctrl-C")
+    demo.add_argument(
+        "--to",
+        metavar="URL",
+        help="a broker URL (amqp://, nats://, redis://...): publish there and consume it back",
+    )
     demo.set_defaults(fn=cmd_demo)
 
     from relay import simulator

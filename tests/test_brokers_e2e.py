@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import json
 import os
 import signal
@@ -312,3 +313,17 @@ async def test_kill_9_mid_publish_then_restart_loses_nothing(
     # JetStream drops the re-published ones by Nats-Msg-Id; RabbitMQ may hold them twice.
     allowed = 0 if broker == "nats" else len(stored)
     check_messages(consumed, sim, signing_secret, duplicates_allowed=allowed, stored=stored)
+
+
+# -- relay demo --to URL --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("broker", ["amqp", "nats", "redis"])
+async def test_demo_publishes_to_a_broker_and_reads_it_back(broker: str) -> None:
+    require(broker)
+    from relay.demo import run_demo
+
+    _, url = destination(broker)
+    out = io.StringIO()
+    assert await run_demo(events=16, to=url, out=out, timeout=20) == 0, out.getvalue()
+    assert "16 deliveries received, 16 signatures verified" in out.getvalue()

@@ -28,6 +28,7 @@ class Consumed:
     body: bytes
     headers: list[tuple[str, str]]
     extra: dict[str, Any] = field(default_factory=dict)
+    arrived_ns: int = field(default_factory=time.time_ns)
 
     def header(self, name: str) -> str | None:
         return next((value for key, value in self.headers if key == name), None)
@@ -48,6 +49,7 @@ class Tap:
         self._client: Any = None
         self._reader: Any = None
         self._queue: Any = None
+        self._consumer_tag: Any = None
         self._buffer: asyncio.Queue[Consumed] = asyncio.Queue()
         self._cursor = "0-0"
 
@@ -68,6 +70,7 @@ class Tap:
         target = self.target
         with contextlib.suppress(Exception):
             if isinstance(target, AmqpTarget):
+                await self._queue.cancel(self._consumer_tag)
                 if self._declare:
                     await self._queue.delete(if_unused=False, if_empty=False)
                 await self._client.close()
@@ -108,7 +111,7 @@ class Tap:
             }
             self._buffer.put_nowait(Consumed(message.body, headers, extra))
 
-        await self._queue.consume(on_message)
+        self._consumer_tag = await self._queue.consume(on_message)
 
     # -- NATS: a stream bound to the subject, read by an ordered push consumer ------------------
 
