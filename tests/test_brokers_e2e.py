@@ -327,3 +327,109 @@ async def test_demo_publishes_to_a_broker_and_reads_it_back(broker: str) -> None
     out = io.StringIO()
     assert await run_demo(events=16, to=url, out=out, timeout=20) == 0, out.getvalue()
     assert "16 deliveries received, 16 signatures verified" in out.getvalue()
+
+
+# -- endpoint keys that are not HTTP-only work for brokers ----------------------------------------
+
+
+@pytest.mark.parametrize("sim", [{"count": 40, "users": 10}], indirect=True)
+async def test_filters_token_policies_and_headers_apply_to_broker_endpoints(
+    sim: Simulator, relay_env: Any, run_relay: Any, eventually: Any, signing_secret: str
+) -> None:
+    require("redis")
+    from conftest import new_key
+
+    _, verified_url = destination("redis")
+    _, sealed_url = destination("redis")
+    receiver_key = new_key()
+    endpoints = [
+        {
+            "url": verified_url,
+            "statuses": ["VERIFIED"],
+            "user_token": "forward",
+            "headers": {"x-tenant": "acme"},
+            "max_in_flight": 2,
+            "timeout": "3s",
+            "retry_schedule": "0s,1s",
+        },
+        {"url": sealed_url, "user_token": "encrypt", "token_key": receiver_key},
+    ]
+    env = relay_env(RELAY_TOKEN_KEY=new_key(), RELAY_ENDPOINTS=json.dumps(endpoints))
+    db = store_path(env)
+    async with Tap(verified_url) as verified, Tap(sealed_url) as sealed, run_relay(env):
+
+        def done() -> bool:
+            rows = query(db, "SELECT state FROM deliveries")
+            return bool(rows) and {row["state"] for row in rows} == {"delivered"}
+
+        await eventually(done, 15)
+        forwarded = await verified.settle(0.3)
+        encrypted = await sealed.settle(0.3)
+    by_id = {expected_event_id(m): m for m in sim.sent}
+    wanted = [i for i, m in by_id.items() if m["payload"]["status"] == "VERIFIED"]
+    assert sorted(c.header("webhook-id") or "" for c in forwarded) == sorted(wanted)
+    for message in forwarded:
+        sent = by_id[message.header("webhook-id") or ""]
+        assert json.loads(message.body)["payload"].get("user_token") == sent["payload"].get(
+            "user_token"
+        )
+        assert message.headers[-1] == ("x-tenant", "acme")
+    assert len(encrypted) == 40
+    for message in encrypted:
+        token = json.loads(message.body)["payload"].get("user_token")
+        assert token is None or token["alg"] == "A256GCM"
+    assert any(json.loads(m.body)["payload"].get("user_token") for m in encrypted)
+
+
+# -- broker passwords are secrets everywhere -------------------------------------------------------
+
+
+async def test_broker_passwords_never_reach_logs_store_metrics_or_api(
+    sim: Simulator,
+    relay_env: Any,
+    run_relay: Any,
+    eventually: Any,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    require("amqp")
+    require("redis")
+    import httpx
+
+    password = "brokerpw_" + os.urandom(8).hex()
+    endpoints = [  # refused passwords: every attempt fails and is logged, stored, counted
+        {"url": f"amqp://guest:{password}@127.0.0.1:{BROKER_PORTS['amqp']}/?routing_key=q"},
+        {"url": f"redis://relay:{password}@127.0.0.1:{BROKER_PORTS['redis']}/0?stream=s"},
+        {"url": f"nats://relay:{password}@127.0.0.1:1/s"},  # nothing listens on port 1
+    ]
+    admin_token = "adm_" + os.urandom(12).hex()
+    env = relay_env(
+        RELAY_ENDPOINTS=json.dumps(endpoints),
+        RELAY_ADMIN_TOKEN=admin_token,
+        RELAY_LOG_LEVEL="DEBUG",
+        RELAY_RETRY_SCHEDULE="0s,200ms,200ms",
+    )
+    db = store_path(env)
+    caplog.set_level("DEBUG")
+    async with run_relay(env) as relay:
+
+        def failed_everywhere() -> bool:
+            rows = query(db, "SELECT DISTINCT endpoint FROM deliveries WHERE attempts > 0")
+            return len(rows) == 3
+
+        await eventually(failed_everywhere, 15)
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{relay.admin.port}") as admin:
+            auth = {"authorization": f"Bearer {admin_token}"}
+            shown = (await admin.get("/metrics")).text
+            shown += (await admin.get("/api/endpoints", headers=auth)).text
+            shown += (await admin.get("/api/deliveries", headers=auth)).text
+    errors = [row["error"] for row in query(db, "SELECT error FROM attempts")]
+    assert any("authentication refused" in e for e in errors), errors
+    stored = b"".join(
+        path.read_bytes() for path in db.parent.iterdir() if path.name.startswith(db.name)
+    )
+    logged = "\n".join(
+        f"{r.getMessage()} {r.__dict__}" for r in caplog.records if r.name.startswith("relay")
+    )
+    for text in (shown, logged, "\n".join(errors)):
+        assert password not in text
+    assert password.encode() not in stored

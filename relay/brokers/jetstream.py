@@ -65,7 +65,10 @@ class JetStreamSender(BrokerSender[NatsClient]):
         await client.connect(
             servers=[self._target.url],
             allow_reconnect=False,
-            max_reconnect_attempts=0,
+            # nats-py retries a server forever (every reconnect_time_wait) unless it has a
+            # positive limit: give up at once, and let the relay's schedule retry.
+            max_reconnect_attempts=1,
+            reconnect_time_wait=0,
             tls=tls,
             tls_hostname=self._target.host if tls else None,
             error_cb=_ignore,

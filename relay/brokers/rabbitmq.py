@@ -18,14 +18,12 @@ import orjson
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange
 from aiormq.exceptions import (
     AMQPChannelError,
-    AMQPConnectionError,
     AuthenticationError,
     ChannelAccessRefused,
     ChannelClosed,
     ChannelInvalidStateError,
     ChannelNotFoundEntity,
     ChannelPreconditionFailed,
-    ConnectionClosed,
     DeliveryError,
     ProbableAuthenticationError,
     PublishError,
@@ -120,10 +118,10 @@ class AmqpSender(BrokerSender[_Link]):
             return Failure("authentication refused by RabbitMQ", reconnect=True)
         if isinstance(exc, (ChannelClosed, ChannelInvalidStateError, AMQPChannelError)):
             return Failure(f"channel closed by RabbitMQ ({type(exc).__name__})")
-        if isinstance(exc, (ConnectionClosed, AMQPConnectionError)) or connected:
+        if connected:
             return Failure(f"connection lost ({type(exc).__name__})", reconnect=True)
-        if isinstance(exc, OSError):
-            return Failure(f"connection failed: {exc.strerror or type(exc).__name__}")
+        if isinstance(exc, OSError) and exc.strerror:  # aiormq's errors are OSErrors too
+            return Failure(f"connection failed: {exc.strerror}", reconnect=True)
         return Failure(f"connection failed: {type(exc).__name__}", reconnect=True)
 
 
