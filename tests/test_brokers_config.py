@@ -210,3 +210,53 @@ def test_relay_check_opens_no_broker_connection(
         listener.close()
     out = capsys.readouterr()
     assert PASSWORD not in out.out + out.err
+
+
+def test_compose_has_an_optional_rabbitmq_profile() -> None:
+    import yaml
+
+    compose = yaml.safe_load(
+        (Path(__file__).parent.parent / "config/docker-compose.yml").read_text()
+    )
+    services = compose["services"]
+    assert services["rabbitmq"]["profiles"] == ["rabbitmq"]
+    demo = services["demo-rabbitmq"]
+    assert demo["profiles"] == ["rabbitmq"]
+    assert demo["command"][0] == "demo"
+    url = demo["command"][demo["command"].index("--to") + 1]
+    target = parse(url)
+    assert isinstance(target, AmqpTarget) and target.host == "rabbitmq"
+    user = services["rabbitmq"]["environment"]
+    assert f"{user['RABBITMQ_DEFAULT_USER']}:{user['RABBITMQ_DEFAULT_PASS']}@" in url
+    for name in ("relay", "simulator", "receiver"):  # the default set is unchanged
+        assert "profiles" not in services[name]
+
+
+def test_the_readme_backlog_check_verifies_old_messages_that_standardwebhooks_refuses() -> None:
+    import re
+    import time
+
+    from standardwebhooks.webhooks import Webhook, WebhookVerificationError
+
+    from relay.signing import decode_secret, sign
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    snippet = re.search(r"\*\*Verifying a backlog\.\*\*.*?```python\n(.*?)```", readme, re.S)
+    assert snippet is not None
+    namespace: dict[str, object] = {}
+    exec(snippet[1], namespace)  # the README's code, as printed
+    verify = namespace["verify"]
+    assert callable(verify)
+    body = b'{"sequence":1}'
+    stamp = int(time.time()) - 3600  # an hour-old message in a backlog
+    headers = {
+        "webhook-id": "evt_1",
+        "webhook-timestamp": str(stamp),
+        "webhook-signature": sign([decode_secret(SECRET)], "evt_1", stamp, body),
+    }
+    assert verify(SECRET, headers, body) is True
+    assert verify(SECRET, headers, body + b" ") is False
+    with pytest.raises(WebhookVerificationError):
+        Webhook(SECRET).verify(body, headers)  # the 5-minute tolerance
+    lines = [line for line in snippet[1].splitlines() if line.strip()]
+    assert len(lines) <= 8  # imports, def, five lines
