@@ -42,9 +42,12 @@ class Tap:
     """A destination for ``url`` set up on entry (``declare=True``) and read from;
     removed on exit when this tap declared it."""
 
-    def __init__(self, url: str, *, declare: bool = True, feed: str = "") -> None:
+    def __init__(
+        self, url: str, *, declare: bool = True, feed: str = "", consume: bool = True
+    ) -> None:
         self.target: Target = parse(url)
         self._declare = declare
+        self._consume = consume  # False: messages stay put, to be counted by held()
         self._feed = feed or "private.enterprise.users"
         self._client: Any = None
         self._reader: Any = None
@@ -70,7 +73,8 @@ class Tap:
         target = self.target
         with contextlib.suppress(Exception):
             if isinstance(target, AmqpTarget):
-                await self._queue.cancel(self._consumer_tag)
+                if self._consumer_tag is not None:
+                    await self._queue.cancel(self._consumer_tag)
                 if self._declare:
                     await self._queue.delete(if_unused=False, if_empty=False)
                 await self._client.close()
@@ -111,7 +115,8 @@ class Tap:
             }
             self._buffer.put_nowait(Consumed(message.body, headers, extra))
 
-        self._consumer_tag = await self._queue.consume(on_message)
+        if self._consume:
+            self._consumer_tag = await self._queue.consume(on_message)
 
     # -- NATS: a stream bound to the subject, read by an ordered push consumer ------------------
 
@@ -128,7 +133,8 @@ class Tap:
             extra = {"seq": message.metadata.sequence.stream}
             self._buffer.put_nowait(Consumed(message.data, headers, extra))
 
-        await js.subscribe(target.subject, cb=on_message, ordered_consumer=True)
+        if self._consume:
+            await js.subscribe(target.subject, cb=on_message, ordered_consumer=True)
 
     # -- Redis: XREAD from the stream's start ---------------------------------------------------
 
@@ -148,6 +154,20 @@ class Tap:
                 body = pairs[0][1] if pairs and pairs[0][0] == b"body" else b""
                 headers = [(k.decode(), v.decode()) for k, v in pairs[1:]]
                 self._buffer.put_nowait(Consumed(body, headers, {"id": self._cursor}))
+
+    async def held(self) -> int:
+        """How many messages the destination holds now (unconsumed ones, for RabbitMQ)."""
+        target = self.target
+        if isinstance(target, AmqpTarget):
+            channel = await self._client.channel()
+            queue = await channel.declare_queue(self._queue.name, passive=True)
+            count = int(queue.declaration_result.message_count or 0)
+            await channel.close()
+            return count
+        if isinstance(target, NatsTarget):
+            info = await self._client.jetstream().stream_info(_stream_name(target.subject))
+            return int(info.state.messages)
+        return int(await self._client.xlen(target.stream))
 
     async def read(self, count: int, timeout: float = 10.0) -> list[Consumed]:
         """Up to ``count`` messages, waiting at most ``timeout`` for them to arrive."""
