@@ -31,8 +31,12 @@ class Decision:
     reason: str
 
 
-def is_retryable(status: int | None) -> bool:
-    """None (no response: timeout, connection error) and 408/425/429/5xx are worth retrying."""
+def is_retryable(status: int | None, permanent: bool = False) -> bool:
+    """None (no response: timeout, connection error) and 408/425/429/5xx are worth retrying,
+    unless the sender marked the failure ``permanent`` (a message a broker refuses as too
+    large): such a failure is not the endpoint's fault either, so health counts it as none."""
+    if permanent:
+        return False
     return status is None or status in _RETRYABLE or 500 <= status <= 599
 
 

@@ -75,6 +75,11 @@ def test_permanent_flag_is_dead_at_once(
     assert decision == expected
 
 
+@pytest.mark.parametrize("status", [None, 500, 503, 429, 408, 200, 404])
+def test_a_permanent_failure_is_never_retryable(status: int | None) -> None:
+    assert is_retryable(status, permanent=True) is False
+
+
 @pytest.mark.parametrize("status", [None, 500, 429])
 def test_without_the_permanent_flag_the_same_outcome_is_retried(status: int | None) -> None:
     decision = decide(status=status, attempt=1, schedule=SCHEDULE, now=NOW, rand=lambda: 0.5)
