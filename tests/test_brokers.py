@@ -325,3 +325,38 @@ async def test_redis_refused_password_is_named_and_never_shown(
     result = await post(sender)
     assert failed(result, "authentication refused"), result
     assert password not in repr(result)
+
+
+# -- error mapping: the failures a live server cannot be made to produce here --------------
+
+
+@pytest.mark.parametrize(
+    ("url", "exc", "error", "permanent"),
+    [
+        (  # RabbitMQ's max_message_size is 128 MiB here; events are far smaller
+            "amqp://h/?routing_key=q",
+            "aiormq.exceptions:ChannelPreconditionFailed",
+            "message larger than RabbitMQ accepts",
+            True,
+        ),
+        ("amqp://h/?routing_key=q", "aiormq.exceptions:ChannelAccessRefused", "permission", False),
+        ("redis://h/0?stream=s", "redis.exceptions:NoPermissionError", "NOPERM", False),
+        ("redis://h/0?stream=s", "redis.exceptions:ReadOnlyError", "READONLY", False),
+        ("nats://h/s", "nats.errors:MaxPayloadError", "larger than the NATS server", True),
+        ("nats://h/s", "nats.js.errors:ServiceUnavailableError", "JetStream not enabled", False),
+    ],
+)
+def test_failure_mapping(url: str, exc: str, error: str, permanent: bool) -> None:
+    import importlib
+
+    module, name = exc.split(":")
+    cls = getattr(importlib.import_module(module), name)
+    texts = {
+        "ChannelPreconditionFailed": "PRECONDITION_FAILED - message size 140000000 is larger "
+        "than configured max size 134217728",
+        "ReadOnlyError": "READONLY You can't write against a read only replica.",
+    }
+    raised = cls(texts[name]) if name in texts else cls()
+    failure = open_sender(url)._failure(raised, connected=True)  # type: ignore[attr-defined]
+    assert error in failure.error
+    assert failure.permanent is permanent

@@ -433,3 +433,37 @@ async def test_broker_passwords_never_reach_logs_store_metrics_or_api(
     for text in (shown, logged, "\n".join(errors)):
         assert password not in text
     assert password.encode() not in stored
+
+
+# -- a message larger than the broker accepts: dead at once -------------------------------------
+
+
+@pytest.mark.parametrize("sim", [{"count": 12, "users": 4}], indirect=True)
+async def test_a_message_larger_than_the_stream_accepts_is_dead_after_one_attempt(
+    sim: Simulator, fast_env: Any, run_relay: Any, eventually: Any
+) -> None:
+    require("nats")
+    import nats
+
+    relay_url, _ = destination("nats")
+    subject = relay_url.rsplit("/", 1)[1]
+    client = await nats.connect(servers=[NATS])
+    js = client.jetstream()
+    stream = subject.replace(".", "_")
+    await js.add_stream(name=stream, subjects=[subject], max_msg_size=64)
+    try:
+        env = fast_env(relay_url)
+        db = store_path(env)
+        async with run_relay(env):
+
+            def all_dead() -> bool:
+                rows = query(db, "SELECT state FROM deliveries")
+                return len(rows) == 12 and {row["state"] for row in rows} == {"dead"}
+
+            await eventually(all_dead, 10)
+        rows = query(db, "SELECT attempts, last_status, last_error FROM deliveries")
+        assert {(r["attempts"], r["last_status"]) for r in rows} == {(1, None)}
+        assert all("larger than the stream accepts" in r["last_error"] for r in rows)
+    finally:
+        await js.delete_stream(stream)
+        await client.close()
