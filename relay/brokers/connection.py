@@ -44,6 +44,11 @@ class Failure:
 class BrokerSender(ABC, Generic[Client]):
     """One broker endpoint's connection and the template of a publish over it."""
 
+    #: Whether a failure that calls for it replaces the client; False where the client
+    #: re-establishes its own connection on the next use (replacing it under publishes still
+    #: queued on it would strand their connections).
+    replaces_connection = True
+
     def __init__(self, own_headers: Sequence[str], ssl_context: ssl.SSLContext | None) -> None:
         self._own_headers = tuple(own_headers)
         self._ssl_context = ssl_context
@@ -70,7 +75,7 @@ class BrokerSender(ABC, Generic[Client]):
             failure = Failure(f"timeout after {timeout:g}s {phase}", reconnect=True)
         except Exception as exc:  # every client error is a result, never a crash
             failure = self._failure(exc, connected=client is not None)
-        if failure.reconnect and client is not None:
+        if failure.reconnect and client is not None and self.replaces_connection:
             await self._discard(client)
         return SendResult(
             None, time.perf_counter() - start, error=failure.error, permanent=failure.permanent

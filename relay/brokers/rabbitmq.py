@@ -10,6 +10,7 @@ connection. Nothing is declared: exchanges and queues are the operator's.
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 from collections.abc import Sequence
 
@@ -45,19 +46,22 @@ class _Link:
         self.connection = connection
         self._channel: AbstractChannel | None = None
         self._exchange: AbstractExchange | None = None
+        self._lock = asyncio.Lock()  # concurrent publishes open one channel, not one each
 
     async def exchange(self, name: str) -> AbstractExchange:
-        if self._channel is None or self._channel.is_closed or self._exchange is None:
-            self._channel = await self.connection.channel(
-                publisher_confirms=True, on_return_raises=True
-            )
-            # ensure=False: look the exchange up by name, declare nothing.
-            self._exchange = (
-                self._channel.default_exchange
-                if not name
-                else await self._channel.get_exchange(name, ensure=False)
-            )
-        return self._exchange
+        async with self._lock:
+            if self._channel is None or self._channel.is_closed or self._exchange is None:
+                self._exchange = None
+                self._channel = await self.connection.channel(
+                    publisher_confirms=True, on_return_raises=True
+                )
+                # ensure=False: look the exchange up by name, declare nothing.
+                self._exchange = (
+                    self._channel.default_exchange
+                    if not name
+                    else await self._channel.get_exchange(name, ensure=False)
+                )
+            return self._exchange
 
 
 class AmqpSender(BrokerSender[_Link]):

@@ -45,6 +45,10 @@ class _ContextSSLConnection(SSLConnection):
 class RedisStreamSender(BrokerSender[Redis]):
     """Appends each event to the endpoint's stream and waits for the entry id."""
 
+    # redis-py drops a connection whose command failed or was cut off by the timeout, and
+    # connects it again for the next command queued on the pool: the client stays.
+    replaces_connection = False
+
     def __init__(
         self,
         target: RedisTarget,
@@ -73,7 +77,7 @@ class RedisStreamSender(BrokerSender[Redis]):
         return client
 
     def _usable(self, client: Redis) -> bool:
-        return True  # a dropped connection fails its command, and is then replaced
+        return True  # a dropped connection fails its command; redis-py reconnects it
 
     async def _close(self, client: Redis) -> None:
         await client.aclose(close_connection_pool=True)
