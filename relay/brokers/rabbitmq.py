@@ -63,6 +63,12 @@ class _Link:
                 )
             return self._exchange
 
+    def forget_channel(self) -> None:
+        """Open a new channel for the next publish: the broker may be closing this one (its
+        closed state can arrive after the failure it caused)."""
+        self._channel = None
+        self._exchange = None
+
 
 class AmqpSender(BrokerSender[_Link]):
     """Publishes each event as one message and waits for RabbitMQ's confirm."""
@@ -103,7 +109,13 @@ class AmqpSender(BrokerSender[_Link]):
             message_id=event_id,
             app_id=APP_ID,
         )
-        await exchange.publish(message, routing_key, mandatory=True)
+        try:
+            await exchange.publish(message, routing_key, mandatory=True)
+        except DeliveryError:
+            raise  # a nack or a returned message: the channel carries on
+        except Exception:
+            client.forget_channel()
+            raise
         return "confirmed by RabbitMQ"
 
     def _failure(self, exc: Exception, *, connected: bool) -> Failure:
