@@ -349,6 +349,7 @@ async def test_redis_refused_password_is_named_and_never_shown(
         ("redis://h/0?stream=s", "redis.exceptions:ReadOnlyError", "READONLY", False),
         ("nats://h/s", "nats.errors:MaxPayloadError", "larger than the NATS server", True),
         ("nats://h/s", "nats.js.errors:ServiceUnavailableError", "JetStream not enabled", False),
+        ("nats://h/s", "relay.brokers.jetstream:JetStreamDisabledError", "not enabled", False),
     ],
 )
 def test_failure_mapping(url: str, exc: str, error: str, permanent: bool) -> None:

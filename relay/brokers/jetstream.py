@@ -27,10 +27,14 @@ from nats.js.errors import APIError, NoStreamResponseError, ServiceUnavailableEr
 from relay.brokers.connection import BrokerSender, Failure
 from relay.brokers.target import NatsTarget
 
-__all__ = ["JetStreamSender"]
+__all__ = ["JetStreamDisabledError", "JetStreamSender"]
 
 # JetStream's error code for a message over the stream's max_msg_size.
 _MESSAGE_TOO_LARGE = 10054
+
+
+class JetStreamDisabledError(Exception):
+    """The server answers, but its JetStream does not (not enabled for the account)."""
 
 
 async def _ignore(*_: object) -> None:
@@ -86,10 +90,20 @@ class JetStreamSender(BrokerSender[NatsClient]):
         self, client: NatsClient, body: bytes, headers: list[tuple[str, str]], event_id: str
     ) -> str:
         message_headers = {"Nats-Msg-Id": event_id, **dict(headers)}
-        # No timeout of nats-py's own: the endpoint's timeout around the publish bounds it.
-        ack = await client.jetstream().publish(
-            self._target.subject, body, timeout=3600.0, headers=message_headers
-        )
+        js = client.jetstream()
+        try:
+            # No timeout of nats-py's own: the endpoint's timeout around the publish bounds it.
+            ack = await js.publish(
+                self._target.subject, body, timeout=3600.0, headers=message_headers
+            )
+        except NoStreamResponseError:
+            # Nobody answered: no stream for the subject, or no JetStream at all. Which one
+            # is worth the one request it takes to ask, on this failure path only.
+            try:
+                await js.account_info()
+            except (NatsError, OSError) as exc:
+                raise JetStreamDisabledError from exc
+            raise
         duplicate = " (duplicate: already stored)" if ack.duplicate else ""
         return f"stored by stream {ack.stream} seq {ack.seq}{duplicate}"
 
@@ -97,7 +111,9 @@ class JetStreamSender(BrokerSender[NatsClient]):
         if isinstance(exc, MaxPayloadError):
             return Failure("message larger than the NATS server accepts", permanent=True)
         if isinstance(exc, NoStreamResponseError):
-            return Failure("no stream for the subject (or JetStream not enabled)")
+            return Failure("no stream for the subject")
+        if isinstance(exc, JetStreamDisabledError):
+            return Failure("JetStream not enabled on the NATS server")
         if isinstance(exc, ServiceUnavailableError):
             return Failure("JetStream not enabled or unavailable (503)")
         if isinstance(exc, APIError):
