@@ -366,3 +366,16 @@ def test_failure_mapping(url: str, exc: str, error: str, permanent: bool) -> Non
     failure = open_sender(url)._failure(raised, connected=True)  # type: ignore[attr-defined]
     assert error in failure.error
     assert failure.permanent is permanent
+
+
+async def test_rabbitmq_routing_key_defaults_to_the_events_feed(
+    closing: Callable[[Any], Any],
+) -> None:
+    require("amqp")
+    exchange = unique("relay-ex")
+    url = f"{RABBIT}?exchange={exchange}"
+    async with Tap(url) as tap:  # binds a queue to the exchange with the feed's name
+        sender = closing(open_sender(url))
+        assert (await post(sender)).status == 200
+        [message] = await tap.read(1)
+    assert message.body == BODY  # its recipient is private.enterprise.users
