@@ -109,6 +109,15 @@ async def _store_state(settings: Settings) -> dict[str, Any]:
 def cmd_demo(args: argparse.Namespace) -> int:
     from relay.demo import run_demo
 
+    if args.to is not None:
+        from relay.brokers.target import parse
+
+        if args.keep_running:
+            raise ConfigError("--to", "publishes a fixed number of events: no --keep-running")
+        try:
+            parse(args.to)
+        except ValueError as exc:  # its reason never quotes the URL
+            raise ConfigError("--to", str(exc)) from None
     stop = asyncio.Event()
     return _run_until_signal(
         lambda: run_demo(events=args.events, keep_running=args.keep_running, stop=stop, to=args.to),

@@ -260,3 +260,19 @@ def test_the_readme_backlog_check_verifies_old_messages_that_standardwebhooks_re
         Webhook(SECRET).verify(body, headers)  # the 5-minute tolerance
     lines = [line for line in snippet[1].splitlines() if line.strip()]
     assert len(lines) <= 8  # imports, def, five lines
+
+
+@pytest.mark.parametrize(
+    ("argv", "reason"),
+    [
+        (["--to", "nats://h:4222/a.*"], "not a subject"),
+        (["--to", "redis://h/0"], "stream is required"),
+        (["--to", "nats://h:4222/s", "--keep-running"], "no --keep-running"),
+    ],
+)
+def test_demo_to_a_bad_broker_url_exits_2(
+    argv: list[str], reason: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["demo", *argv]) == 2
+    err = capsys.readouterr().err
+    assert "--to" in err and reason in err
