@@ -1,5 +1,5 @@
 # syntax=docker/dockerfile:1
-# sfox-relay: `relay run` by default; see CONTRACT.md section 8 and config/docker-compose.yml.
+# sfox-relay: `relay run` by default; see the README and config/docker-compose.yml.
 
 # -- builder: the project and its dependencies, installed into a virtualenv ------------------
 FROM python:3.11-slim-bookworm AS builder
@@ -12,10 +12,12 @@ WORKDIR /src
 RUN python -m venv /opt/venv
 ENV PATH="/opt/venv/bin:$PATH"
 
-# Dependencies first, so that a change to the code alone reuses this layer.
+# Dependencies first, so that a change to the code alone reuses this layer. The otel extra
+# (OpenTelemetry's SDK and OTLP exporter, ~10 MB) is loaded only when OTEL_EXPORTER_OTLP_*
+# asks for traces, so the image can trace without a rebuild.
 COPY pyproject.toml README.md ./
 COPY relay/__init__.py relay/__init__.py
-RUN pip install --no-cache-dir . && pip uninstall --yes sfox-relay
+RUN pip install --no-cache-dir "./[otel]" && pip uninstall --yes sfox-relay
 
 COPY relay/ relay/
 RUN pip install --no-cache-dir --no-deps . \

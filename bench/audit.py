@@ -1,7 +1,7 @@
 """The chaos audit: what the store holds against what the endpoints received, and what leaked.
 
 Written once, used by ``bench/chaos.py`` (the full run) and ``tests/test_chaos.py`` (its short
-version in CI). It checks CONTRACT.md section 5 from the outside, after a scenario has drained:
+version in CI). It checks the README from the outside, after a scenario has drained:
 
 - every event the relay stored has a delivery for every matching endpoint, and each of those
   ended acknowledged by that endpoint (a 2xx seen at the receiver), or dead where the scenario
@@ -265,7 +265,7 @@ def audit(
 
 
 def expected_event_id(message: Mapping[str, Any]) -> str:
-    """CONTRACT.md section 4's event id of a feed message, written out independently of the
+    """The README's event id of a feed message, written out independently of the
     relay: ``evt_`` + SHA-256 of the canonical recipient, timestamp and token-less payload."""
     payload = {k: v for k, v in message["payload"].items() if k != "user_token"}
     basis = {

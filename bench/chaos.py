@@ -18,6 +18,7 @@ import asyncio
 import base64
 import contextlib
 import errno
+import gzip
 import inspect
 import io
 import json
@@ -81,6 +82,7 @@ __all__ = [
     "excerpt_size",
     "feed_faults",
     "feed_faults_real_timings",
+    "gzip_answers",
     "hostile_frames",
     "hostile_retry_after",
     "large_event",
@@ -95,7 +97,7 @@ RELAY = (sys.executable, "-m", "relay")
 SHORT_SCHEDULE = "0s,100ms,200ms,300ms,500ms,1s"
 SCHEDULE_STEPS = 6
 DELIVERY_TIMEOUT = 1.0
-PG_URL = os.environ.get("RELAY_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
+PG_URL = os.environ.get("SFOX_RELAY_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 RESULTS = ROOT / "bench" / "results" / "chaos.md"
 
 
@@ -536,6 +538,21 @@ class SqliteView:
     async def deliveries(self) -> tuple[list[Any], set[str]]:
         return sqlite_deliveries(self.db)
 
+    async def quarantined(self) -> list[tuple[str, str]]:
+        return [(r[0], r[1]) for r in rows(self.db, "SELECT reason, text FROM bad_frames")]
+
+    async def has_event(self, event_id: str) -> bool:
+        sql = f"SELECT COUNT(*) FROM events WHERE event_id = '{event_id}'"
+        return self.db.exists() and count(self.db, sql) > 0
+
+    async def excerpts(self) -> list[str]:
+        return [r[0] for r in rows(self.db, "SELECT excerpt FROM attempts") if r[0] is not None]
+
+    async def files(self) -> dict[str, bytes]:
+        """What a leak check reads: the store's files, byte for byte."""
+        found = store_bytes(self.db.parent, self.db.name)
+        return {f"store file {k}": v for k, v in found.items()}
+
     async def close(self) -> None:
         return None
 
@@ -589,6 +606,30 @@ class PostgresView:
     async def deliveries(self) -> tuple[list[Any], set[str]]:
         return await postgres_deliveries(PG_URL, self.schema)
 
+    async def quarantined(self) -> list[tuple[str, str]]:
+        return [(r[0], r[1]) for r in await self._fetch("SELECT reason, text FROM bad_frames")]
+
+    async def has_event(self, event_id: str) -> bool:
+        sql = f"SELECT 1 FROM events WHERE event_id = '{event_id}'"  # evt_ + hex: no quoting
+        return bool(await self._fetch(sql))
+
+    async def excerpts(self) -> list[str]:
+        found = await self._fetch("SELECT excerpt FROM attempts WHERE excerpt IS NOT NULL")
+        return [r[0] for r in found]
+
+    async def files(self) -> dict[str, bytes]:
+        """What a leak check reads: every stored body, quarantined text and excerpt."""
+        tables = {
+            "events.body": "SELECT body FROM events",
+            "bad_frames.text": "SELECT text FROM bad_frames",
+            "attempts.excerpt": "SELECT excerpt FROM attempts WHERE excerpt IS NOT NULL",
+        }
+        out: dict[str, bytes] = {}
+        for name, sql in tables.items():
+            values = [r[0] for r in await self._fetch(sql)]
+            out[name] = b"\n".join(v if isinstance(v, bytes) else v.encode() for v in values)
+        return out
+
     async def close(self) -> None:
         import asyncpg
 
@@ -598,6 +639,19 @@ class PostgresView:
                 await conn.execute(f'DROP SCHEMA IF EXISTS "{self.schema}" CASCADE')
             finally:
                 await conn.close()
+
+
+async def open_view(workdir: Path, store: str, name: str) -> SqliteView | PostgresView:
+    """A fresh store of the kind ``store`` names (``sqlite`` or ``postgres``) and its view;
+    ScenarioSkipped when PostgreSQL is not available here."""
+    if store == "sqlite":
+        return SqliteView(workdir / f"{name}.db")
+    reason = await postgres_available()
+    if reason is not None:
+        raise ScenarioSkipped(reason)
+    view = PostgresView(f"chaos_{name.replace('-', '_')}_{uuid.uuid4().hex[:8]}")
+    await view.create()
+    return view
 
 
 KILL_MODES = ["kill", "term, then kill", "term, term"]
@@ -1043,7 +1097,7 @@ async def endpoint_faults(
 
 async def excerpt_size(workdir: Path) -> Outcome:
     """An endpoint answering 10 MB that is not UTF-8: every stored response excerpt must stay
-    within 1 KiB (CONTRACT.md section 5, "Dead deliveries")."""
+    within 1 KiB (the README, "Dead deliveries")."""
     secret = new_whsec()
     async with contextlib.AsyncExitStack() as stack:
         sim = await _sim(stack, count=6, users=6)
@@ -1074,14 +1128,77 @@ async def excerpt_size(workdir: Path) -> Outcome:
     return Outcome(report, {"excerpt_max_bytes": biggest, "attempts": len(sizes)})
 
 
-async def large_event(workdir: Path, *, size: int = 1_500_000) -> Outcome:
-    """One event over 1 MiB (sFOX sets no size limit below the relay's 4 MiB frames): it must
-    be delivered, and the relay must not trip a warning on the way (the project's tests turn
-    warnings into errors, and a warning raised inside a delivery is an "internal error")."""
+#: A gzip-compressed error page, as a proxy in front of an endpoint may send it whatever the
+#: request asked for: binary, NUL bytes and all.
+GZIP_ERROR_PAGE = gzip.compress(
+    b"<html><body>502 Bad Gateway</body></html>" + bytes(range(256)) * 16
+)
+
+
+async def gzip_answers(workdir: Path, *, store: str = "sqlite", events: int = 20) -> Outcome:
+    """An endpoint that answers each event's first attempt 502 with a gzip-compressed body:
+    the relay must ask for uncompressed answers, store every excerpt without control
+    characters (PostgreSQL refuses NUL: every verdict then failed to record, and every
+    delivery stayed in flight), and deliver everything on the retry."""
+    view = await open_view(workdir, store, "gzip")
+    secret = new_whsec()
+    seen: set[str] = set()
+    encodings: set[str] = set()
+
+    def decide(r: Received) -> Response:
+        encodings.add(r.headers.get("accept-encoding", "(none)"))
+        if r.webhook_id in seen:
+            return OK
+        seen.add(r.webhook_id)
+        headers = {"content-encoding": "gzip", "content-type": "text/html"}
+        return Response(502, headers=headers, body=GZIP_ERROR_PAGE)
+
+    async with contextlib.AsyncExitStack() as stack:
+        stack.push_async_callback(view.close)
+        sim = await _sim(stack, count=events, users=5)
+        odd = await _endpoint(stack, "gzip", [secret], decide)
+        env = relay_env(sim, [odd], secret, view.url, RELAY_RETRY_SCHEDULE="0s,50ms,100ms")
+        async with in_process(env) as running:
+            await wait_until(sim.finished.is_set, 10, "the simulator sent everything")
+            with contextlib.suppress(AssertionError):  # the audit says what is left
+                await settle(view.counts, timeout=15)
+            alive = running.alive()
+        deliveries, stored = await view.deliveries()
+        excerpts = await view.excerpts()
+    report = audit(
+        f"endpoint answers gzip-compressed binary ({view.name})",
+        deliveries,
+        odd.arrivals,
+        endpoints=[odd.name],
+        stored_events=stored,
+        sent=sent_ids(sim),
+        must_store_sent=True,
+    )
+    dirty = sum(any(_is_control(c) for c in e) for e in excerpts)
+    if not alive:
+        report.problem("the relay stopped running")
+    if dirty:
+        report.problem(f"{dirty} stored excerpts hold a control character")
+    if len(excerpts) < events:
+        report.problem(f"{len(excerpts)} excerpts recorded for {events} failed attempts")
+    if encodings != {"identity"}:
+        report.problem(f"the relay asked for accept-encoding {sorted(encodings)}")
+    report.notes.append(f"{len(excerpts)} excerpts, none with a control character: {not dirty}")
+    facts = {"excerpts": len(excerpts), "dirty": dirty, "encodings": sorted(encodings)}
+    return Outcome(report, facts)
+
+
+async def large_event(workdir: Path, *, size: int = 1_040_000) -> Outcome:
+    """One event just under the 1 MiB frame limit must be delivered, without a warning on the
+    way (the project's tests turn warnings into errors, and a warning raised inside a delivery
+    is an "internal error"); one just over it is a bad frame: counted, kept, skipped, and the
+    connection lives on (CONTRACT.md section 5)."""
     secret = new_whsec()
     rng = random.Random(9)
     message = fresh_message(rng, 1)
     message["payload"]["notes"] = "n" * size
+    too_big = fresh_message(rng, 2)
+    too_big["payload"]["notes"] = "n" * (1024 * 1024 + 10_000)
     async with contextlib.AsyncExitStack() as stack:
         sim = await _sim(stack, count=0, users=1)
         sink = await _endpoint(stack, "sink", [secret])
@@ -1089,25 +1206,33 @@ async def large_event(workdir: Path, *, size: int = 1_500_000) -> Outcome:
         env = relay_env(sim, [sink], secret, f"sqlite:///{db}")
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            async with in_process(env):
+            async with in_process(env) as running:
                 await wait_until(lambda: sim.subscribed > 0, 10, "subscribed")
+                await sim.publish(too_big)
                 await sim.publish(message)
                 with contextlib.suppress(AssertionError):  # the audit says what is left
                     await settle(sqlite_probe(sim, db), timeout=10)
+                bad = int(running.metric("relay_feed_bad_frames_total"))
         relayed = [w for w in caught if "relay" in w.filename or "aiohttp" in w.filename]
         deliveries, events = sqlite_deliveries(db)
+        quarantined = count(db, "SELECT COUNT(*) FROM bad_frames")
         report = audit(
-            f"one event of {size / 1e6:g} MB",
+            f"one event of {size / 1e6:g} MB, one over 1 MiB",
             deliveries,
             sink.arrivals,
             endpoints=[sink.name],
             stored_events=events,
-            sent=sent_ids(sim),
+            sent=[expected_event_id(message)],
             must_store_sent=True,
         )
     for w in relayed:
         report.problem(f"{w.category.__name__} during the delivery: {w.message}")
-    return Outcome(report, {"warnings": [str(w.message) for w in relayed]})
+    if bad != 1 or quarantined != 1:
+        report.problem(f"the frame over 1 MiB: {bad} counted, {quarantined} quarantined")
+    if sim.connections != 1:
+        report.problem(f"the relay reconnected: {sim.connections} connections")
+    facts = {"warnings": [str(w.message) for w in relayed], "bad": bad, "kept": quarantined}
+    return Outcome(report, facts)
 
 
 #: A Retry-After no calendar holds (year 99,999,999,999).
@@ -1409,7 +1534,7 @@ async def postgres_available() -> str | None:
         conn = await asyncpg.connect(PG_URL, timeout=3)
         await conn.close()
     except Exception as exc:
-        return f"PostgreSQL unreachable at RELAY_TEST_PG ({type(exc).__name__})"
+        return f"PostgreSQL unreachable at SFOX_RELAY_TEST_PG ({type(exc).__name__})"
     return None
 
 
@@ -1594,6 +1719,11 @@ WRONG_TYPES: dict[str, list[Any]] = {
 }
 
 
+#: The fields the boundary checks for control characters and length, and the characters.
+HOSTILE_FIELDS = ["user_id", "status", "recipient"]
+HOSTILE_CHARS = ["\x00", "\x1b", "\x7f", "\x85", "\t", "\n"]
+
+
 def frame_specs() -> Any:
     """Hypothesis strategy of frame specs (the content; tokens and sizes are added after, from
     a seeded generator, so the 1 MB frames stay few)."""
@@ -1650,8 +1780,24 @@ def frame_specs() -> Any:
         ),
         st.fixed_dictionaries({"kind": st.just("not-object"), "value": values}),
         st.fixed_dictionaries(
-            {"kind": st.just("deep"), "depth": st.sampled_from([50, 400, 3000, 200_000])}
+            {"kind": st.just("deep"), "depth": st.sampled_from([50, 62, 63, 400, 3000, 200_000])}
         ),
+        # Bytes PostgreSQL refuses or cannot index (CONTRACT.md section 5's boundary).
+        st.fixed_dictionaries(
+            {
+                "kind": st.just("hostile-bytes"),
+                "field": st.sampled_from(HOSTILE_FIELDS),
+                "char": st.sampled_from(HOSTILE_CHARS),
+            }
+        ),
+        st.fixed_dictionaries(
+            {
+                "kind": st.just("long-field"),
+                "field": st.sampled_from(HOSTILE_FIELDS),
+                "length": st.sampled_from([257, 2_000, 5_000]),
+            }
+        ),
+        st.fixed_dictionaries({"kind": st.just("nul-text"), "text": st.text(max_size=20)}),
         st.fixed_dictionaries({"kind": st.just("binary"), "junk": st.binary(max_size=40)}),
         st.fixed_dictionaries({"kind": st.just("binary-json"), "ts": st.integers(0, 2**64)}),
         st.fixed_dictionaries({"kind": st.just("surrogate"), "ts": st.integers(0, 2**64)}),
@@ -1699,13 +1845,16 @@ def build_frame(spec: dict[str, Any], rng: random.Random, *, big: bool = False) 
     if kind == "good":
         extra = dict(spec["extra"])
         if big:
-            extra["blob"] = "é" * 500_000  # 1 MB of UTF-8
+            # 1 MB, within the 1 MiB frame limit whether sent as UTF-8 or as \u escapes.
+            extra["blob"] = "é" * (170_000 if spec["ascii"] else 500_000)
         message = _good_message(uid, spec["seq"], spec["ts"], spec["status"], extra)
         if spec["other_feed"]:
             message["recipient"] = f"{USERS_FEED}.balances"
             del message["payload"]["user_id"]
         message["payload"]["user_token"] = user_token
         text = _dumps(message, spec["ascii"])
+        if any(_is_control(c) for c in spec["status"]) and not spec["other_feed"]:
+            return Frame(text, "bad", "a status with a control character", token=token)
         return Frame(text, "good", "valid message", expected_event_id(message), token)
     base = _good_message(uid, rng.randrange(1, 10**6), rng.randrange(10**18, 2 * 10**18), "X", {})
     base["payload"]["user_token"] = user_token
@@ -1742,9 +1891,24 @@ def build_frame(spec: dict[str, Any], rng: random.Random, *, big: bool = False) 
         depth = spec["depth"]
         base["payload"]["nested"] = "@@"
         text = _dumps(base).replace('"@@"', "[" * depth + "]" * depth)
-        # Past Python's recursion limit a parser must refuse it; below, it is data.
-        expected = "bad" if depth >= 3000 else "either"
+        # The message is level 1 and its payload level 2: over 64 levels is a bad frame.
+        expected = "bad" if depth + 2 > 64 else "good"
         return Frame(text, expected, f"nested {depth} deep", _deep_id(base, depth), token)
+    if kind in ("hostile-bytes", "long-field"):
+        name = spec["field"]
+        if kind == "hostile-bytes":
+            char = spec["char"]
+            value = {"user_id": uid, "status": "PENDING", "recipient": USERS_FEED}[name] + char
+        else:
+            value = name[0] * spec["length"]
+        if name == "recipient":
+            base["recipient"] = value
+        else:
+            base["payload"][name] = value
+        return Frame(_dumps(base), "bad", f"{name} = {value!r:.20}", token=token)
+    if kind == "nul-text":
+        text = _dumps(base)[:-9] + "\x00" + spec["text"]
+        return Frame(text, "bad", "not JSON, with a NUL", token=token)
     if kind == "binary":
         data = b'{"recipient":"\xff\xfe' + spec["junk"] + b"\xc3"
         return Frame(data, "bad", "binary, not UTF-8")
@@ -1777,11 +1941,17 @@ def _deep_id(message: dict[str, Any], depth: int) -> str | None:
         return None
 
 
-async def hostile_frames(workdir: Path, *, frames: int, seed: int = 5) -> Outcome:
-    """Hypothesis-generated frames, text and binary, good and hostile, through a relay in this
-    loop: it must not crash, must store every good one, count and quarantine (redacted) every
-    bad one, and (full run) not grow without bound."""
+async def hostile_frames(
+    workdir: Path, *, frames: int, seed: int = 5, store: str = "sqlite"
+) -> Outcome:
+    """Hypothesis-generated frames, text and binary, good and hostile (control characters,
+    NUL, fields too long to index, nesting past the limits), through a relay in this loop on
+    ``store`` (``sqlite`` or ``postgres``): it must not crash, must store every good one, count
+    and quarantine (redacted, without control characters) every bad one, and (full run) not
+    grow without bound."""
     import psutil
+
+    view = await open_view(workdir, store, "hostile")
 
     rng = random.Random(seed)
     specs = generate_specs(frames, seed)
@@ -1802,9 +1972,12 @@ async def hostile_frames(workdir: Path, *, frames: int, seed: int = 5) -> Outcom
             await feed.start()
             stack.push_async_callback(feed.close)
             sink = await _endpoint(stack, "sink", [secret])
-            db = workdir / "hostile.db"
-            env = relay_env(feed, [sink], secret, f"sqlite:///{db}")
-            options = fast_feed(feed)
+            stack.push_async_callback(view.close)
+            env = relay_env(feed, [sink], secret, view.url)
+            # Keepalive is not what this is about: with PostgreSQL each bad frame is its own
+            # durable commit, so a batch rich in them holds reading longer than fast_feed's
+            # 1.2 s dead connection.
+            options = fast_feed(feed, ping_interval=2.0, dead_after=10.0)
             async with in_process(env, feed_options=options) as running:
                 await asyncio.wait_for(feed.subscribed.wait(), 10)
 
@@ -1815,12 +1988,11 @@ async def hostile_frames(workdir: Path, *, frames: int, seed: int = 5) -> Outcom
                     expected["good"].add(expected_event_id(message))
                     await feed.send(_dumps(message))
                     want = expected_event_id(message)
-                    await wait_until(
-                        lambda: count(db, f"SELECT COUNT(*) FROM events WHERE event_id = '{want}'"),
-                        30,
-                        "a marker frame stored",
-                        interval=0.01,
-                    )
+
+                    async def stored() -> bool:
+                        return await view.has_event(want)
+
+                    await wait_until(stored, 30, "a marker frame stored", interval=0.01)
 
                 every = max(100, frames // 10)
                 for i, spec in enumerate(specs):
@@ -1848,21 +2020,18 @@ async def hostile_frames(workdir: Path, *, frames: int, seed: int = 5) -> Outcom
                 facts["alive"] = running.alive()
                 facts["bad_frames_counted"] = int(running.metric("relay_feed_bad_frames_total"))
                 facts["connections"] = feed.connections
-                await settle(
-                    lambda: (count(db, "SELECT COUNT(*) FROM events"), count(db, UNFINISHED)),
-                    timeout=60,
-                )
-        quarantined = rows(db, "SELECT reason, text FROM bad_frames")
+                await settle(view.counts, timeout=60)
+            quarantined = await view.quarantined()
+            deliveries, events = await view.deliveries()
+            files = await view.files()
     finally:
         quiet.setLevel(level)
-    deliveries, events = sqlite_deliveries(db)
 
-    files = {f"store file {k}": v for k, v in store_bytes(db.parent, db.name).items()}
     leaks = find_leaks(
         {f"user token {t[:8]}": t for t in tokens} | {"FAKE_TOKEN": FAKE_TOKEN}, files
     ) + find_leaks({f"user token {t[:8]} (raw)": bytes.fromhex(t) for t in tokens}, files)
     report = audit(
-        f"hostile input: {len(specs)} generated frames",
+        f"hostile input ({view.name}): {len(specs)} generated frames",
         deliveries,
         sink.arrivals,
         endpoints=[sink.name],
@@ -1895,6 +2064,9 @@ async def hostile_frames(workdir: Path, *, frames: int, seed: int = 5) -> Outcom
         report.problem(f"{facts['bad_frames_counted']} bad frames counted, expected {must_count}")
     if len(quarantined) != must_count:
         report.problem(f"{len(quarantined)} bad frames quarantined, expected {must_count}")
+    controls = sum(any(_is_control(c) for c in reason + text) for reason, text in quarantined)
+    if controls:
+        report.problem(f"{controls} quarantined records hold a control character")
     if len(rss) >= 4:
         growth = (rss[-1] - rss[len(rss) // 3]) / 2**20
         facts["rss_growth_mb"] = round(growth)
@@ -1907,7 +2079,12 @@ async def hostile_frames(workdir: Path, *, frames: int, seed: int = 5) -> Outcom
     return Outcome(report, facts)
 
 
-#: Values every variable of CONTRACT.md section 3 must refuse (exit 2, naming it).
+def _is_control(char: str) -> bool:
+    """Unicode category Cc (what the contract keeps out of stored text)."""
+    return ord(char) < 0x20 or 0x7F <= ord(char) <= 0x9F
+
+
+#: Values every variable of the README must refuse (exit 2, naming it).
 INVALID_CONFIG: dict[str, list[str]] = {
     "RELAY_API_KEY": [" "],
     "RELAY_WS_URL": ["http://feed.example/ws", "ftp://x", "not a url", "wss://[::1"],
@@ -2438,6 +2615,9 @@ def scenarios(sizes: Sizes, *, real_timings: bool) -> dict[str, Callable[[Path],
         "quarantine": quarantine_while_down,
         "store-postgres": lambda w: postgres_cut(w, outage=s.store_outage),
         "hostile": lambda w: hostile_frames(w, frames=s.fuzz_frames),
+        "hostile-postgres": lambda w: hostile_frames(w, frames=s.fuzz_frames, store="postgres"),
+        "gzip": gzip_answers,
+        "gzip-postgres": lambda w: gzip_answers(w, store="postgres"),
         "config": lambda w: config_fuzz(w, examples=s.config_examples),
         "admin": admin_tricks,
         "leaks-json": lambda w: leak_audit(w, log_format="json"),

@@ -14,7 +14,7 @@ Scenarios, each with its own processes (simulator, receiver, relay or baseline, 
   timestamp, p50/p95/p99/max.
 - ``reconnect``: the simulator aborts the connection after 300 messages; time from the drop to
   subscribed again (``relay_feed_connected`` polled every 10 ms); the baseline just exits.
-- ``pg``: only with ``RELAY_BENCH_PG`` set to a PostgreSQL URL (it creates and drops its own
+- ``pg``: only with ``SFOX_RELAY_BENCH_PG`` set to a PostgreSQL URL (it creates and drops its own
   databases there): the live feed through 1 and through 3 replicas (RELAY_REPLICAS=3, distinct
   webhook-ids and duplicates counted at the receiver), and p99 latency at 200 events/s with 1
   replica, next to the SQLite figures of the same run; skipped with a note otherwise.
@@ -823,7 +823,7 @@ def scenario_reconnect(bench: Bench) -> None:
     }
 
 
-PG_ENV = "RELAY_BENCH_PG"
+PG_ENV = "SFOX_RELAY_BENCH_PG"
 LIVE_SCHEDULE = "0s,5s,5m,30m,2h,5h,10h,10h"
 
 

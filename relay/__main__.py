@@ -1,24 +1,32 @@
 """The ``relay`` command: parses, builds, runs. The logic lives in the modules it calls.
 
-Exit codes: 0 clean, 2 configuration error (one line naming the variable), 1 anything else.
+Exit codes: 0 clean, 2 configuration error (one line per error, each naming its variable),
+1 anything else (one clear line). Commands that only read or re-queue never create a store.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import json
+import logging
 import os
 import signal
+import socket
 import sys
 import time
 from collections.abc import Callable, Coroutine, Sequence
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from relay import __version__
-from relay.config import Settings, describe, load_settings, secret_values
+from relay.config import Settings, describe, load_settings, secret_values, warnings
 from relay.errors import ConfigError, RelayError, StoreError
 from relay.logs import Redactor, setup_logging
+
+if TYPE_CHECKING:
+    from relay.store import Store
 
 __all__ = ["main"]
 
@@ -30,7 +38,57 @@ def _settings(*, for_run: bool) -> Settings:
 def _logging(settings: Settings) -> Redactor:
     redactor = Redactor(secret_values(settings))
     setup_logging(settings.log_level, settings.log_format, redactor)
+    for warning in warnings(settings):
+        logging.getLogger("relay.config").warning(warning, extra={"event": "config.warning"})
     return redactor
+
+
+def _store(
+    settings: Settings, *, create: bool, read_only: bool = False, daemon: bool = False
+) -> Store:
+    """The configured store, named on stderr (masked; the daemon logs it instead). Unless
+    ``create``, a missing SQLite file is an error: a command run from the wrong directory
+    must not show an empty store."""
+    from relay.store import open_store
+
+    url = settings.store.get_secret_value()
+    shown = settings.store_display
+    if url.startswith("sqlite:///"):
+        path = Path(url.removeprefix("sqlite:///")).absolute()
+        shown = f"sqlite:///{path}"
+        if not create and not path.is_file():
+            raise StoreError(
+                f"no store at {path} (RELAY_STORE={settings.store_display}); "
+                "set RELAY_STORE to the daemon's store, or start `relay run` to create it"
+            )
+    if daemon:
+        logging.getLogger("relay").info(
+            "store selected", extra={"event": "store.selected", "store": shown}
+        )
+    else:
+        print(f"relay: store {shown}", file=sys.stderr)
+    return open_store(url, lease=settings.lease, schema=settings.pg_schema, read_only=read_only)
+
+
+def _check_admin_addr(host: str, port: int) -> None:
+    """Fail before anything is created when the admin address cannot be bound (uvicorn
+    would say so only after the store exists, in a line of its own, exiting 3)."""
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise RelayError(f"admin address {host}:{port} (RELAY_ADMIN_ADDR): {exc}") from None
+    family, kind, proto, _, addr = infos[0]
+    try:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            probe.bind(addr)
+    except OSError as exc:
+        reason = "in use" if exc.errno == errno.EADDRINUSE else (exc.strerror or str(exc))
+        raise RelayError(
+            f"admin address {host}:{port} (RELAY_ADMIN_ADDR) is not available: {reason}"
+        ) from None
 
 
 def _run_until_signal(
@@ -63,7 +121,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     settings = _settings(for_run=True)
     _logging(settings)
-    relay = Relay(settings)
+    _check_admin_addr(settings.admin_host, settings.admin_port)
+    relay = Relay(settings, store=_store(settings, create=True, daemon=True))
 
     async def run() -> int:
         await relay.run()
@@ -75,20 +134,26 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     settings = _settings(for_run=True)
     report: dict[str, Any] = describe(settings)
+    report["warnings"] = warnings(settings)
     report["store_state"] = asyncio.run(_store_state(settings))
     print(json.dumps(report, indent=2, sort_keys=False))
+    if report["store_state"]["status"] == "missing":
+        print(f"relay: {report['store_state']['error']}", file=sys.stderr)
+        return 1
     return 0
 
 
 async def _store_state(settings: Settings) -> dict[str, Any]:
-    """What the store holds for endpoints no longer configured (their work is kept, unsent)."""
-    from relay import service
-    from relay.store import open_store
+    """What the store holds for endpoints no longer configured (their work is kept, unsent).
 
-    url = settings.store.get_secret_value()
-    if url.startswith("sqlite:///") and not os.path.exists(url.removeprefix("sqlite:///")):
-        return {"status": "not created yet"}
-    store = open_store(url)
+    Opened read-only: checking a configuration never writes (not even a migration).
+    """
+    from relay import service
+
+    try:
+        store = _store(settings, create=False, read_only=True)
+    except StoreError as exc:
+        return {"status": "missing", "error": str(exc)}
     try:
         await store.open(daemon=False)
         listed = await service.endpoints(store, settings)
@@ -143,73 +208,91 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return _run_until_signal(run, cancel)
 
 
-def _store_for_cli() -> tuple[Settings, Any]:
-    from relay.store import open_store
-
-    settings = _settings(for_run=False)
-    return settings, open_store(settings.store.get_secret_value())
+def _filters(args: argparse.Namespace) -> dict[str, Any]:
+    return {"endpoint": args.endpoint, "user_id": args.user_id, "event_id": args.event_id}
 
 
 def cmd_deliveries(args: argparse.Namespace) -> int:
-    from relay import service
     from relay.store.base import parse_delivery_id
 
-    settings, store = _store_for_cli()
+    if args.action == "list" and args.before and parse_delivery_id(args.before) is None:
+        print(f"relay: --before: not a delivery id: {args.before!r}", file=sys.stderr)
+        return 2
+    if args.action == "replay" and not (
+        args.ids or args.all or any(_filters(args).values()) or args.state
+    ):
+        print(
+            "relay: replay needs delivery ids, a filter (--state, --endpoint, --user-id, "
+            "--event-id), or --all to re-queue every finished delivery",
+            file=sys.stderr,
+        )
+        return 1
+    settings = _settings(for_run=False)
+    store = _store(settings, create=False)
 
     async def run() -> int:
         await store.open(daemon=False)
         try:
-            if args.action == "list":
-                if args.before and parse_delivery_id(args.before) is None:
-                    print(f"relay: --before: not a delivery id: {args.before!r}", file=sys.stderr)
-                    return 2
-                page = await service.list_deliveries(
-                    store,
-                    state=args.state,
-                    endpoint=args.endpoint,
-                    user_id=args.user_id,
-                    limit=args.limit,
-                    before=args.before,
-                )
-                print(service.format_table(page.items))
-                if page.next_cursor:
-                    print(f"(more: --before {page.next_cursor})", file=sys.stderr)
-                return 0
-            if args.action == "show":
-                detail = await service.get_delivery(store, args.id)
-                if detail is None:
-                    print(f"relay: no delivery {args.id}", file=sys.stderr)
-                    return 1
-                print(json.dumps(service.detail_json(detail), indent=2))
-                return 0
-            if args.action == "purge":
-                removed = await service.purge(store, retention=args.older_than, now=time.time())
-                print(f"purged {removed} deliveries and events")
-                return 0
-            count = await service.replay(
-                store,
-                ids=args.ids or None,
-                state=args.state,
-                endpoint=args.endpoint,
-                user_id=args.user_id,
-                now=time.time(),
-            )
-            print(f"re-queued {count} deliveries")
-            return 0
+            return await _deliveries(args, store)
         finally:
             await store.close()
 
     return asyncio.run(run())
 
 
+async def _deliveries(args: argparse.Namespace, store: Store) -> int:
+    from relay import service
+
+    if args.action == "list":
+        page = await service.list_deliveries(
+            store, state=args.state, limit=args.limit, before=args.before, **_filters(args)
+        )
+        if args.json:
+            for item in page.items:
+                print(json.dumps(service.info_json(item)))
+        else:
+            print(service.format_table(page.items))
+        if page.next_cursor:
+            print(f"(more: --before {page.next_cursor})", file=sys.stderr)
+        return 0
+    if args.action == "show":
+        detail = await service.get_delivery(store, args.id)
+        if detail is None:
+            print(f"relay: no delivery {args.id}", file=sys.stderr)
+            return 1
+        shown = service.detail_json(detail)
+        print(json.dumps(shown) if args.json else json.dumps(shown, indent=2))
+        return 0
+    if args.action == "purge":
+        removed = await service.purge(store, retention=args.older_than, now=time.time())
+        print(f"purged {removed} deliveries and events")
+        return 0
+    if args.action == "retry":
+        count = await service.retry_now(store, now=time.time(), **_filters(args))
+        print(f"made {count} deliveries due now")
+        return 0
+    if args.ids and (unknown := await service.unknown_ids(store, args.ids)):
+        print(f"relay: no delivery {', '.join(unknown)} (nothing re-queued)", file=sys.stderr)
+        return 1
+    count = await service.replay(
+        store, ids=args.ids or None, state=args.state, now=time.time(), **_filters(args)
+    )
+    print(f"re-queued {count} deliveries")
+    if args.ids and count < len(args.ids):
+        print(
+            f"relay: {len(args.ids) - count} of the ids named are still pending (not re-queued)",
+            file=sys.stderr,
+        )
+    return 0
+
+
 def cmd_reconcile(args: argparse.Namespace) -> int:
     from relay.app import Ingest, reconciler_for, seal_key_of, targets_of
     from relay.metrics import Metrics
-    from relay.store import open_store
 
     settings = _settings(for_run=True)
     _logging(settings)
-    store = open_store(settings.store.get_secret_value())
+    store = _store(settings, create=not args.dry_run)
     metrics = Metrics()
     ingest = Ingest(
         store, targets_of(settings), metrics, seal_key_of(settings), on_stored=lambda: None
@@ -284,17 +367,29 @@ def _parser() -> argparse.ArgumentParser:
 
     deliveries = sub.add_parser("deliveries", help="inspect and replay the outbox")
     actions = deliveries.add_subparsers(dest="action", required=True, metavar="ACTION")
-    filters = argparse.ArgumentParser(add_help=False)
+    where = argparse.ArgumentParser(add_help=False)
+    where.add_argument("--endpoint")
+    where.add_argument("--user-id")
+    where.add_argument("--event-id", help="a webhook-id (evt_...)")
+    filters = argparse.ArgumentParser(add_help=False, parents=[where])
     filters.add_argument("--state", choices=["pending", "delivered", "dead", "superseded"])
-    filters.add_argument("--endpoint")
-    filters.add_argument("--user-id")
-    listing = actions.add_parser("list", parents=[filters], help="newest first")
+    as_json = argparse.ArgumentParser(add_help=False)
+    as_json.add_argument("--json", action="store_true", help="one JSON object per line")
+    listing = actions.add_parser("list", parents=[filters, as_json], help="newest first")
     listing.add_argument("--limit", type=int, default=50)
     listing.add_argument("--before", help="the cursor a previous page printed")
-    show = actions.add_parser("show", help="one delivery with its attempts")
+    show = actions.add_parser("show", parents=[as_json], help="one delivery with its attempts")
     show.add_argument("id")
     replay = actions.add_parser("replay", parents=[filters], help="re-queue deliveries")
     replay.add_argument("ids", nargs="*", help="delivery ids (else: every match of the filters)")
+    replay.add_argument(
+        "--all", action="store_true", help="with no ids and no filters: every finished delivery"
+    )
+    actions.add_parser(
+        "retry",
+        parents=[where],
+        help="make pending deliveries waiting for a retry due now (no attempt used)",
+    )
     purge = actions.add_parser(
         "purge", help="delete delivered deliveries (and dead ones twice as old) now"
     )
@@ -316,7 +411,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         code: int = args.fn(args)
     except ConfigError as exc:
-        print(f"relay: configuration error: {exc}", file=sys.stderr)
+        for variable, reason in exc.errors:
+            print(f"relay: configuration error: {variable}: {reason}", file=sys.stderr)
         return 2
     except StoreError as exc:
         print(f"relay: {exc}", file=sys.stderr)

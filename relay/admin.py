@@ -94,6 +94,10 @@ class Replayed(BaseModel):
     replayed: int
 
 
+class Retried(BaseModel):
+    retried: int
+
+
 class Status(BaseModel):
     version: str
     feed_state: str
@@ -202,8 +206,10 @@ def create_app(
         user_id: str | None = None,
         limit: Annotated[int, Query(ge=1, le=500)] = 50,
         before: str | None = None,
+        event_id: str | None = None,
     ) -> DeliveryPage:
-        """Deliveries, newest first, filtered like `relay deliveries list`."""
+        """Deliveries, newest first, filtered like `relay deliveries list` (``event_id``: a
+        ``webhook-id``)."""
         try:
             page = await service.list_deliveries(
                 store,
@@ -212,6 +218,7 @@ def create_app(
                 user_id=user_id,
                 limit=limit,
                 before=before,
+                event_id=event_id,
             )
         except ValueError as exc:
             raise HTTPException(422, str(exc)) from None
@@ -225,13 +232,28 @@ def create_app(
         state: Literal["delivered", "dead", "superseded"] = "dead",
         endpoint: str | None = None,
         user_id: str | None = None,
+        event_id: str | None = None,
     ) -> Replayed:
         """Re-queue every finished delivery matching the filters (default: dead ones)."""
         count = await service.replay(
-            store, state=state, endpoint=endpoint, user_id=user_id, now=clock()
+            store, state=state, endpoint=endpoint, user_id=user_id, event_id=event_id, now=clock()
         )
         on_replay()
         return Replayed(replayed=count)
+
+    @api.post("/deliveries/retry", responses=_INVALID)
+    async def retry_waiting(
+        endpoint: str | None = None,
+        user_id: str | None = None,
+        event_id: str | None = None,
+    ) -> Retried:
+        """Make pending deliveries waiting for a scheduled retry due now, without using an
+        attempt (like `relay deliveries retry`)."""
+        count = await service.retry_now(
+            store, endpoint=endpoint, user_id=user_id, event_id=event_id, now=clock()
+        )
+        on_replay()
+        return Retried(retried=count)
 
     @api.get("/deliveries/{delivery_id}", responses=_NOT_FOUND)
     async def delivery(delivery_id: str) -> DeliveryDetail:

@@ -13,22 +13,24 @@ import contextlib
 import gc
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
 from relay import events, service
 from relay.admin import AdminServer, create_app
-from relay.config import Settings, plaintext_forwarding, secret_values
+from relay.config import Settings, secret_values
 from relay.dispatch import Dispatcher
 from relay.errors import StoreUnavailableError
 from relay.events import BadFrame, Message, NewEvent
 from relay.feed import FeedClient, FeedOptions, FeedState
+from relay.isolation import write_isolating
 from relay.logs import Redactor
 from relay.metrics import Metrics
 from relay.reconcile import Reconciler
 from relay.store import Store, open_store
 from relay.store.base import Target
+from relay.tracing import OFF, Tracing, from_environment
 from relay.transport import Sender, Senders
 
 __all__ = ["Ingest", "Relay", "reconciler_for", "seal_key_of", "targets_of"]
@@ -70,6 +72,7 @@ def reconciler_for(
     *,
     interval: float | None,
     clock: Callable[[], float] = time.time,
+    tracing: Tracing = OFF,
 ) -> Reconciler:
     """The reconciler ``relay run`` and ``relay reconcile`` both use: REST -> ingest."""
     return Reconciler(
@@ -80,6 +83,7 @@ def reconciler_for(
         api_key=api_key_of(settings),
         interval=interval,
         clock=clock,
+        tracing=tracing,
     )
 
 
@@ -100,25 +104,107 @@ class Ingest:
     retry_delay: float = 1.0
     store_ok: bool = True
     _subscribed_hooks: list[Callable[[], None]] = field(default_factory=list)
+    tracing: Tracing = OFF
 
     async def on_messages(self, messages: list[Message]) -> None:
-        await self.append([events.prepare(m, seal_key=self.seal_key) for m in messages])
+        with self.tracing.source("relay.ingest") as span:
+            span.set("relay.messages", len(messages))
+            prepared: list[NewEvent] = []
+            for message in messages:
+                try:
+                    prepared.append(events.prepare(message, seal_key=self.seal_key))
+                except Exception as exc:  # the boundary admitted it: one message, not the batch
+                    log.exception(
+                        "feed message could not be prepared; quarantined",
+                        extra={"event": "ingest.unprepared", "error": type(exc).__name__},
+                    )
+                    reason = f"could not be prepared: {type(exc).__name__}"
+                    await self._keep_bad(BadFrame(reason, events.redact(message.raw)))
+            sequences = {e.event_id: m.sequence for e, m in zip(prepared, messages, strict=False)}
+            stored = await self.append(prepared, sequences)
+            span.set("relay.stored", stored)
 
-    async def append(self, new: Sequence[NewEvent]) -> int:
-        """Store events (retrying while the store is down); returns how many were new."""
-        result = await self._until_stored(
-            lambda: self.store.append(new, self.targets, self.clock())
+    async def append(
+        self, new: Sequence[NewEvent], sequences: Mapping[str, int | None] | None = None
+    ) -> int:
+        """Store events (retrying while the store is down); returns how many were new.
+
+        An event the store refuses is quarantined on its own; the rest of its batch is stored.
+        Each new one is logged at INFO (``event.stored``) with its feed ``sequence`` when
+        ``sequences`` (event id -> sequence) has it: what an operator follows an event by.
+        """
+        results = await write_isolating(
+            new,
+            lambda part: self._until_stored(
+                lambda: self.store.append(part, self.targets, self.clock())
+            ),
+            self._refused,
         )
-        self.metrics.events_stored.inc(len(result.stored))
-        self.metrics.events_duplicate.inc(result.duplicates)
-        for endpoint, count in result.superseded.items():
-            self.metrics.deliveries.labels(endpoint=endpoint, outcome="superseded").inc(count)
-        if result.stored:
+        stored = [event for result in results for event in result.stored]
+        if log.isEnabledFor(logging.INFO):
+            for event in stored:
+                log.info(
+                    "event stored",
+                    extra={
+                        "event": "event.stored",
+                        "event_id": event.event_id,
+                        "user_id": event.user_id,
+                        "sequence": (sequences or {}).get(event.event_id),
+                        "feed": event.recipient,
+                        "source": event.source,
+                    },
+                )
+        self.metrics.events_stored.inc(len(stored))
+        self.metrics.events_duplicate.inc(sum(result.duplicates for result in results))
+        self.tracing.stored(e.event_id for e in stored)
+        for result in results:
+            for endpoint, count in result.superseded.items():
+                self.metrics.deliveries.labels(endpoint=endpoint, outcome="superseded").inc(count)
+        if stored:
             self.on_stored()
-        return len(result.stored)
+        return len(stored)
+
+    async def _refused(self, event: NewEvent, exc: Exception) -> None:
+        """An event the store refused on its own: kept (redacted) as a bad frame, counted."""
+        error = events.without_controls(f"{type(exc).__name__}: {exc}")[:300]
+        log.error(
+            "store refused one event; quarantined, the rest of its batch stored",
+            extra={"event": "ingest.refused", "event_id": event.event_id, "error": error},
+        )
+        self.metrics.feed_bad_frames.inc()
+        await self._keep_bad(
+            BadFrame(f"store refused the event: {error}", events.redact(event.body))
+        )
 
     async def on_bad_frame(self, frame: BadFrame) -> None:
         """Quarantine a malformed frame; like events, it waits for the store to return."""
+        await self._keep_bad(frame)
+
+    async def _keep_bad(self, frame: BadFrame) -> None:
+        """Quarantine ``frame``; if the store refuses it, an ASCII-only copy; else drop it,
+        logged as an error: a bad frame must never end the run or hold the feed."""
+        if await self._quarantined(frame, sanitised=False):
+            return
+        safe = BadFrame(_ascii(frame.reason), _ascii(frame.text))
+        if await self._quarantined(safe, sanitised=True):
+            return
+        log.error(
+            "bad frame dropped: the store refused even its sanitised record",
+            extra={"event": "ingest.bad_frame_dropped"},
+        )
+
+    async def _quarantined(self, frame: BadFrame, *, sanitised: bool) -> bool:
+        try:
+            await self._quarantine(frame)
+        except Exception:
+            log.exception(
+                "store refused a bad frame's record",
+                extra={"event": "ingest.quarantine_refused", "sanitised": sanitised},
+            )
+            return False
+        return True
+
+    async def _quarantine(self, frame: BadFrame) -> None:
         await self._until_stored(lambda: self.store.quarantine(frame, self.clock()))
 
     async def _until_stored(self, write: Callable[[], Awaitable[T]]) -> T:
@@ -145,6 +231,11 @@ class Ingest:
         self._subscribed_hooks.append(hook)
 
 
+def _ascii(text: str) -> str:
+    """Printable ASCII only: what any store takes (non-ASCII shown as escapes)."""
+    return events.without_controls(text.encode("ascii", "backslashreplace").decode())
+
+
 class Relay:
     """``relay run``: feed -> store -> deliveries, plus the background loops."""
 
@@ -160,9 +251,13 @@ class Relay:
         stats_interval: float = 5.0,
     ) -> None:
         self.settings = settings
+        # OTEL_* decide (CONTRACT 6b); without them nothing of OpenTelemetry is imported.
+        self.tracing = from_environment()
         self.clock = clock
         self.metrics = metrics or Metrics(clock)
-        self.store = store or open_store(settings.store.get_secret_value(), lease=settings.lease)
+        self.store = store or open_store(
+            settings.store.get_secret_value(), lease=settings.lease, schema=settings.pg_schema
+        )
         self.senders = (
             Senders.only(sender, settings.endpoints)
             if sender is not None
@@ -177,6 +272,7 @@ class Relay:
             seal_key=seal_key,
             clock=clock,
             redact=Redactor(secret_values(settings)),
+            tracing=self.tracing,
         )
         self.ingest = Ingest(
             self.store,
@@ -185,6 +281,7 @@ class Relay:
             seal_key,
             on_stored=self.dispatcher.wake,
             clock=clock,
+            tracing=self.tracing,
         )
         self.feed = FeedClient(
             feed_options
@@ -205,6 +302,7 @@ class Relay:
             self.metrics,
             interval=settings.reconcile_interval,
             clock=clock,
+            tracing=self.tracing,
         )
         self.ingest.when_subscribed(self.reconciler.trigger)
         self.admin = AdminServer(
@@ -255,6 +353,7 @@ class Relay:
             await self.reconciler.close()
             await self.senders.close()
             await self.store.close()
+            await self.tracing.close()  # export the last spans
 
     async def _serve(self) -> None:
         feed = asyncio.create_task(self.feed.run(), name="relay-feed")
@@ -271,11 +370,6 @@ class Relay:
                 "feeds": list(self.settings.feeds),
             },
         )
-        for name in plaintext_forwarding(self.settings):
-            log.warning(
-                "user tokens are forwarded to an endpoint over an unencrypted connection",
-                extra={"event": "config.plaintext_forward", "endpoint": name},
-            )
         self.started.set()
         stop = asyncio.create_task(self._stop.wait())
         done, _ = await asyncio.wait({feed, dispatch, stop}, return_when=asyncio.FIRST_COMPLETED)
@@ -329,15 +423,19 @@ class Relay:
             try:
                 await self.store.check_writable()
                 pending = await self.store.pending_stats()
+                # Dead deliveries now (an indexed count): the gauge an alert on "dead
+                # rising" reads, which the outcome counter cannot give after a restart.
+                dead = {s.endpoint: s.dead for s in await self.store.endpoint_stats() if s.dead}
                 self.ingest.store_ok = True
             except StoreUnavailableError:
                 self.ingest.store_ok = False
                 await asyncio.sleep(self._stats_interval)
                 continue
             now = self.clock()
-            for name in known | set(pending):
+            for name in known | set(pending) | set(dead):
                 count, oldest = pending.get(name, (0, now))
                 self.metrics.outbox_pending.labels(endpoint=name).set(count)
                 self.metrics.outbox_oldest_age.labels(endpoint=name).set(max(0.0, now - oldest))
-            known = configured | set(pending)
+                self.metrics.outbox_dead.labels(endpoint=name).set(dead.get(name, 0))
+            known = configured | set(pending) | set(dead)
             await asyncio.sleep(self._stats_interval)

@@ -1,4 +1,4 @@
-"""Configuration: every knob typed, validated and documented once (CONTRACT.md section 3).
+"""Configuration: every knob typed, validated and documented once (see the README).
 
 Values come from ``RELAY_*`` environment variables, ``<NAME>_FILE`` files for secrets, and an
 optional TOML file named by ``RELAY_CONFIG``; the environment wins over the file. The parsing
@@ -20,7 +20,7 @@ import tomllib
 from collections.abc import Iterable, Mapping
 from contextvars import ContextVar
 from typing import Any, Literal, Self
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
@@ -37,9 +37,12 @@ from pydantic.fields import FieldInfo
 from pydantic_core import ErrorDetails
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from relay import fields as payload_fields
+from relay import tls
 from relay.brokers import target as brokers
 from relay.errors import ConfigError
 from relay.events import KNOWN_FEEDS
+from relay.masking import MASK, mask_url, url_secrets
 from relay.signing import decode_secret
 
 __all__ = [
@@ -50,8 +53,8 @@ __all__ = [
     "describe",
     "load_settings",
     "parse_duration",
-    "plaintext_forwarding",
     "secret_values",
+    "warnings",
 ]
 
 TokenPolicy = Literal["strip", "forward", "encrypt"]
@@ -59,11 +62,12 @@ LogFormat = Literal["json", "console"]
 
 PREFIX = "RELAY_"
 NOT_SET = "(not set)"
-MASK = "***"
 
-# Defaults as CONTRACT.md writes them.
+# Defaults as the README writes them.
 DEFAULT_RETRY_SCHEDULE = "0s,5s,5m,30m,2h,5h,10h,10h"
 DEFAULT_DELIVERY_TIMEOUT = "15s"
+#: RELAY_RECONCILE_INTERVAL below this is a configuration error (CONTRACT.md section 5a).
+MIN_RECONCILE_INTERVAL = 10.0
 
 _NOT_A_DURATION = "not a duration: expected e.g. 250ms, 5s, 5m, 2h, 7d"
 _DURATION = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h|d)")
@@ -71,6 +75,12 @@ _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 _POLICIES = ("strip", "forward", "encrypt")
+_MIN_SECRET_BYTES = 16
+#: The user statuses sFOX is known to send (sfox/FEED.md); `statuses` filters naming another
+#: are allowed (sFOX may add one) but warned about, since they most likely match nothing.
+KNOWN_STATUSES = frozenset({"PENDING", "VERIFIED", "UNSUPPORTED"})
+_PLAINTEXT_SCHEMES = frozenset({"http", "amqp", "nats", "redis", "ws"})
+_PG_SCHEMA = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 _BAD_KEY = "not base64 of exactly 32 bytes (e.g. from: openssl rand -base64 32)"
 _HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 # Headers the relay sets itself: an endpoint overriding them would break the signed delivery.
@@ -84,60 +94,35 @@ _RESERVED_HEADERS = frozenset(
         "webhook-signature",
     ]
 )
-_ENDPOINT_KEYS = frozenset(
-    [
-        "name",
-        "url",
-        "secret",
-        "user_token",
-        "token_key",
-        "feeds",
-        "statuses",
-        "headers",
-        "timeout",
-        "retry_schedule",
-        "max_in_flight",
-    ]
-)
-# Input keys: the variables' names without RELAY_, lower-cased (also the TOML keys).
-_KEYS = (
-    "api_key",
-    "ws_url",
-    "api_url",
-    "feeds",
-    "endpoints",
-    "signing_secret",
-    "allow_unsigned",
-    "user_token",
-    "token_key",
-    "store",
-    "retention",
-    "admin_addr",
-    "admin_token",
-    "retry_schedule",
-    "delivery_timeout",
-    "shutdown_grace",
-    "lease",
-    "replicas",
-    "reconcile_interval",
-    "log_level",
-    "log_format",
-)
-# The model key for an input key, where they differ.
-_KEY_FIELDS = {"signing_secret": "signing_secrets"}
-# Inputs that may hold secrets, so each can also be read from the file <NAME>_FILE names.
-_FILE_INPUTS = frozenset(
-    {"api_key", "signing_secret", "token_key", "admin_token", "endpoints", "store"}
-)
-# Settings fields whose variable is not simply RELAY_ + the upper-cased field name.
+# The known input keys (the variables' names without RELAY_, lower-cased; also the TOML keys)
+# are the Settings fields, so a new setting needs no second registration; these are the
+# fields whose input key differs from their name.
 _FIELD_VARIABLES = {
     "signing_secrets": "SIGNING_SECRET",
     "admin_host": "ADMIN_ADDR",
     "admin_port": "ADMIN_ADDR",
 }
+# Inputs that may hold secrets, so each can also be read from the file <NAME>_FILE names.
+_FILE_INPUTS = frozenset(
+    {"api_key", "signing_secret", "token_key", "admin_token", "endpoints", "store", "alert_url"}
+)
+# RELAY_* variables that are not settings but are read all the same.
+_OTHER_VARIABLES = frozenset({"CONFIG"})
+# Validators that read durations: the fields they check refuse a bare number in any input
+# (environment, TOML, JSON), so that `20` never means seconds in one place and not another.
+_DURATION_VALIDATORS = frozenset(
+    {"_check_duration", "_check_schedule", "_check_reconcile_interval", "_check_timeout"}
+)
 
 # The environment load_settings() was given; Settings() alone reads os.environ.
 _ENVIRON: ContextVar[Mapping[str, str] | None] = ContextVar("relay_config_environ", default=None)
+# While load_settings() runs: problems the sources found (unknown keys, unit-less durations),
+# reported with the validation errors, and the input keys the TOML file supplied (the
+# environment did not override them), so that their errors name the TOML key.
+_PROBLEMS: ContextVar[list[tuple[str, str]] | None] = ContextVar(
+    "relay_config_problems", default=None
+)
+_FROM_TOML: ContextVar[dict[str, str] | None] = ContextVar("relay_config_toml", default=None)
 
 
 class _Invalid(ValueError):
@@ -147,10 +132,13 @@ class _Invalid(ValueError):
     span fields or sit inside an endpoint.
     """
 
-    def __init__(self, reason: str, variable: str | None = None) -> None:
+    def __init__(
+        self, reason: str, variable: str | None = None, others: tuple[_Invalid, ...] = ()
+    ) -> None:
         super().__init__(reason)
         self.reason = reason
         self.variable = variable
+        self.others = others
 
 
 # -- value parsers (pure; raise _Invalid) -------------------------------------------------------
@@ -299,9 +287,14 @@ def _signing_secrets(value: object) -> tuple[str, ...]:
         if not part.startswith("whsec_"):
             raise _Invalid(f"{where}: not whsec_ followed by base64")
         try:
-            decode_secret(part)
+            key = decode_secret(part)
         except ValueError as exc:  # its message never contains the secret
             raise _Invalid(f"{where}: {exc}") from None
+        if len(key) < _MIN_SECRET_BYTES:
+            raise _Invalid(
+                f"{where}: shorter than {_MIN_SECRET_BYTES} bytes once decoded "
+                "(generate one with: echo whsec_$(openssl rand -base64 32))"
+            )
     return tuple(dict.fromkeys(parts))
 
 
@@ -408,51 +401,21 @@ def _endpoint_items(value: object) -> list[object]:
                     f"not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})"
                 ) from None
             value = parsed
+        elif text.startswith("{"):
+            raise _Invalid("one JSON object: give endpoint objects as a JSON list, [{...}]")
         else:
-            return [{"url": url.strip()} for url in text.split(",") if url.strip()]
+            urls = [url.strip() for url in text.split(",") if url.strip()]
+            if any(len(url.split()) > 1 for url in urls):
+                raise _Invalid("URLs separated by spaces: separate them with a comma")
+            return [{"url": url} for url in urls]
+    if isinstance(value, Mapping):
+        raise _Invalid("one object: give endpoint objects as a list (in TOML, [[endpoints]])")
     if isinstance(value, list | tuple):
         return list(value)
     raise _Invalid("expected comma-separated URLs or a JSON list of endpoint objects")
 
 
 # -- URLs shown and scrubbed ---------------------------------------------------------------------
-
-
-def _userinfo(url: str) -> str:
-    netloc = urlsplit(url).netloc
-    return netloc.rpartition("@")[0]
-
-
-def _masked_query(query: str, secret: bool = True) -> str:
-    """Query with values masked (all of them, or only ``password`` when ``secret`` is False)."""
-    pieces = []
-    for piece in query.split("&") if query else []:
-        name, eq, _ = piece.partition("=")
-        if not eq:
-            pieces.append(MASK if secret else piece)
-        elif secret or name.lower() == "password":
-            pieces.append(f"{name}={MASK}")
-        else:
-            pieces.append(piece)
-    return "&".join(pieces)
-
-
-def _endpoint_display(url: str) -> str:
-    parts = urlsplit(url)
-    host = parts.netloc.rpartition("@")[2]
-    netloc = f"{MASK}@{host}" if "@" in parts.netloc else host
-    return urlunsplit((parts.scheme, netloc, parts.path, _masked_query(parts.query), ""))
-
-
-def _store_display(url: str) -> str:
-    if not url.startswith(("postgresql://", "postgres://")):
-        return url
-    parts = urlsplit(url)
-    userinfo, at, host = parts.netloc.rpartition("@")
-    user, colon, _ = userinfo.partition(":")
-    netloc = f"{user}{':' + MASK if colon else ''}{at}{host}"
-    query = _masked_query(parts.query, secret=False)
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
 def _default_name(url: object) -> str | None:
@@ -475,6 +438,18 @@ def _default_name(url: object) -> str | None:
 
 def _is_postgres(store: SecretStr) -> bool:
     return store.get_secret_value().startswith(("postgresql://", "postgres://"))
+
+
+def _scheme_of(info: ValidationInfo) -> str | None:
+    """The endpoint URL's scheme, when the URL (validated before) is valid."""
+    url = info.data.get("url")
+    return urlsplit(url.get_secret_value()).scheme if isinstance(url, SecretStr) else None
+
+
+def _needs_tls(info: ValidationInfo) -> None:
+    scheme = _scheme_of(info)
+    if scheme is not None and scheme not in tls.TLS_SCHEMES:
+        raise _Invalid(f"{scheme}:// has no TLS (use https://, or leave {info.field_name} out)")
 
 
 # -- models --------------------------------------------------------------------------------------
@@ -500,6 +475,12 @@ class EndpointConfig(BaseModel):
     timeout: float = parse_duration(DEFAULT_DELIVERY_TIMEOUT)
     retry_schedule: tuple[float, ...] = _schedule(DEFAULT_RETRY_SCHEDULE)
     max_in_flight: int = Field(default=64, ge=1)
+    retry_statuses: frozenset[int] = frozenset()
+    fields: tuple[str, ...] | None = None
+    ca_file: str | None = None
+    client_cert: str | None = None
+    client_key: str | None = Field(default=None, validate_default=True)
+    proxy: SecretStr | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -551,6 +532,25 @@ class EndpointConfig(BaseModel):
     def _check_filter(cls, value: object) -> frozenset[str] | None:
         return _filter(value)
 
+    @field_validator("statuses")
+    @classmethod
+    def _upper_statuses(cls, value: frozenset[str] | None) -> frozenset[str] | None:
+        # sFOX sends upper case; "verified" must not silently match nothing.
+        return None if value is None else frozenset(status.upper() for status in value)
+
+    @field_validator("retry_statuses", mode="before")
+    @classmethod
+    def _check_retry_statuses(cls, value: object) -> frozenset[int]:
+        if (
+            not isinstance(value, list | tuple | set | frozenset)
+            or not value
+            or not all(isinstance(code, int) and not isinstance(code, bool) for code in value)
+        ):
+            raise _Invalid("expected a non-empty list of HTTP status codes, e.g. [401, 404]")
+        if any(not 300 <= code <= 499 for code in value):
+            raise _Invalid("only 3xx/4xx codes: 5xx, 408, 425 and 429 are always retried")
+        return frozenset(value)
+
     @field_validator("feeds")
     @classmethod
     def _check_known_feeds(cls, value: frozenset[str] | None) -> frozenset[str] | None:
@@ -578,10 +578,74 @@ class EndpointConfig(BaseModel):
     def _check_schedule(cls, value: object) -> tuple[float, ...]:
         return _schedule(value)
 
+    @field_validator("fields", mode="before")
+    @classmethod
+    def _check_fields(cls, value: object) -> tuple[str, ...] | None:
+        if value is None:
+            return None
+        if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+            raise _Invalid('expected a list of payload keys, e.g. ["user_id", "status"]')
+        paths = tuple(dict.fromkeys(v.strip() for v in value))
+        try:
+            payload_fields.parse(paths)
+        except ValueError as exc:  # its reason names a position, never a value
+            raise _Invalid(str(exc)) from None
+        return paths
+
+    @field_validator("ca_file", "client_cert", mode="before")
+    @classmethod
+    def _check_tls_file(cls, value: object, info: ValidationInfo) -> str | None:
+        if value is None:
+            return None
+        path = _text(value)
+        _needs_tls(info)
+        check = tls.check_ca_file if info.field_name == "ca_file" else tls.check_client_cert
+        try:
+            check(path)
+        except ValueError as exc:  # names the path, never the file's contents
+            raise _Invalid(str(exc)) from None
+        return path
+
+    @field_validator("client_key", mode="before")
+    @classmethod
+    def _check_client_key(cls, value: object, info: ValidationInfo) -> str | None:
+        if "client_cert" not in info.data:
+            return None  # client_cert is invalid, and that error is the one reported
+        cert = info.data["client_cert"]
+        if value is None:
+            if cert is not None:
+                raise _Invalid("required with client_cert: the certificate's PEM private key")
+            return None
+        path = _text(value)
+        if cert is None:
+            raise _Invalid("given without client_cert")
+        try:
+            tls.check_client_key(path, cert)
+        except ValueError as exc:
+            raise _Invalid(str(exc)) from None
+        return path
+
+    @field_validator("proxy", mode="before")
+    @classmethod
+    def _check_proxy(cls, value: object, info: ValidationInfo) -> str | None:
+        if value is None:
+            return None
+        scheme = _scheme_of(info)
+        if scheme is not None and scheme not in ("http", "https"):
+            raise _Invalid(f"only for http(s) endpoints, not {scheme}://")
+        if _secret_text(value).lower() == "none":
+            return "none"
+        return _url(value, ("http", "https"), 'an http(s) proxy URL or "none"')
+
+    @property
+    def field_tree(self) -> payload_fields.FieldTree | None:
+        """``fields`` as the tree :func:`relay.fields.select` walks (parsed once, cached)."""
+        return None if self.fields is None else payload_fields.compiled(self.fields)
+
     @property
     def display_url(self) -> str:
         """The URL for logs and `relay check`: userinfo and query values masked."""
-        return _endpoint_display(self.url.get_secret_value())
+        return mask_url(self.url.get_secret_value(), strict=True)
 
     @property
     def signing_keys(self) -> tuple[bytes, ...]:
@@ -606,17 +670,30 @@ class _EnvironSource(PydanticBaseSettingsSource):
 
     def __call__(self) -> dict[str, Any]:
         values: dict[str, Any] = {}
-        for key in _KEYS:
-            target = _KEY_FIELDS.get(key, key)
+        keys = _input_keys()
+        for key in keys:
             variable = self._prefix + key.upper()
             path = self._environ.get(variable + "_FILE") if key in _FILE_INPUTS else None
             if path:
-                values[target] = _read_secret_file(variable + "_FILE", path)
+                values[key] = _read_secret_file(variable + "_FILE", path)
             elif self._environ.get(variable):
-                values[target] = self._environ[variable]
+                values[key] = self._environ[variable]
             elif key == "api_key" and self._environ.get("ENTERPRISE_API_KEY"):
-                values[target] = self._environ["ENTERPRISE_API_KEY"]  # the name sFOX's docs use
-        return values
+                values[key] = self._environ["ENTERPRISE_API_KEY"]  # the name sFOX's docs use
+        known = {self._prefix + name for name in _OTHER_VARIABLES}
+        for key in keys:
+            known.add(self._prefix + key.upper())
+            if key in _FILE_INPUTS:
+                known.add(self._prefix + key.upper() + "_FILE")
+        for variable in sorted(self._environ):
+            # (Empty counts as unset here too: compose files pass `VAR=` through.)
+            if (
+                variable.startswith(self._prefix)
+                and variable not in known
+                and self._environ[variable]
+            ):
+                _problem(variable, "unknown variable (a typo? see the README for every setting)")
+        return _to_fields(values)
 
 
 class _TomlSource(PydanticBaseSettingsSource):
@@ -635,21 +712,66 @@ class _TomlSource(PydanticBaseSettingsSource):
         if not self._path:
             return {}
         data = _read_toml(self._prefix + "CONFIG", self._path)
+        where = os.path.basename(self._path)
+        keys = _input_keys()
+        durations = _duration_keys(Settings)
         values: dict[str, Any] = {}
         for key, value in data.items():
             if key.endswith("_file") and key.removesuffix("_file") in _FILE_INPUTS:
                 continue
-            if key not in _KEYS:
-                raise ConfigError(self._prefix + "CONFIG", f"unknown key {key!r} in {self._path}")
-            values[_KEY_FIELDS.get(key, key)] = value
+            if key not in keys:
+                _problem(f"{key} in {where}", "unknown key (a typo? see the README)")
+            elif key in durations and _unitless(value):
+                _problem(f"{key} in {where}", _NOT_A_DURATION + " (a number needs a unit)")
+            else:
+                values[key] = value
         for key, path in data.items():  # a *_file key wins over its plain twin, as in the env
-            if key.endswith("_file") and key.removesuffix("_file") in _FILE_INPUTS:
-                variable = self._prefix + key.upper()
+            plain = key.removesuffix("_file")
+            if key.endswith("_file") and plain in _FILE_INPUTS and plain in keys:
                 if not isinstance(path, str) or not path:
-                    raise ConfigError(variable, "expected a file path")
-                plain = key.removesuffix("_file")
-                values[_KEY_FIELDS.get(plain, plain)] = _read_secret_file(variable, path)
-        return values
+                    raise ConfigError(f"{key} in {where}", "expected a file path")
+                values[plain] = _read_secret_file(f"{key} in {where}", path)
+            elif key.endswith("_file") and plain in _FILE_INPUTS:
+                _problem(f"{key} in {where}", "unknown key (a typo? see the README)")
+        origin = _FROM_TOML.get()
+        if origin is not None:
+            origin.update(dict.fromkeys(values, where))
+        return _to_fields(values)
+
+
+def _input_keys() -> tuple[str, ...]:
+    """The input keys, in field order: Settings' fields under their variables' names."""
+    names = (_FIELD_VARIABLES.get(field, field.upper()).lower() for field in Settings.model_fields)
+    return tuple(dict.fromkeys(names))
+
+
+def _to_fields(values: Mapping[str, Any]) -> dict[str, Any]:
+    """Input keys to model keys (``admin_addr`` stays: a model validator splits it)."""
+    return {("signing_secrets" if key == "signing_secret" else key): v for key, v in values.items()}
+
+
+def _duration_keys(model: type[BaseModel]) -> frozenset[str]:
+    """Input keys of ``model`` that a duration validator checks."""
+    fields: set[str] = set()
+    for name, decorator in model.__pydantic_decorators__.field_validators.items():
+        if name in _DURATION_VALIDATORS:
+            fields.update(decorator.info.fields)
+    return frozenset(_FIELD_VARIABLES.get(f, f.upper()).lower() for f in fields)
+
+
+def _unitless(value: object) -> bool:
+    """A bare number (or a list holding one) where a duration with a unit is due."""
+    if isinstance(value, list | tuple):
+        return any(_unitless(item) for item in value)
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _problem(name: str, reason: str) -> None:
+    """Note a configuration error found while reading the inputs (reported with the rest)."""
+    problems = _PROBLEMS.get()
+    if problems is None:  # Settings() outside load_settings(): fail at once
+        raise ConfigError(name, reason)
+    problems.append((name, reason))
 
 
 def _read_secret_file(variable: str, path: str) -> str:
@@ -686,7 +808,7 @@ def _read_toml(variable: str, path: str) -> dict[str, Any]:
 class Settings(BaseSettings):
     """The relay's whole configuration, built by :func:`load_settings`.
 
-    Defaults are CONTRACT.md's, written in its syntax. Frozen: the running daemon shares one
+    Defaults are the README's, written in its syntax. Frozen: the running daemon shares one
     instance; ``model_copy(update=...)`` derives variants in tests.
     """
 
@@ -715,6 +837,7 @@ class Settings(BaseSettings):
     reconcile_interval: float | None = parse_duration("15m")
     log_level: str = "INFO"
     log_format: LogFormat = "json"
+    pg_schema: str = "public"
     # Last: its validator fills each endpoint's defaults from the fields above.
     endpoints: tuple[EndpointConfig, ...] = ()
 
@@ -831,7 +954,11 @@ class Settings(BaseSettings):
     def _check_reconcile_interval(cls, value: object) -> float | None:
         if value is None or (isinstance(value, str) and value.strip().lower() == "off"):
             return None
-        return _duration(value)
+        interval = _duration(value)
+        if interval < MIN_RECONCILE_INTERVAL:
+            # Each run lists every user over sFOX's REST API, whose limits are per IP.
+            raise _Invalid(f"below the minimum of {MIN_RECONCILE_INTERVAL:g}s (or 'off')")
+        return interval
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -840,6 +967,14 @@ class Settings(BaseSettings):
         if level not in _LOG_LEVELS:
             raise _Invalid("expected one of DEBUG, INFO, WARNING, ERROR")
         return level
+
+    @field_validator("pg_schema", mode="before")
+    @classmethod
+    def _check_pg_schema(cls, value: object) -> str:
+        name = _text(value)
+        if not _PG_SCHEMA.fullmatch(name):
+            raise _Invalid("expected a PostgreSQL identifier: letters, digits, _ (at most 63)")
+        return name
 
     @field_validator("endpoints", mode="before")
     @classmethod
@@ -851,25 +986,33 @@ class Settings(BaseSettings):
             "retry_schedule": "retry_schedule",
             "secrets": "signing_secrets",
         }
-        if any(field not in info.data for field in sources.values()):
-            # A default failed validation; that error comes first and is the one reported.
-            raise _Invalid("not checked: an earlier setting is invalid")
-        defaults = {key: info.data[field] for key, field in sources.items()}
+        # A global default that failed validation is reported on its own; the endpoints are
+        # still checked (with the contract's default in its place) so every error shows.
+        defaults = {key: info.data[field] for key, field in sources.items() if field in info.data}
         endpoints: list[EndpointConfig] = []
+        errors: list[_Invalid] = []
         names: dict[str, int] = {}
         for index, item in enumerate(items):
             where = f"{PREFIX}ENDPOINTS[{index}]"
-            endpoint = (
-                item if isinstance(item, EndpointConfig) else _endpoint(item, where, defaults)
-            )
+            try:
+                endpoint = (
+                    item if isinstance(item, EndpointConfig) else _endpoint(item, where, defaults)
+                )
+            except _Invalid as exc:
+                errors += [exc, *exc.others]
+                continue
             if endpoint.name in names:
-                raise _Invalid(
-                    f"same name as {PREFIX}ENDPOINTS[{names[endpoint.name]}]; "
-                    'names must be unique (set "name")',
-                    f"{where}.name",
+                errors.append(
+                    _Invalid(
+                        f"same name as {PREFIX}ENDPOINTS[{names[endpoint.name]}]; "
+                        'names must be unique (set "name")',
+                        f"{where}.name",
+                    )
                 )
             names[endpoint.name] = index
             endpoints.append(endpoint)
+        if errors:
+            raise _Invalid(errors[0].reason, errors[0].variable, tuple(errors[1:]))
         return tuple(endpoints)
 
     @model_validator(mode="after")
@@ -907,7 +1050,7 @@ class Settings(BaseSettings):
     @property
     def store_display(self) -> str:
         """The store URL with any password masked."""
-        return _store_display(self.store.get_secret_value())
+        return mask_url(self.store.get_secret_value())
 
     @property
     def needs_token_storage(self) -> bool:
@@ -919,25 +1062,31 @@ def _endpoint(item: object, where: str, defaults: Mapping[str, object]) -> Endpo
     """One endpoint object from the configuration, with the global defaults filled in."""
     if not isinstance(item, Mapping):
         raise _Invalid("expected an object with at least a url", where)
-    url = item.get("url")
-    url_text = url.get_secret_value() if isinstance(url, SecretStr) else url
-    if item.get("proxy") is not None and isinstance(url_text, str) and brokers.is_broker(url_text):
-        raise _Invalid(
-            "a broker URL takes no proxy (proxy is for http(s) endpoints)", f"{where}.url"
-        )
-    for key in item:
-        if key not in _ENDPOINT_KEYS:
-            raise _Invalid(f"unknown key {str(key)!r}", where)
-    data = {("secrets" if key == "secret" else key): v for key, v in item.items() if v is not None}
+    known = {("secret" if field == "secrets" else field) for field in EndpointConfig.model_fields}
+    durations = _duration_keys(EndpointConfig)
+    errors = [_Invalid(f"unknown key {str(key)!r}", where) for key in item if key not in known]
+    errors += [
+        _Invalid(_NOT_A_DURATION + " (a number needs a unit)", f"{where}.{key}")
+        for key, value in item.items()
+        if key in durations and _unitless(value)
+    ]
+    data = {
+        ("secrets" if key == "secret" else key): v
+        for key, v in item.items()
+        if v is not None and key in known and not (key in durations and _unitless(v))
+    }
     for key, default in defaults.items():
         data.setdefault(key, default)
     try:
-        return EndpointConfig.model_validate(data)
+        endpoint = EndpointConfig.model_validate(data)
     except ValidationError as exc:
-        error = exc.errors(include_url=False, include_input=False)[0]
-        field = str(error["loc"][0]) if error["loc"] else None
-        key = "secret" if field == "secrets" else field
-        raise _Invalid(_reason(error), f"{where}.{key}" if key else where) from None
+        for error in exc.errors(include_url=False, include_input=False):
+            loc = str(error["loc"][0]) if error["loc"] else None
+            name = "secret" if loc == "secrets" else loc
+            errors.append(_Invalid(_reason(error), f"{where}.{name}" if name else where))
+    if errors:
+        raise _Invalid(errors[0].reason, errors[0].variable, tuple(errors[1:]))
+    return endpoint
 
 
 def _reason(error: ErrorDetails) -> str:
@@ -953,14 +1102,27 @@ def _reason(error: ErrorDetails) -> str:
     return error["msg"]  # pragma: no cover
 
 
-def _config_error(exc: ValidationError) -> ConfigError:
-    """The first error (fields validate in order, so this is deterministic) as a ConfigError."""
-    error = exc.errors(include_url=False, include_input=False)[0]
-    cause = (error.get("ctx") or {}).get("error")
-    if isinstance(cause, _Invalid) and cause.variable:
-        return ConfigError(cause.variable, cause.reason)
-    field = str(error["loc"][0]) if error["loc"] else "CONFIG"
-    return ConfigError(PREFIX + _FIELD_VARIABLES.get(field, field.upper()), _reason(error))
+def _errors(exc: ValidationError) -> list[tuple[str, str]]:
+    """Every error, in field order (deterministic), as (variable, reason)."""
+    found: list[tuple[str, str]] = []
+    for error in exc.errors(include_url=False, include_input=False):
+        cause = (error.get("ctx") or {}).get("error")
+        if isinstance(cause, _Invalid) and cause.variable:
+            found += [(e.variable or cause.variable, e.reason) for e in (cause, *cause.others)]
+            continue
+        field = str(error["loc"][0]) if error["loc"] else "CONFIG"
+        found.append((PREFIX + _FIELD_VARIABLES.get(field, field.upper()), _reason(error)))
+    return found
+
+
+def _labelled(variable: str, toml: Mapping[str, str]) -> str:
+    """``variable`` as the operator wrote it: a key the TOML file gave is named as such
+    (``shutdown_grace in relay.toml``, ``endpoints[0].url in relay.toml``)."""
+    match = re.fullmatch(re.escape(PREFIX) + r"([A-Z_]+)(.*)", variable)
+    if match is None or match[1].lower() not in toml:
+        return variable
+    key = match[1].lower()
+    return f"{key}{match[2]} in {toml[key]}"
 
 
 # -- entry points --------------------------------------------------------------------------------
@@ -973,13 +1135,30 @@ def load_settings(environ: Mapping[str, str] | None = None, *, for_run: bool = F
         environ: the variables to read; ``os.environ`` when None.
         for_run: also require what only `relay run` needs (an API key and an endpoint).
     """
-    token = _ENVIRON.set(os.environ if environ is None else environ)
+    problems: list[tuple[str, str]] = []
+    toml: dict[str, str] = {}
+    environ_map = os.environ if environ is None else environ
+    tokens = (
+        _ENVIRON.set(environ_map),
+        _PROBLEMS.set(problems),
+        _FROM_TOML.set(toml),
+    )
+    settings: Settings | None = None
     try:
         settings = Settings()
     except ValidationError as exc:  # not chained: its text quotes the input values
-        raise _config_error(exc) from None
+        for key in list(toml):  # the environment won over these
+            variable = PREFIX + key.upper()
+            if environ_map.get(variable) or environ_map.get(variable + "_FILE"):
+                del toml[key]
+        problems += [(_labelled(name, toml), why) for name, why in _errors(exc)]
     finally:
-        _ENVIRON.reset(token)
+        _FROM_TOML.reset(tokens[2])
+        _PROBLEMS.reset(tokens[1])
+        _ENVIRON.reset(tokens[0])
+    if problems or settings is None:
+        unique = tuple(dict.fromkeys(problems))
+        raise ConfigError(*unique[0], more=unique[1:]) from None
     if for_run and settings.api_key is None:
         raise ConfigError(
             PREFIX + "API_KEY",
@@ -1002,8 +1181,8 @@ def describe(settings: Settings) -> dict[str, object]:
     """The effective configuration for `relay check`, keyed like the TOML file, secrets masked."""
     return {
         "api_key": _mask(settings.api_key),
-        "ws_url": settings.ws_url,
-        "api_url": settings.api_url,
+        "ws_url": mask_url(settings.ws_url, strict=True),
+        "api_url": mask_url(settings.api_url, strict=True),
         "feeds": list(settings.feeds),
         "endpoints": [_describe_endpoint(endpoint) for endpoint in settings.endpoints],
         "signing_secret": [MASK] * len(settings.signing_secrets) or NOT_SET,
@@ -1024,7 +1203,30 @@ def describe(settings: Settings) -> dict[str, object]:
         else _format_duration(settings.reconcile_interval),
         "log_level": settings.log_level,
         "log_format": settings.log_format,
+        "pg_schema": settings.pg_schema,
     }
+
+
+def warnings(settings: Settings) -> list[str]:
+    """What is allowed but most likely a mistake: logged at start-up, shown by `relay check`.
+
+    Lines name the variable and never a secret.
+    """
+    found: list[str] = []
+    for index, endpoint in enumerate(settings.endpoints):
+        where = f"{PREFIX}ENDPOINTS[{index}]"
+        for status in sorted((endpoint.statuses or frozenset()) - KNOWN_STATUSES):
+            found.append(
+                f"{where}.statuses: sFOX is not known to send {status!r} "
+                f"(known: {', '.join(sorted(KNOWN_STATUSES))}); this filter may match nothing"
+            )
+        scheme = urlsplit(endpoint.url.get_secret_value()).scheme
+        if endpoint.user_token == "forward" and scheme in _PLAINTEXT_SCHEMES:
+            found.append(
+                f"{where}.user_token: forward sends user tokens in plaintext ({scheme}://); "
+                "use https or the encrypt policy"
+            )
+    return found
 
 
 def _describe_endpoint(endpoint: EndpointConfig) -> dict[str, object]:
@@ -1040,31 +1242,21 @@ def _describe_endpoint(endpoint: EndpointConfig) -> dict[str, object]:
         "timeout": _format_duration(endpoint.timeout),
         "retry_schedule": [_format_duration(step) for step in endpoint.retry_schedule],
         "max_in_flight": endpoint.max_in_flight,
+        "retry_statuses": sorted(endpoint.retry_statuses),
+        "fields": None if endpoint.fields is None else list(endpoint.fields),
+        "ca_file": endpoint.ca_file,
+        "client_cert": endpoint.client_cert,
+        "client_key": endpoint.client_key,
+        "proxy": _proxy_display(endpoint.proxy),
     }
 
 
-def _url_secrets(url: str, *, query: bool) -> list[str]:
-    """Credentials inside ``url``: userinfo, password (raw and decoded), long query values.
-
-    A username next to a password is left out: scrubbing e.g. "relay" would mangle every log
-    line. Short query values (``v=2``) are parameters, not credentials, for the same reason.
-    """
-    found: list[str] = []
-    userinfo = _userinfo(url)
-    if userinfo:
-        user, colon, password = userinfo.partition(":")
-        found += [userinfo, password, unquote(password)] if colon else [user, unquote(user)]
-    if query:
-        for piece in urlsplit(url).query.split("&"):
-            value = piece.partition("=")[2] or piece
-            if len(value) >= 8:
-                found += [value, unquote(value)]
-    else:
-        for piece in urlsplit(url).query.split("&"):
-            name, _, value = piece.partition("=")
-            if name.lower() == "password":
-                found += [value, unquote(value)]
-    return found
+def _proxy_display(proxy: SecretStr | None) -> str | None:
+    """``none``, or the proxy URL with its credentials and query values masked."""
+    if proxy is None:
+        return None
+    text = proxy.get_secret_value()
+    return text if text == "none" else mask_url(text, strict=True)
 
 
 def _whsec_parts(secrets: tuple[SecretStr, ...]) -> list[str]:
@@ -1082,19 +1274,6 @@ def _key_texts(key: SecretBytes | None) -> list[str]:
     return [base64.b64encode(raw).decode(), base64.urlsafe_b64encode(raw).decode()]
 
 
-def plaintext_forwarding(settings: Settings) -> list[str]:
-    """Names of endpoints that get user tokens in the clear over an unencrypted connection
-    (``forward`` to ``http://``, ``amqp://``, ``nats://``, ``redis://``): allowed, but worth
-    a warning at start-up."""
-    plaintext = ("http", *brokers.PLAINTEXT_SCHEMES)
-    return [
-        endpoint.name
-        for endpoint in settings.endpoints
-        if endpoint.user_token == "forward"
-        and urlsplit(endpoint.url.get_secret_value()).scheme.lower() in plaintext
-    ]
-
-
 def secret_values(settings: Settings) -> list[str]:
     """Every secret string in ``settings``, longest first, for the log redactor to scrub."""
     found: list[str] = []
@@ -1103,11 +1282,15 @@ def secret_values(settings: Settings) -> list[str]:
             found.append(secret.get_secret_value())
     found += _whsec_parts(settings.signing_secrets)
     found += _key_texts(settings.token_key)
-    found += _url_secrets(settings.store.get_secret_value(), query=False)
+    found += url_secrets(settings.store.get_secret_value())
+    found += url_secrets(settings.ws_url, strict=True)
+    found += url_secrets(settings.api_url, strict=True)
     for endpoint in settings.endpoints:
         found += _whsec_parts(endpoint.secrets)
         found += _key_texts(endpoint.token_key)
         found += [value.get_secret_value() for value in endpoint.headers.values()]
-        found += _url_secrets(endpoint.url.get_secret_value(), query=True)
+        found += url_secrets(endpoint.url.get_secret_value(), strict=True)
+        if endpoint.proxy is not None:
+            found += url_secrets(endpoint.proxy.get_secret_value(), strict=True)
     unique = {text for text in found if text}
     return sorted(unique, key=lambda text: (-len(text), text))

@@ -12,25 +12,52 @@ import asyncio
 import contextlib
 import logging
 import random
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from relay import __version__, retry, signing, tokens
+from relay.codec import loads
 from relay.config import EndpointConfig
 from relay.errors import StoreUnavailableError
+from relay.events import stored_excerpt
+from relay.isolation import write_isolating
 from relay.metrics import Metrics
-from relay.store.base import Attempt, Claim, Outcome, Store
+from relay.store.base import Attempt, Claim, Outcome, Store, format_delivery_id
+from relay.tracing import OFF, Tracing
 from relay.transport import Sender, Senders, SendResult
 
-__all__ = ["Dispatcher", "build_request"]
+__all__ = ["Dispatcher", "build_request", "sfox_timestamp"]
 
 log = logging.getLogger("relay.dispatch")
 
 _USER_AGENT = f"sfox-relay/{__version__}"
 _FALLBACK_RETRY = 60.0
 _OUTCOMES = {"delivered": "success", "pending": "retry", "dead": "dead"}
+_LOG_EVENTS = {
+    "delivered": "delivery.succeeded",
+    "pending": "delivery.retry",
+    "dead": "delivery.dead",
+}
+#: The head of every stored body (feed and reconciled alike): the timestamp without a parse.
+_HEAD = re.compile(
+    rb'\{"sequence":(?:-?[0-9]+|null),"recipient":"(?:[^"\\]|\\.)*","timestamp":(-?[0-9]+)[,}]'
+)
+
+
+def sfox_timestamp(body: bytes) -> str | None:
+    """The message's ``timestamp`` digits, exactly, for the ``sfox-timestamp`` header (a
+    JavaScript receiver's JSON numbers are doubles, which round 19 digits)."""
+    head = _HEAD.match(body)
+    if head is not None:
+        return head[1].decode()
+    try:
+        value = loads(body).get("timestamp")
+    except (ValueError, AttributeError, RecursionError):
+        return None
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +83,7 @@ def build_request(
         endpoint_key=token_key,
         webhook_id=claim.event_id,
         now=now,
+        fields=endpoint.field_tree,
     )
     timestamp = int(now)
     headers = {name: value.get_secret_value() for name, value in endpoint.headers.items()}
@@ -68,6 +96,9 @@ def build_request(
             "relay-source": claim.source,
         }
     )
+    sfox = sfox_timestamp(claim.body)
+    if sfox is not None:
+        headers["sfox-timestamp"] = sfox
     keys = endpoint.signing_keys
     if keys:
         headers["webhook-signature"] = signing.sign(keys, claim.event_id, timestamp, body)
@@ -91,8 +122,10 @@ class Dispatcher:
         page: int = 256,
         idle_poll: float = 5.0,
         store_retry: float = 1.0,
+        tracing: Tracing = OFF,
     ) -> None:
         self._store = store
+        self._tracing = tracing
         self._redact = redact
         self._endpoints: Mapping[str, EndpointConfig] = {ep.name: ep for ep in endpoints}
         # One sender for all is what tests inject; ``relay run`` passes each endpoint's own.
@@ -217,12 +250,15 @@ class Dispatcher:
 
     async def _deliver(self, endpoint: EndpointConfig, claim: Claim) -> None:
         attempt_no = claim.attempts + 1
+        span = self._tracing.deliver(endpoint.name, claim.event_id, attempt_no)
         try:
             request = build_request(endpoint, claim, seal_key=self._seal_key, now=self._clock())
+            span.inject(request.headers)
             result = await self._senders[endpoint.name].post(
                 endpoint.url.get_secret_value(), request.body, request.headers, endpoint.timeout
             )
         except asyncio.CancelledError:
+            span.finish(None, "released at shutdown")
             self._push(Outcome(claim.delivery_id, "released", self._clock(), None))
             raise
         except Exception as exc:  # a bug in rendering must not lose the delivery
@@ -231,6 +267,7 @@ class Dispatcher:
                 extra={"event": "dispatch.error", "endpoint": endpoint.name},
             )
             result = SendResult(None, 0.0, error=f"internal error: {type(exc).__name__}")
+        span.finish(result.status, result.error)
         now = self._clock()
         try:
             decision = retry.decide(
@@ -240,6 +277,7 @@ class Dispatcher:
                 now=now,
                 retry_after=result.retry_after,
                 rand=self._rand,
+                retry_statuses=endpoint.retry_statuses,
                 permanent=result.permanent,
             )
         except Exception:  # a claim must never be left unrecorded (its lane would wedge)
@@ -255,18 +293,19 @@ class Dispatcher:
             result.status,
             result.latency,
             self._redact(result.error) if result.error else None,
-            self._redact(result.excerpt) if result.excerpt else None,
+            stored_excerpt(result.excerpt, self._redact),
         )
         self._push(Outcome(claim.delivery_id, decision.state, decision.next_at, attempt))
         outcome = _OUTCOMES[decision.state]
         counters, duration = self._series(endpoint.name)
         counters[outcome].inc()
         duration.observe(result.latency)
-        if decision.state == "delivered" and not log.isEnabledFor(logging.DEBUG):
-            return  # the hot path: nothing to log
+        if not log.isEnabledFor(logging.INFO):
+            return
         fields = {
-            "event": f"delivery.{outcome}",
+            "event": _LOG_EVENTS[decision.state],
             "event_id": claim.event_id,
+            "delivery_id": format_delivery_id(claim.delivery_id),
             "user_id": claim.user_id,
             "endpoint": endpoint.name,
             "attempt": attempt_no,
@@ -274,7 +313,7 @@ class Dispatcher:
             "latency_ms": round(result.latency * 1000, 1),
         }
         if decision.state == "delivered":
-            log.debug("delivered", extra=fields)
+            log.info("delivered", extra=fields)
         elif decision.state == "pending":
             fields["error"] = result.error
             fields["retry_in_s"] = round(decision.next_at - now, 1)
@@ -314,16 +353,50 @@ class Dispatcher:
         while self._outcomes:
             batch = self._outcomes
             self._outcomes = []
-            while True:
-                try:
-                    await self._store.record(batch, self._clock())
-                    self.store_ok = True
-                    break
-                except StoreUnavailableError as exc:
-                    self.store_ok = False
-                    log.error(
-                        "store unavailable; holding delivery results",
-                        extra={"event": "dispatch.store_down", "error": str(exc)},
-                    )
-                    await asyncio.sleep(self._store_retry)
+            await write_isolating(batch, self._record, self._refused)
             self._wake.set()
+
+    async def _record(self, batch: Sequence[Outcome]) -> None:
+        """Commit verdicts, waiting while the store is down."""
+        while True:
+            try:
+                await self._store.record(batch, self._clock())
+                self.store_ok = True
+                return
+            except StoreUnavailableError as exc:
+                self.store_ok = False
+                log.error(
+                    "store unavailable; holding delivery results",
+                    extra={"event": "dispatch.store_down", "error": str(exc)},
+                )
+                await asyncio.sleep(self._store_retry)
+
+    async def _refused(self, outcome: Outcome, exc: Exception) -> None:
+        """A verdict the store refused on its own: recorded without the attempt's details
+        (what the endpoint said is the likely culprit), else released, else dropped (the
+        claim then lapses like a crashed replica's): never the recorder's end."""
+        log.error(
+            "store refused a delivery result; recording it without its details",
+            extra={
+                "event": "dispatch.record_refused",
+                "delivery_id": outcome.delivery_id,
+                "error": f"{type(exc).__name__}: {exc}"[:300],
+            },
+        )
+        fallbacks = [Outcome(outcome.delivery_id, "released", self._clock(), None)]
+        if outcome.attempt is not None and outcome.state != "released":
+            bare = replace(outcome.attempt, error=None, excerpt=None)
+            fallbacks.insert(0, replace(outcome, attempt=bare))
+        for fallback in fallbacks:
+            try:
+                await self._record([fallback])
+                return
+            except Exception:
+                log.exception(
+                    "store refused a delivery result again",
+                    extra={"event": "dispatch.record_refused", "delivery_id": outcome.delivery_id},
+                )
+        log.error(
+            "delivery result dropped; the delivery is retried once its claim lapses",
+            extra={"event": "dispatch.record_dropped", "delivery_id": outcome.delivery_id},
+        )

@@ -23,10 +23,17 @@ class RelayError(Exception):
 
 
 class ConfigError(RelayError):
-    """Invalid configuration: exit code 2, one line naming the variable and the reason."""
+    """Invalid configuration: exit code 2, one line per error naming the variable and reason.
 
-    def __init__(self, variable: str, reason: str) -> None:
-        super().__init__(f"{variable}: {reason}")
+    ``variable`` and ``reason`` are the first error's; ``errors`` holds every one, so that an
+    operator fixes them all in one round instead of one per restart.
+    """
+
+    def __init__(
+        self, variable: str, reason: str, *, more: tuple[tuple[str, str], ...] = ()
+    ) -> None:
+        self.errors = ((variable, reason), *more)
+        super().__init__("\n".join(f"{name}: {why}" for name, why in self.errors))
         self.variable = variable
         self.reason = reason
 

@@ -7,15 +7,19 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, TypeGuard
 
 from relay import tokens
 from relay.codec import canonical_json, compact_json, loads
+from relay.masking import mask_long_hex
 
 __all__ = [
     "KNOWN_FEEDS",
+    "MAX_DEPTH",
+    "MAX_FIELD_CHARS",
+    "MAX_FRAME_BYTES",
     "USERS_FEED",
     "BadFrame",
     "Control",
@@ -29,6 +33,9 @@ __all__ = [
     "reconcile_event_id",
     "redact",
     "routes",
+    "stored_excerpt",
+    "user_problem",
+    "without_controls",
 ]
 
 USERS_FEED = "private.enterprise.users"
@@ -47,6 +54,131 @@ Source = Literal["feed", "reconcile"]
 _SECRET_KEYS = frozenset({"user_token", "token", "apiKey", "api_key", "apikey"})
 _REDACTED = "[redacted]"
 _MAX_BAD_FRAME = 64 * 1024
+
+# -- the input boundary (CONTRACT.md section 5, "Bad input never stops the relay") --------
+# Whatever enters the store passes these checks first, so that no store, index, hash or
+# recursion limit downstream ever meets a value it cannot take: feed frames here in
+# :func:`parse_frame`, REST users through :func:`user_problem`, endpoint responses through
+# :func:`stored_excerpt`.
+
+#: A frame larger than this (UTF-8 bytes) is a bad frame.
+MAX_FRAME_BYTES = 1024 * 1024
+#: ``user_id``, ``status`` and ``recipient`` longer than this (code points) are refused: they
+#: are indexed columns, and PostgreSQL refuses index rows over ~2.7 kB.
+MAX_FIELD_CHARS = 256
+#: JSON nested deeper than this (the message object is level 1) is refused: hashing and
+#: serialising recurse, and Python's recursion limit is ~1,000 frames.
+MAX_DEPTH = 64
+#: What a stored response excerpt is cut to (UTF-8 bytes).
+EXCERPT_BYTES = 1024
+
+#: Unicode category Cc: C0 controls, DEL and C1 controls (NUL included).
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+_SPACES = str.maketrans({"\t": " ", "\n": " ", "\r": " "})
+
+
+def without_controls(text: str) -> str:
+    """``text`` with no control character: tab and line breaks become spaces (they separate
+    words), every other one U+FFFD. PostgreSQL refuses NUL in text, and a terminal or log
+    viewer that prints a stored value must not be driven by it."""
+    if not _CONTROL.search(text):
+        return text
+    return _CONTROL.sub("\ufffd", text.translate(_SPACES))
+
+
+def _text_problem(name: str, value: str) -> str | None:
+    if len(value) <= MAX_FIELD_CHARS and value.isprintable():  # the common case, in C
+        return None
+    if len(value) > MAX_FIELD_CHARS:
+        return f"{name} longer than {MAX_FIELD_CHARS} characters"
+    if _CONTROL.search(value):
+        return f"{name} holds a control character"
+    return None
+
+
+def _deeper_than(obj: Any, limit: int) -> bool:
+    """Whether ``obj`` nests more than ``limit`` levels (``obj`` itself is level 1).
+
+    Iterative, so it cannot itself hit the recursion limit it guards against.
+    """
+    stack: list[tuple[Any, int]] = [(obj, 1)]
+    while stack:
+        value, level = stack.pop()
+        if isinstance(value, dict):
+            children: Iterable[Any] = value.values()
+        elif isinstance(value, list):
+            children = value
+        else:
+            continue
+        if level > limit:
+            return True
+        stack.extend((child, level + 1) for child in children)
+    return False
+
+
+def _may_nest_deeper(data: str | bytes, limit: int) -> bool:
+    """Cheap pre-check: fewer opening brackets than ``limit`` cannot nest deeper than it."""
+    if isinstance(data, bytes):
+        return data.count(b"{") + data.count(b"[") > limit
+    return data.count("{") + data.count("[") > limit
+
+
+def _frame_bytes(data: str | bytes) -> int:
+    if isinstance(data, bytes) or len(data) * 4 <= MAX_FRAME_BYTES:
+        return len(data)  # (a str this short cannot be over the limit in UTF-8)
+    return len(data.encode("utf-8", "surrogatepass"))
+
+
+def _payload_problem(payload: Mapping[str, Any]) -> str | None:
+    """Why a users-feed payload cannot be stored (its fields; depth and encoding aside)."""
+    user_id = payload.get("user_id")
+    status = payload.get("status")
+    if not isinstance(user_id, str) or not user_id:
+        return "payload.user_id missing or not a string"
+    problem = _text_problem("payload.user_id", user_id)
+    if problem:
+        return problem
+    if status is not None:
+        if not isinstance(status, str):
+            return "payload.status not a string"
+        problem = _text_problem("payload.status", status)
+        if problem:
+            return problem
+    if "requirements" in payload and not isinstance(payload["requirements"], dict):
+        return "payload.requirements not an object"
+    token = payload.get("user_token")
+    if token is not None and not isinstance(token, dict):
+        return "payload.user_token not an object"
+    return None
+
+
+def user_problem(user: object) -> str | None:
+    """Why a REST user cannot be stored, or None: the feed's rule for the message it becomes.
+
+    A reconciled event's body holds the user as its payload, so the user is nesting level 2.
+    """
+    if not isinstance(user, dict):
+        return "not a JSON object"
+    problem = _payload_problem(user)
+    if problem:
+        return problem
+    if _deeper_than(user, MAX_DEPTH - 1):
+        return f"nested deeper than {MAX_DEPTH} levels"
+    try:
+        compact_json(user)
+    except (TypeError, ValueError, UnicodeEncodeError):  # e.g. a lone surrogate "\ud800"
+        return "not JSON: unencodable string"
+    return None
+
+
+def stored_excerpt(text: str | None, redact: Callable[[str], str]) -> str | None:
+    """What is stored of a response body: redacted first (a secret cut in two would escape
+    the redactor), then without control characters, then cut to :data:`EXCERPT_BYTES` of
+    UTF-8 (never in the middle of a character)."""
+    if not text:
+        return None
+    clean = without_controls(redact(text))
+    return clean.encode()[:EXCERPT_BYTES].decode("utf-8", "ignore") or None
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,13 +217,19 @@ def _is_int(value: object) -> TypeGuard[int]:
 
 
 def parse_frame(data: str | bytes) -> Message | Control | BadFrame:
-    """Classify one WebSocket frame. Never raises."""
+    """Classify one WebSocket frame, at the input boundary. Never raises."""
+    size = _frame_bytes(data)
+    if size > MAX_FRAME_BYTES:
+        reason = f"frame of {size:,} bytes, over the {MAX_FRAME_BYTES:,}-byte limit"
+        return BadFrame(reason, redact(data[: 4 * _MAX_BAD_FRAME]))  # its head, by pattern
     try:
         obj = loads(data)
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         return BadFrame(f"not JSON: {type(exc).__name__}", redact(data))
     if not isinstance(obj, dict):
         return BadFrame(f"not a JSON object: {type(obj).__name__}", redact(data))
+    if _may_nest_deeper(data, MAX_DEPTH) and _deeper_than(obj, MAX_DEPTH):
+        return BadFrame(f"nested deeper than {MAX_DEPTH} levels", redact(data))
     try:
         compact_json(obj)
     except (TypeError, ValueError, UnicodeEncodeError):  # e.g. a lone surrogate "\ud800"
@@ -125,6 +263,9 @@ def _message(obj: dict[str, Any], data: str | bytes) -> Message | BadFrame:
     sequence = obj.get("sequence")
     if not isinstance(recipient, str) or not recipient:
         return bad("recipient missing or not a string")
+    problem = None if recipient in KNOWN_FEEDS else _text_problem("recipient", recipient)
+    if problem:
+        return bad(problem)
     if not isinstance(payload, dict):
         return bad("payload missing or not an object")
     if not _is_int(timestamp):
@@ -134,17 +275,11 @@ def _message(obj: dict[str, Any], data: str | bytes) -> Message | BadFrame:
     user_id: str | None = None
     status: str | None = None
     if recipient == USERS_FEED:
-        user_id = payload.get("user_id")
+        problem = _payload_problem(payload)  # depth and encoding: checked above
+        if problem:
+            return bad(problem)
+        user_id = payload["user_id"]
         status = payload.get("status")
-        if not isinstance(user_id, str) or not user_id:
-            return bad("payload.user_id missing or not a string")
-        if status is not None and not isinstance(status, str):
-            return bad("payload.status not a string")
-        if "requirements" in payload and not isinstance(payload["requirements"], dict):
-            return bad("payload.requirements not an object")
-        token = payload.get("user_token")
-        if token is not None and not isinstance(token, dict):
-            return bad("payload.user_token not an object")
     return Message(obj, sequence, recipient, timestamp, user_id, status)
 
 
@@ -154,7 +289,7 @@ def _redact_value(value: Any) -> Any:
     if isinstance(value, list):
         return [_redact_value(v) for v in value]
     if isinstance(value, str):
-        return _LONG_HEX.sub(_REDACTED, value)
+        return mask_long_hex(value, _REDACTED)
     return value
 
 
@@ -162,7 +297,6 @@ _TOKEN_TEXT = re.compile(
     r'("(?:user_token|token|apiKey|api_key|apikey)"\s*:\s*)'
     r'("(?:[^"\\]|\\.)*"?|\{[^{}]*\}?|[^,}\]\s]+)',
 )
-_LONG_HEX = re.compile(r"\b[0-9a-fA-F]{32,}\b")
 
 
 def redact(data: str | bytes | Mapping[str, Any]) -> str:
@@ -172,14 +306,31 @@ def redact(data: str | bytes | Mapping[str, Any]) -> str:
     long hex strings, which is what sFOX user tokens look like).
     """
     if isinstance(data, Mapping):
-        return compact_json(_redact_value(dict(data))).decode()[:_MAX_BAD_FRAME]
+        return _redact_parsed(data) or _redact_text(compact_json(dict(data)).decode())
     text = data.decode("utf-8", "replace") if isinstance(data, bytes) else data
     try:
-        return compact_json(_redact_value(loads(text))).decode()[:_MAX_BAD_FRAME]
+        parsed = loads(text)
     except (ValueError, RecursionError):
-        pass
-    text = _TOKEN_TEXT.sub(lambda m: f'{m.group(1)}"{_REDACTED}"', text)
-    return _LONG_HEX.sub(_REDACTED, text)[:_MAX_BAD_FRAME]
+        return _redact_text(text)
+    return _redact_parsed(parsed) or _redact_text(text)
+
+
+def _redact_parsed(obj: Any) -> str | None:
+    """Structural redaction, or None for what is too deep to walk safely (then by pattern).
+
+    JSON escapes C0 controls; DEL and C1 ones it leaves, so they are replaced here.
+    """
+    if _deeper_than(obj, MAX_DEPTH):
+        return None
+    try:
+        return without_controls(compact_json(_redact_value(obj)).decode()[:_MAX_BAD_FRAME])
+    except (TypeError, ValueError, UnicodeEncodeError):  # a lone surrogate
+        return None
+
+
+def _redact_text(text: str) -> str:
+    text = _TOKEN_TEXT.sub(lambda m: f'{m.group(1)}"{_REDACTED}"', text[: 4 * _MAX_BAD_FRAME])
+    return without_controls(mask_long_hex(text, _REDACTED))[:_MAX_BAD_FRAME]
 
 
 def event_id(message: Mapping[str, Any]) -> str:

@@ -3,8 +3,11 @@
 One :class:`FeedClient` owns one WebSocket at a time. It performs sFOX's handshake (waiting for
 each success reply), then reads frames in a reader task and hands them to a
 :class:`FeedHandler` in batches (group commit). The handler is awaited before more is taken
-from the bounded queue, so a slow store slows reading down instead of piling frames up in
-memory.
+from the bounded buffer, so a slow store slows reading down instead of piling frames up in
+memory. Every buffer is bounded in bytes, not only in frames (CONTRACT.md section 5): frames
+over ``max_size`` never arrive whole, the buffer between reader and committer holds at most
+``max_buffer_bytes``, a batch at most ``max_batch_bytes``, and what arrives before sFOX
+answers the handshake at most ``max_buffer_bytes`` (more is a failed handshake).
 
 Every failure (drop, timeout, bad handshake, keepalive timeout) leads to a reconnection with
 exponential backoff and full jitter that resets after a healthy connection, within sFOX's
@@ -23,6 +26,7 @@ import contextlib
 import enum
 import logging
 import random
+import sys
 import time
 import urllib.parse
 from collections import deque
@@ -37,7 +41,7 @@ from websockets.protocol import State
 
 from relay.codec import compact_json
 from relay.errors import FeedAuthError, FeedError
-from relay.events import USERS_FEED, BadFrame, Control, Message, parse_frame
+from relay.events import MAX_FRAME_BYTES, USERS_FEED, BadFrame, Control, Message, parse_frame
 from relay.metrics import Metrics
 
 __all__ = [
@@ -83,7 +87,7 @@ class FeedHandler(Protocol):
 
 @dataclass(frozen=True)
 class FeedOptions:
-    """Connection settings. Defaults follow CONTRACT.md section 5 ("Feed")."""
+    """Connection settings. Defaults follow the README."""
 
     url: str
     api_key: str
@@ -100,10 +104,19 @@ class FeedOptions:
     #: Replicas sharing one outbound IP: each keeps to 1/N of sFOX's per-IP limits.
     replicas: int = 1
     max_batch: int = 500
+    #: A batch holds at most this many bytes of frames (parsed, they take a few times more).
+    max_batch_bytes: int = 4 * 1024 * 1024
+    #: Frames received and not yet committed, and frames received before the handshake is
+    #: answered: at most this many bytes each.
+    max_buffer_bytes: int = 8 * 1024 * 1024
     #: How long to wait for the server's side of a closing handshake before dropping the TCP
     #: connection (after a keepalive timeout the server is usually not listening any more).
     close_timeout: float = 5.0
-    max_size: int = 4 * 1024 * 1024
+    #: websockets closes the connection (1009) on a larger message; one over the contract's
+    #: 1 MiB but within this slack arrives, and is a bad frame (relay.events).
+    max_size: int = MAX_FRAME_BYTES + 64 * 1024
+    #: Frames websockets itself buffers before it stops reading the socket.
+    max_queue: int = 8
 
     def __post_init__(self) -> None:
         if self.dead_after <= self.ping_interval:
@@ -112,6 +125,8 @@ class FeedOptions:
             raise ValueError("replicas must be at least 1")
         if self.max_batch < 1:
             raise ValueError("max_batch must be at least 1")
+        if min(self.max_batch_bytes, self.max_buffer_bytes, self.max_queue) < 1:
+            raise ValueError("max_batch_bytes, max_buffer_bytes and max_queue must be positive")
         if not self.feeds:
             raise ValueError("feeds must not be empty")
 
@@ -187,6 +202,62 @@ def _safe_url(url: str) -> str:
         return f"{parts.scheme}://{host}{port}{parts.path}"
     except ValueError:
         return "<invalid url>"
+
+
+class _FrameBuffer:
+    """Frames between the socket and the committer, bounded in bytes as well as in count.
+
+    :meth:`put` waits while the buffer holds ``max_bytes`` (one frame always fits, so a frame
+    larger than the budget still passes, alone); :meth:`take` hands out a batch. Sizes are
+    the frames' memory (``sys.getsizeof``), which is what the bound is for.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        #: The most the buffer ever held, in bytes (tests and benchmarks read it).
+        self.peak = 0
+        self._items: deque[tuple[object, int]] = deque()
+        self._not_empty = asyncio.Event()
+        self._room = asyncio.Event()
+
+    @staticmethod
+    def _size(item: object) -> int:
+        return sys.getsizeof(item) if isinstance(item, str | bytes) else 0
+
+    def fits(self, item: object) -> bool:
+        return not self._items or self.bytes + self._size(item) <= self.max_bytes
+
+    def append(self, item: object) -> None:
+        """Add without waiting (the caller checked :meth:`fits`, or must not wait)."""
+        size = self._size(item)
+        self._items.append((item, size))
+        self.bytes += size
+        self.peak = max(self.peak, self.bytes)
+        self._not_empty.set()
+
+    async def put(self, item: object) -> None:
+        while not self.fits(item):
+            self._room.clear()
+            await self._room.wait()
+        self.append(item)
+
+    async def take(self, max_items: int, max_bytes: int) -> list[object]:
+        """At least one item; then more while under ``max_items`` and ``max_bytes``."""
+        while not self._items:
+            self._not_empty.clear()
+            await self._not_empty.wait()
+        item, taken = self._items.popleft()
+        batch = [item]
+        while self._items and len(batch) < max_items:
+            size = self._items[0][1]
+            if taken + size > max_bytes:
+                break
+            batch.append(self._items.popleft()[0])
+            taken += size
+        self.bytes -= taken
+        self._room.set()
+        return batch
 
 
 class _Stopped(Exception):
@@ -361,7 +432,7 @@ class FeedClient:
                 ping_timeout=opts.dead_after - opts.ping_interval,
                 close_timeout=opts.close_timeout,
                 max_size=opts.max_size,
-                max_queue=256,
+                max_queue=opts.max_queue,
                 compression=None,
                 logger=self._ws_log,
             )
@@ -372,7 +443,7 @@ class FeedClient:
                 self._metrics.feed_reconnects.inc()
             self.connections += 1
             self.last_sequence = None
-            early: list[Message | BadFrame] = []
+            early = _FrameBuffer(opts.max_buffer_bytes)
             self._set_state(FeedState.AUTHENTICATING)
             await ws.send(self._auth_frame)
             await self._expect(ws, "authenticate", early)
@@ -397,17 +468,22 @@ class FeedClient:
             if ws.state is not State.CLOSED:
                 await ws.close()  # a normal close frame; bounded by close_timeout
 
-    async def _expect(
-        self, ws: ClientConnection, action: str, early: list[Message | BadFrame]
-    ) -> None:
-        """Wait for sFOX's reply to ``action``; frames that are not replies are kept."""
+    async def _expect(self, ws: ClientConnection, action: str, early: _FrameBuffer) -> None:
+        """Wait for sFOX's reply to ``action``; frames that are not replies are kept (raw,
+        up to ``max_buffer_bytes``: a server that sends more before answering is dropped)."""
         try:
             async with asyncio.timeout(self.options.handshake_timeout):
                 while True:
-                    frame = parse_frame(await ws.recv())
+                    data = await ws.recv()
+                    frame = parse_frame(data)
                     self._metrics.frame_received()
                     if not isinstance(frame, Control):
-                        early.append(frame)
+                        if not early.fits(data):
+                            raise FeedError(
+                                f"over {early.max_bytes:,} bytes of frames before the "
+                                f"{action} reply"
+                            )
+                        early.append(data)
                         continue
                     if frame.type == "error":
                         reason = _clean(frame.message or "error reply", self.options.api_key)
@@ -429,23 +505,20 @@ class FeedClient:
 
     # -- reading --------------------------------------------------------------------------
 
-    async def _read(self, ws: ClientConnection, early: list[Message | BadFrame]) -> None:
-        """Reader task -> bounded queue -> batches to the handler, until the connection ends.
+    async def _read(self, ws: ClientConnection, buffer: _FrameBuffer) -> None:
+        """Reader task -> byte-bounded buffer -> batches to the handler, until the connection
+        ends. ``buffer`` already holds what arrived during the handshake.
 
-        The queue holds frames as received and a batch is parsed when it is taken: a parsed
-        message is ~5x the size of its text, and the queue is full whenever the store is
+        The buffer holds frames as received and a batch is parsed when it is taken: a parsed
+        message is ~5x the size of its text, and the buffer is full whenever the store is
         slower than the feed.
         """
-        queue: asyncio.Queue[str | bytes | object] = asyncio.Queue(self.options.max_batch)
         failure: list[BaseException] = []
-        reader = asyncio.create_task(self._reader(ws, queue, failure), name="feed-reader")
+        reader = asyncio.create_task(self._reader(ws, buffer, failure), name="feed-reader")
+        opts = self.options
         try:
-            if early:
-                await self._dispatch(list(early))
             while True:
-                items: list[str | bytes | object] = [await queue.get()]
-                while len(items) < self.options.max_batch and not queue.empty():
-                    items.append(queue.get_nowait())
+                items = await buffer.take(opts.max_batch, opts.max_batch_bytes)
                 ended = items[-1] is _END
                 frames = items[:-1] if ended else items
                 await self._dispatch(
@@ -464,14 +537,14 @@ class FeedClient:
     async def _reader(
         self,
         ws: ClientConnection,
-        queue: asyncio.Queue[str | bytes | object],
+        buffer: _FrameBuffer,
         failure: list[BaseException],
     ) -> None:
         metrics = self._metrics
         try:
             async for data in ws:
                 metrics.frame_received()
-                await queue.put(data)
+                await buffer.put(data)
         except ConnectionClosedOK:
             pass
         except Exception as exc:  # ConnectionClosedError, or a bug: re-raised by _read
@@ -481,9 +554,9 @@ class FeedClient:
                 # whole. It cannot be kept, but it is counted and a record of it is.
                 limit = self.options.max_size
                 reason = f"frame over the {limit:,}-byte limit; connection closed"
-                await queue.put(BadFrame(reason=reason, text=""))
+                await buffer.put(BadFrame(reason=reason, text=""))
             failure.append(exc)
-        await queue.put(_END)
+        await buffer.put(_END)
 
     async def _dispatch(self, items: Iterable[object]) -> None:
         batch: list[Message] = []

@@ -1,9 +1,12 @@
 """Structured logs (one JSON object per line, or console text) with redaction in front.
 
-Every record passes through :class:`Redactor` after it is fully formatted (message, fields,
-exception text and reprs), so a secret cannot reach the sink by any path: configured secrets
-are replaced by ``***``, and anything shaped like a user token or an API key field is replaced
-too, since user tokens are not known in advance.
+Redaction masks secrets, never words. Structurally first: a field whose name says it holds a
+secret (``api_key``, ``token``, ``authorization``...) is masked wherever it is printed, URLs
+have their credentials masked (:func:`relay.masking.mask_url`), and values shaped like a user
+token, a JWT or a bearer credential are masked. Then, as a safety net over the fully formatted
+line (message, fields, exception text and reprs), every configured secret of 12 or more
+characters is masked wherever it appears. A shorter secret (a header value such as
+``production``) is only masked structurally, so it cannot blank that word out of every line.
 """
 
 from __future__ import annotations
@@ -18,9 +21,28 @@ from typing import Any, TextIO
 
 import orjson
 
+from relay.masking import MASK, mask_long_hex, mask_url
+
 __all__ = ["ConsoleFormatter", "JsonFormatter", "Redactor", "setup_logging"]
 
-_MASK = "***"
+_MASK = MASK
+#: The shortest configured secret the substring safety net masks (shorter ones are words).
+MIN_SECRET_LENGTH = 12
+#: Field names (any case, also nested in dicts) whose value is a secret however short.
+_SECRET_FIELDS = frozenset(
+    {
+        "api_key",
+        "apikey",
+        "token",
+        "user_token",
+        "admin_token",
+        "token_key",
+        "secret",
+        "signing_secret",
+        "password",
+        "authorization",
+    }
+)
 #: Standard LogRecord attributes; anything else on a record is a structured field.
 _RESERVED = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
     "message",
@@ -28,17 +50,13 @@ _RESERVED = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
     "taskName",
     "color_message",  # uvicorn's ANSI-coloured twin of msg
 }
-_PATTERNS = (
-    # sFOX user tokens are long hex strings; event ids (evt_ + hex) are not secrets.
-    # (A JSON escape such as \n before the token counts as a separator.)
-    re.compile(r"(?:(?<=\\[nrt])|(?<![0-9A-Za-z_]))[0-9a-fA-F]{40,}(?![0-9A-Za-z])"),
-    # JWT-shaped bearer tokens.
-    re.compile(r"eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}"),
-    # Credentials inside URLs.
-    re.compile(r"(?<=://)[^/@\s:]+:[^/@\s]+(?=@)"),
-    # Authorization headers.
-    re.compile(r"(?i)(?<=bearer )[A-Za-z0-9._~+/=-]{8,}"),
-)
+# sFOX user tokens (long hex; event ids, evt_ + hex, are not secrets): mask_long_hex.
+# JWT-shaped bearer tokens, and Authorization header values; each scanned for only when a
+# cheap substring test says it may be there (every log line pays for these).
+_JWT = re.compile(r"eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}")
+_BEARER = re.compile(r"(?i)(?:(?<=bearer )|(?<=basic ))[A-Za-z0-9._~+/=-]{8,}")
+#: A URL with user info or a query (the parts mask_url may mask), up to a delimiter.
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s\"'<>\\]*[@?][^\s\"'<>\\]*")
 
 
 class Redactor:
@@ -49,10 +67,11 @@ class Redactor:
         self.add(secrets)
 
     def add(self, secrets: Iterable[str]) -> None:
-        """Register more secret values (shorter than 4 characters are ignored)."""
+        """Register more secret values; the substring net ignores those shorter than
+        :data:`MIN_SECRET_LENGTH` (they are masked only where a field holds them)."""
         known = set(self._secrets)
         for secret in secrets:
-            if secret and len(secret) >= 4:
+            if secret and len(secret) >= MIN_SECRET_LENGTH:
                 known.add(secret)
                 known.add(orjson.dumps(secret).decode()[1:-1])  # as it appears inside JSON
         # Longest first, so a secret containing another is masked whole.
@@ -62,13 +81,30 @@ class Redactor:
         for secret in self._secrets:
             if secret in text:
                 text = text.replace(secret, _MASK)
-        for pattern in _PATTERNS:
-            text = pattern.sub(_MASK, text)
+        text = mask_long_hex(text)
+        if "eyJ" in text:
+            text = _JWT.sub(_MASK, text)
+        lowered = text.lower()
+        if "bearer " in lowered or "basic " in lowered:  # websockets' DEBUG log prints headers
+            text = _BEARER.sub(_MASK, text)
+        if "://" in text:
+            text = _URL.sub(lambda m: mask_url(m[0], strict=True), text)
         return text
 
 
+def _masked(key: str, value: Any) -> Any:
+    """``value`` with whatever a secret-named field holds masked, at any depth."""
+    if key.lower() in _SECRET_FIELDS:
+        return _MASK
+    if isinstance(value, dict):
+        return {k: _masked(str(k), v) for k, v in value.items()}
+    return value
+
+
 def _fields(record: logging.LogRecord) -> dict[str, Any]:
-    return {k: v for k, v in record.__dict__.items() if k not in _RESERVED and v is not None}
+    return {
+        k: _masked(k, v) for k, v in record.__dict__.items() if k not in _RESERVED and v is not None
+    }
 
 
 class JsonFormatter(logging.Formatter):
@@ -96,14 +132,15 @@ class JsonFormatter(logging.Formatter):
 
 
 class ConsoleFormatter(logging.Formatter):
-    """``time level logger: msg key=value ...`` for people at a terminal."""
+    """``date time level logger: msg key=value ...`` for people at a terminal (local time;
+    the date too, since a terminal's scrollback or a saved log spans days)."""
 
     def __init__(self, redactor: Redactor) -> None:
         super().__init__()
         self._redact = redactor
 
     def format(self, record: logging.LogRecord) -> str:
-        when = datetime.fromtimestamp(record.created).strftime("%H:%M:%S.%f")[:-3]
+        when = datetime.fromtimestamp(record.created).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
         fields = " ".join(f"{k}={v}" for k, v in _fields(record).items() if k != "event")
         text = f"{when} {record.levelname:<7} {record.name}: {record.getMessage()}"
         if fields:
@@ -129,6 +166,10 @@ def setup_logging(
     level: str, fmt: str, redactor: Redactor, *, stream: TextIO | None = None
 ) -> logging.Handler:
     """Send every log record to ``stream`` (stderr), redacted, in the chosen format."""
+    # The logging HOWTO's optimisations: no line of ours prints the caller, thread or process,
+    # and finding the caller walks the stack on every record (every event logs at INFO).
+    logging._srcfile = None
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     handler = _Handler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter(redactor) if fmt == "json" else ConsoleFormatter(redactor))
     root = logging.getLogger()

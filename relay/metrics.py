@@ -1,4 +1,4 @@
-"""Every Prometheus metric of CONTRACT.md section 6, in one registry per relay.
+"""Every Prometheus metric the README lists, in one registry per relay.
 
 A registry per :class:`Metrics` instance (not the global default) so tests and the demo can
 run several relays in one process. Labels carry endpoint names, never URLs.
@@ -9,9 +9,15 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from relay import __version__
+
 __all__ = ["FEED_STATES", "Metrics"]
+
+# No `_created` series: one more sample per counter that no dashboard reads.
+prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
 
 #: The feed client's states, one ``relay_feed_state`` series each.
 FEED_STATES = (
@@ -90,6 +96,16 @@ class Metrics:
             ["endpoint"],
             registry=r,
         )
+        self.outbox_dead = Gauge(
+            "relay_outbox_dead",
+            "Dead deliveries in the store now (until replayed or purged)",
+            ["endpoint"],
+            registry=r,
+        )
+        self.build_info = Gauge(
+            "relay_build_info", "Always 1; the running version", ["version"], registry=r
+        )
+        self.build_info.labels(version=__version__).set(1)
         self.reconcile_runs = Counter(
             "relay_reconcile_runs", "Reconciliation runs by outcome", ["outcome"], registry=r
         )

@@ -8,7 +8,8 @@ one ``transport.write``. It speaks just enough HTTP/1.1 for webhooks: keep-alive
 Answers are programmable with a *behaviour* (status, headers, body, delay, or a connection
 reset), which is how tests and the chaos suite make an endpoint fail on purpose.
 
-Run it alone with ``python -m relay.receiver --port 8099`` (prints its URL, then counts).
+Run it alone with ``python -m relay.receiver --port 8099`` (prints its URL, then counts);
+``--cert``/``--key`` serve HTTPS, and ``--client-ca`` demands client certificates (mutual TLS).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import json
 import logging
 import signal
 import socket
+import ssl
 import struct
 import sys
 import time
@@ -33,7 +35,7 @@ from typing import Any
 
 from relay.signing import SignatureError, decode_secret, verify
 
-__all__ = ["Behaviour", "Received", "Receiver", "Response", "main"]
+__all__ = ["Behaviour", "Received", "Receiver", "Response", "main", "server_tls"]
 
 log = logging.getLogger(__name__)
 
@@ -489,10 +491,22 @@ class Receiver:
                 future.set_result(None)
 
 
+def server_tls(cert: str, key: str, client_ca: str | None = None) -> SSLContext:
+    """An HTTPS receiver's context: its certificate and key, and with ``client_ca`` a demand
+    for a client certificate signed by it (mutual TLS)."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    if client_ca is not None:
+        context.verify_mode = ssl.CERT_REQUIRED
+        context.load_verify_locations(cafile=client_ca)
+    return context
+
+
 async def _serve(args: argparse.Namespace) -> None:
     keys = [decode_secret(secret) for secret in args.secret]
     receiver = Receiver(keys=keys, record=False)
-    await receiver.start(args.host, args.port)
+    tls = server_tls(args.cert, args.key, args.client_ca) if args.cert else None
+    await receiver.start(args.host, args.port, ssl=tls)
     print(receiver.url, flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -534,7 +548,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--interval", type=float, default=5.0, help="seconds between rate lines on stderr"
     )
+    parser.add_argument("--cert", help="PEM certificate: serve HTTPS (with --key)")
+    parser.add_argument("--key", help="PEM private key of --cert")
+    parser.add_argument(
+        "--client-ca", help="PEM CA bundle: require client certificates it signed (mutual TLS)"
+    )
     args = parser.parse_args(argv)
+    if bool(args.cert) != bool(args.key) or (args.client_ca and not args.cert):
+        parser.error("--cert and --key go together; --client-ca needs them")
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(_serve(args))
 

@@ -27,18 +27,21 @@ from tenacity import (
 )
 
 from relay import events
-from relay.codec import canonical_json
-from relay.errors import RelayError, StoreUnavailableError
+from relay.codec import canonical_json, loads
+from relay.errors import RelayError, StoreError
 from relay.events import NewEvent
 from relay.metrics import Metrics
 from relay.retry import parse_retry_after
 from relay.store.base import Store, UserState
+from relay.tracing import OFF, Tracing
 
 __all__ = ["Change", "ReconcileError", "Reconciler", "Report", "diff"]
 
 log = logging.getLogger("relay.reconcile")
 
 USERS_PATH = "/v1/enterprise/users"
+#: The most of a REST answer the relay reads (CONTRACT.md section 5); more is an error.
+MAX_REST_BYTES = 64 * 1024 * 1024
 #: sFOX asks clients to wait 60 s after a 429 on the REST API.
 RATE_LIMIT_WAIT = 60.0
 Outcome = Literal["success", "baseline", "error", "skipped"]
@@ -74,6 +77,8 @@ class Report:
     emitted: int = 0
     baseline: int = 0
     error: str | None = None
+    #: REST users refused at the input boundary (skipped, logged, counted here).
+    bad_users: int = 0
 
 
 def _requirements(user: dict[str, Any]) -> str | None:
@@ -106,17 +111,29 @@ def diff(
     return changes
 
 
-def _validate(payload: Any) -> list[dict[str, Any]]:
+def _validate(payload: Any) -> tuple[list[dict[str, Any]], int]:
+    """The users that pass the input boundary (the feed's rule), and how many did not."""
     data = payload.get("data") if isinstance(payload, dict) else None
     if not isinstance(data, list):
         raise ReconcileError("unexpected REST answer: no data list")
-    users = [u for u in data if isinstance(u, dict) and isinstance(u.get("user_id"), str)]
-    if len(users) != len(data):
+    users: list[dict[str, Any]] = []
+    reasons: dict[str, int] = {}
+    for user in data:
+        problem = events.user_problem(user)
+        if problem is None:
+            users.append(user)
+        else:
+            reasons[problem] = reasons.get(problem, 0) + 1
+    if reasons:
         log.warning(
-            "REST users without a user_id ignored",
-            extra={"event": "reconcile.bad_users", "count": len(data) - len(users)},
+            "REST users refused at the input boundary, skipped",
+            extra={
+                "event": "reconcile.bad_users",
+                "count": len(data) - len(users),
+                "reasons": reasons,
+            },
         )
-    return users
+    return users, len(data) - len(users)
 
 
 class Reconciler:
@@ -137,8 +154,10 @@ class Reconciler:
         attempts: int = 3,
         request_timeout: float = 30.0,
         sleep: Callable[[float], Any] = asyncio.sleep,
+        tracing: Tracing = OFF,
     ) -> None:
         self._store = store
+        self._tracing = tracing
         self._append = append
         self._metrics = metrics
         self._interval = interval
@@ -155,6 +174,7 @@ class Reconciler:
             follow_redirects=False,
         )
         self._wanted = asyncio.Event()
+        self._poke = asyncio.Event()
         self._last_run: float | None = None
 
     async def close(self) -> None:
@@ -163,25 +183,50 @@ class Reconciler:
     # -- scheduling -------------------------------------------------------------------------
 
     def trigger(self) -> None:
-        """Ask for a run (after a (re)subscription); deferred to keep runs 5 minutes apart."""
+        """Ask for a run (after a (re)subscription); deferred to keep such runs 5 minutes
+        after the last run."""
         if self._interval is not None:
             self._wanted.set()
+            self._poke.set()
+
+    def _due(self, now: float, tick: float) -> float:
+        """When the next run is due: at ``tick`` (every interval, honoured as set), or for a
+        triggered run as soon as ``min_gap`` has passed since the last run (section 5a)."""
+        if not self._wanted.is_set():
+            return tick
+        if self._last_run is None:
+            return now
+        return min(tick, max(now, self._last_run + self._min_gap))
 
     async def run(self) -> None:
-        """Reconcile when triggered and every interval, never twice within ``min_gap``."""
+        """Reconcile when triggered and every interval, until cancelled."""
         if self._interval is None:
             return
+        tick = self._clock() + self._interval
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wanted.wait(), self._interval)
-            if self._last_run is not None:
-                wait = self._last_run + self._min_gap - self._clock()
-                if wait > 0:
-                    await self._sleep(wait)
+            now = self._clock()
+            due = self._due(now, tick)
+            if due > now:
+                await self._wait(due - now)
+                continue
             self._wanted.clear()
             report = await self.run_once()
+            tick = self._clock() + self._interval
             if report.outcome == "error":
-                self._wanted.set()  # try again once the gap has passed
+                self._wanted.set()  # try again once the gap has passed (or at the interval)
+
+    async def _wait(self, seconds: float) -> None:
+        """Sleep ``seconds`` (the injected sleep), or less if :meth:`trigger` is called."""
+        self._poke.clear()
+        sleeper = asyncio.ensure_future(self._sleep(seconds))
+        poked = asyncio.ensure_future(self._poke.wait())
+        try:
+            await asyncio.wait({sleeper, poked}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for future in (sleeper, poked):
+                future.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await future
 
     # -- one run ----------------------------------------------------------------------------
 
@@ -193,8 +238,11 @@ class Reconciler:
                 if not mine:
                     report = Report("skipped")
                 else:
-                    report = await self._reconcile(emit_all=emit_all, dry_run=dry_run)
-        except (ReconcileError, StoreUnavailableError) as exc:
+                    # Events stored in here link their delivery attempts to this span.
+                    with self._tracing.source("relay.reconcile") as span:
+                        report = await self._reconcile(emit_all=emit_all, dry_run=dry_run)
+                        span.set("relay.emitted", report.emitted)
+        except (ReconcileError, StoreError) as exc:  # StoreError: never the task's end
             report = Report("error", error=str(exc))
         self._metrics.reconcile_runs.labels(outcome=report.outcome).inc()
         if report.outcome in ("success", "baseline"):
@@ -210,13 +258,14 @@ class Reconciler:
                 "emitted": report.emitted,
                 "baseline": report.baseline,
                 "error": report.error,
+                "bad_users": report.bad_users,
                 "dry_run": dry_run,
             },
         )
         return report
 
     async def _reconcile(self, *, emit_all: bool, dry_run: bool) -> Report:
-        users = await self.fetch_users()
+        users, bad = await self.fetch_users()
         states = await self._store.user_states()
         # The first reconciliation of a store only records where sFOX stands: emitting every
         # existing user into a new deployment would be a flood, not a recovery.
@@ -230,16 +279,19 @@ class Reconciler:
                 if dry_run
                 else await self._store.record_baseline(baseline, self._clock())
             )
-            return Report("baseline", users=len(users), baseline=recorded)
+            return Report("baseline", users=len(users), baseline=recorded, bad_users=bad)
         changes = diff(users, states, now_ns=time.time_ns(), emit_all=emit_all)
         emitted = 0
         if changes and not dry_run:
             emitted = await self._append([c.event for c in changes])
             self._metrics.reconcile_events.inc(emitted)
-        return Report("success", users=len(users), changes=changes, emitted=emitted)
+        return Report("success", users=len(users), changes=changes, emitted=emitted, bad_users=bad)
 
-    async def fetch_users(self) -> list[dict[str, Any]]:
-        """``GET /v1/enterprise/users``, retrying 429 (after its wait) and transient errors."""
+    async def fetch_users(self) -> tuple[list[dict[str, Any]], int]:
+        """``GET /v1/enterprise/users``, retrying 429 (after its wait) and transient errors.
+
+        Returns the users that pass the input boundary and how many did not.
+        """
 
         def wait(state: RetryCallState) -> float:
             exc = state.outcome.exception() if state.outcome else None
@@ -254,24 +306,32 @@ class Reconciler:
                 reraise=True,
             ):
                 with attempt:
-                    return await self._get_users()
+                    return _validate(await self._get_users())
         except _Retryable as exc:
             raise ReconcileError(f"REST users list unavailable: {exc}") from None
         raise AssertionError("unreachable")  # pragma: no cover
 
-    async def _get_users(self) -> list[dict[str, Any]]:
+    async def _get_users(self) -> Any:
+        """The parsed answer, read up to :data:`MAX_REST_BYTES` (decoded)."""
         try:
-            response = await self._client.get(USERS_PATH)
-        except httpx.TransportError as exc:
+            async with self._client.stream("GET", USERS_PATH) as response:
+                if response.status_code == 429:
+                    ra = parse_retry_after(response.headers.get("retry-after"), self._clock())
+                    raise _Retryable("HTTP 429", max(ra or 0.0, RATE_LIMIT_WAIT))
+                if response.status_code >= 500:
+                    raise _Retryable(f"HTTP {response.status_code}", 5.0)
+                if response.status_code != 200:
+                    raise ReconcileError(f"REST users list answered HTTP {response.status_code}")
+                body = bytearray()
+                async for chunk in response.aiter_bytes():
+                    body += chunk
+                    if len(body) > MAX_REST_BYTES:
+                        raise ReconcileError(
+                            f"REST users list larger than {MAX_REST_BYTES // 2**20} MiB"
+                        )
+        except httpx.TransportError as exc:  # also a connection lost mid-body, or bad gzip
             raise _Retryable(f"{type(exc).__name__}", 5.0) from None
-        if response.status_code == 429:
-            ra = parse_retry_after(response.headers.get("retry-after"), self._clock())
-            raise _Retryable("HTTP 429", max(ra or 0.0, RATE_LIMIT_WAIT))
-        if response.status_code >= 500:
-            raise _Retryable(f"HTTP {response.status_code}", 5.0)
-        if response.status_code != 200:
-            raise ReconcileError(f"REST users list answered HTTP {response.status_code}")
         try:
-            return _validate(response.json())
-        except ValueError:
+            return loads(bytes(body))
+        except (ValueError, RecursionError):
             raise ReconcileError("REST users list is not JSON") from None

@@ -4,14 +4,17 @@
 endpoint's schedule: the delay before attempt *n* is ``schedule[n-1]``, so the schedule's
 length is the attempt limit. A ``Retry-After`` (seconds or HTTP date, capped at one hour)
 stretches the delay, never shortens it; +-10% jitter spreads retries of an outage's backlog.
-Any other 3xx/4xx is permanent: a receiver that rejects the request will reject it again, as
-is a failure the sender marks permanent (a message larger than a broker accepts).
+Any other 3xx/4xx is permanent: a receiver that rejects the request will reject it again -
+unless the endpoint lists it in ``retry_statuses`` (a receiver that answers 401 or 404 while
+it deploys or rotates its secret), in which case it is retried like a 5xx. A failure the
+sender marks permanent (a message larger than a broker accepts) is permanent too.
 """
 
 from __future__ import annotations
 
+import math
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from typing import Literal
@@ -31,29 +34,44 @@ class Decision:
     reason: str
 
 
-def is_retryable(status: int | None, permanent: bool = False) -> bool:
-    """None (no response: timeout, connection error) and 408/425/429/5xx are worth retrying,
-    unless the sender marked the failure ``permanent`` (a message a broker refuses as too
-    large): such a failure is not the endpoint's fault either, so health counts it as none."""
+def is_retryable(
+    status: int | None, retry_statuses: Collection[int] = (), *, permanent: bool = False
+) -> bool:
+    """None (no response: timeout, connection error), 408/425/429/5xx and the endpoint's own
+    ``retry_statuses`` are worth retrying - unless the sender marked the failure
+    ``permanent`` (a message a broker refuses as too large): such a failure is not the
+    endpoint's fault either, so health counts it as none."""
     if permanent:
         return False
-    return status is None or status in _RETRYABLE or 500 <= status <= 599
+    return (
+        status is None or status in _RETRYABLE or 500 <= status <= 599 or status in retry_statuses
+    )
 
 
 def parse_retry_after(value: str | None, now: float) -> float | None:
-    """Seconds to wait from a ``Retry-After`` header, or None when absent or unreadable."""
+    """Seconds to wait from a ``Retry-After`` header (at most :data:`RETRY_AFTER_CAP`), or
+    None when absent or unreadable.
+
+    The one parser for every ``Retry-After`` the relay obeys (endpoints and sFOX's REST API):
+    a value of 400 digits is a float of infinity, and a reconciler that slept on it held the
+    reconcile lock forever.
+    """
     if not value:
         return None
     value = value.strip()
     if value.isascii() and value.isdigit():
-        return float(value)
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError, OverflowError):  # e.g. a year no calendar holds
+        digits = value.lstrip("0") or "0"
+        # More digits than the cap has mean more than the cap (and float() says inf).
+        seconds = float(digits) if len(digits) <= 10 else RETRY_AFTER_CAP
+    else:
+        try:
+            when = parsedate_to_datetime(value)
+            seconds = when.timestamp() - now if when.tzinfo is not None else math.nan
+        except (TypeError, ValueError, OverflowError):  # e.g. a year no calendar holds
+            return None
+    if not math.isfinite(seconds):
         return None
-    if when.tzinfo is None:
-        return None
-    return max(0.0, when.timestamp() - now)
+    return min(max(0.0, seconds), RETRY_AFTER_CAP)
 
 
 def decide(
@@ -64,6 +82,7 @@ def decide(
     now: float,
     retry_after: str | None = None,
     rand: Callable[[], float] = random.random,
+    retry_statuses: Collection[int] = (),
     permanent: bool = False,
 ) -> Decision:
     """The verdict on attempt number ``attempt`` (1-based) that ended with ``status``.
@@ -75,13 +94,13 @@ def decide(
         return Decision("delivered", now, "success")
     if permanent:
         return Decision("dead", now, "permanent: refused by the destination")
-    if not is_retryable(status):
+    if not is_retryable(status, retry_statuses):
         return Decision("dead", now, f"permanent: HTTP {status}")
     if attempt >= len(schedule):
         return Decision("dead", now, f"gave up after {attempt} attempts")
     delay = schedule[attempt]
     wait = parse_retry_after(retry_after, now)
     if wait is not None:
-        delay = max(delay, min(wait, RETRY_AFTER_CAP))
+        delay = max(delay, wait)
     delay *= 0.9 + 0.2 * rand()
     return Decision("pending", now + delay, "retry")

@@ -32,6 +32,8 @@ __all__ = [
     "list_deliveries",
     "purge",
     "replay",
+    "retry_now",
+    "unknown_ids",
 ]
 
 
@@ -51,6 +53,7 @@ async def list_deliveries(
     user_id: str | None = None,
     limit: int = 50,
     before: str | None = None,
+    event_id: str | None = None,
 ) -> Page:
     """A page of deliveries matching the filters; ValueError for a malformed ``before``."""
     limit = max(1, min(limit, 500))
@@ -58,7 +61,12 @@ async def list_deliveries(
     if before and cursor is None:
         raise ValueError(f"not a delivery cursor: {before[:40]!r}")
     items = await store.list_deliveries(
-        state=state, endpoint=endpoint, user_id=user_id, limit=limit + 1, before=cursor
+        state=state,
+        endpoint=endpoint,
+        user_id=user_id,
+        limit=limit + 1,
+        before=cursor,
+        event_id=event_id,
     )
     more = len(items) > limit
     items = items[:limit]
@@ -78,13 +86,35 @@ async def replay(
     state: PublicState | None = None,
     endpoint: str | None = None,
     user_id: str | None = None,
+    event_id: str | None = None,
     now: float,
 ) -> int:
-    """Re-queue finished deliveries; unknown ids are ignored. Returns how many."""
+    """Re-queue finished deliveries; unknown ids are ignored (see :func:`unknown_ids`).
+    Returns how many."""
     numbers = None
     if ids is not None:
         numbers = [n for n in (parse_delivery_id(i) for i in ids) if n is not None]
-    return await store.replay(ids=numbers, state=state, endpoint=endpoint, user_id=user_id, now=now)
+    return await store.replay(
+        ids=numbers, state=state, endpoint=endpoint, user_id=user_id, event_id=event_id, now=now
+    )
+
+
+async def unknown_ids(store: Store, ids: Sequence[str]) -> list[str]:
+    """The ids among ``ids`` that name no delivery (malformed ones included)."""
+    return [i for i in ids if await get_delivery(store, i) is None]
+
+
+async def retry_now(
+    store: Store,
+    *,
+    endpoint: str | None = None,
+    user_id: str | None = None,
+    event_id: str | None = None,
+    now: float,
+) -> int:
+    """Make pending deliveries waiting for a scheduled retry due now, without using an
+    attempt (an operator who fixed the receiver need not wait hours). Returns how many."""
+    return await store.retry_now(endpoint=endpoint, user_id=user_id, event_id=event_id, now=now)
 
 
 async def purge(
@@ -169,17 +199,18 @@ def detail_json(detail: DeliveryDetail) -> dict[str, Any]:
 
 
 def format_table(items: Sequence[DeliveryInfo]) -> str:
-    """A plain-text table for the terminal."""
-    header = ("ID", "STATE", "ENDPOINT", "USER", "STATUS", "TRIES", "LAST", "CREATED")
+    """A plain-text table for the terminal: each delivery's id and event id (webhook-id), so
+    that either can be pasted into `show`, `replay` or `--event-id`."""
+    header = ("ID", "EVENT ID", "STATE", "ENDPOINT", "USER", "LAST", "ATTEMPTS", "CREATED")
     rows = [
         (
             i.id,
+            i.event_id,
             i.state,
             i.endpoint,
             i.user_id or "-",
-            i.status or "-",
-            str(i.attempts),
             str(i.last_status) if i.last_status else (i.last_error or "-")[:30],
+            str(i.attempts),
             _iso(i.created_at) or "-",
         )
         for i in items

@@ -4,7 +4,8 @@ A ``user_token`` lets whoever holds it act as the user, so it is never stored in
 either stripped before storage, or sealed with AES-GCM under ``RELAY_TOKEN_KEY``. At delivery
 the endpoint's policy decides: ``strip`` removes it, ``forward`` sends it as received,
 ``encrypt`` sends it AES-GCM-encrypted under the endpoint's ``token_key`` with the
-``webhook-id`` as associated data. An expired token is never sent.
+``webhook-id`` as associated data. An expired token is never sent. :func:`render` builds
+each endpoint's body: the token policy, then the endpoint's payload ``fields``, in one parse.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from functools import cache
 from typing import TYPE_CHECKING, Any, Literal
 
 from relay.codec import compact_json, loads
+from relay.fields import FieldTree, select
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -114,18 +116,39 @@ def render(
     endpoint_key: bytes | None,
     webhook_id: str,
     now: float,
+    fields: FieldTree | None = None,
 ) -> bytes:
     """The exact bytes to send (and sign) to one endpoint, from the stored body.
 
-    A stored body without a sealed token is sent unchanged. A token that is expired, cannot be
-    unsealed (key rotated away), or that the policy does not want is stripped.
+    A stored body without a sealed token, for an endpoint without ``fields``, is sent
+    unchanged (the hot path: no parsing). A token that is expired, cannot be unsealed (key
+    rotated away), or that the policy does not want is stripped. ``fields`` then keeps only
+    the payload keys the endpoint lists (:func:`relay.fields.select`).
     """
-    if not has_token:
+    if not has_token and fields is None:
         return body
     message = loads(body)
     payload = message.get("payload")
-    if not isinstance(payload, dict) or "user_token" not in payload:
+    if not isinstance(payload, dict):
         return body
+    if has_token and "user_token" in payload:
+        _apply_policy(payload, policy, seal_key, endpoint_key, webhook_id, now)
+    elif fields is None:
+        return body
+    if fields is not None:
+        message["payload"] = select(payload, fields)
+    return compact_json(message)
+
+
+def _apply_policy(
+    payload: dict[str, Any],
+    policy: Policy,
+    seal_key: bytes | None,
+    endpoint_key: bytes | None,
+    webhook_id: str,
+    now: float,
+) -> None:
+    """Replace or remove ``payload["user_token"]`` (sealed at rest) as ``policy`` says."""
     token: Any = None
     if policy != "strip" and seal_key is not None:
         try:
@@ -140,4 +163,3 @@ def render(
         payload["user_token"] = encrypt(token, endpoint_key, webhook_id)
     else:
         del payload["user_token"]
-    return compact_json(message)

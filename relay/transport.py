@@ -7,31 +7,38 @@ implementations behind the one small Protocol. :class:`AiohttpSender` is the hot
 alone caps near 1.2k requests/s on this class of machine, see bench/http_clients.py);
 :class:`HttpxSender` serves tests that mock with respx and anyone who prefers httpx. Both
 never follow redirects, always time out, honour ``HTTPS_PROXY``/``HTTP_PROXY``/``NO_PROXY``
-and ``SSL_CERT_FILE``, and read at most :data:`EXCERPT_BYTES` of a response. Error texts
+and ``SSL_CERT_FILE``, ask for an uncompressed response (``accept-encoding: identity``: a
+compressed body would be stored as binary) and read at most :data:`READ_BYTES` of it, twice
+what is stored, so that a secret the endpoint echoes is whole when the dispatcher redacts the
+text before cutting it (:func:`relay.events.stored_excerpt`). Error texts
 name the failure, never the URL (it may carry credentials).
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import io
-import os
 import ssl
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
+from urllib.parse import urlsplit
 
 import aiohttp
 import httpx
 from aiohttp.helpers import get_env_proxy_for_url
 from yarl import URL
 
+from relay import tls
+from relay.events import EXCERPT_BYTES
+
 if TYPE_CHECKING:
     from relay.config import EndpointConfig
 
 __all__ = [
-    "EXCERPT_BYTES",
+    "READ_BYTES",
     "AiohttpSender",
     "HttpxSender",
     "SendResult",
@@ -40,7 +47,10 @@ __all__ = [
     "sender_for",
 ]
 
-EXCERPT_BYTES = 1024
+#: How much of a response body is read: twice the stored excerpt (1 KiB), see above.
+READ_BYTES = 2 * EXCERPT_BYTES
+#: Sent with every request: endpoints answer uncompressed.
+_IDENTITY = {"accept-encoding": "identity"}
 _RAW_BODY_LIMIT = 1024 * 1024
 
 
@@ -74,17 +84,27 @@ def sender_for(endpoint: EndpointConfig, http: Sender) -> Sender:
     """The sender one endpoint's deliveries go through; ``http`` is the shared HTTP pool.
 
     The one place a destination is chosen: endpoints whose URL or options need a client of
-    their own get it here, built once. A broker URL (CONTRACT 4b) gets that broker's sender,
-    whose client library is imported only then; it connects on its first publish, so a
-    broker that is down at start-up never stops the relay.
+    their own get it here, built once. An endpoint with its own TLS files or proxy gets its own
+    connection pool: a pool's connections carry one TLS identity and one route. A broker URL
+    (CONTRACT 4b) gets that broker's sender, verified with the endpoint's TLS files when it
+    has any; its client library is imported only then, and it connects on its first
+    publish, so a broker that is down at start-up never stops the relay.
     """
     url = endpoint.url.get_secret_value()
+    has_tls_files = endpoint.ca_file is not None or endpoint.client_cert is not None
     from relay.brokers import is_broker
 
     if is_broker(url):
         from relay.brokers import open_sender
 
-        return open_sender(url, tuple(endpoint.headers))
+        context = tls.context_for(endpoint) if has_tls_files else None
+        return open_sender(url, tuple(endpoint.headers), context)
+    is_http = urlsplit(url).scheme in ("http", "https")
+    if is_http and (has_tls_files or endpoint.proxy is not None):
+        return AiohttpSender(
+            ssl_context=tls.context_for(endpoint) if has_tls_files else None,
+            proxy=endpoint.proxy.get_secret_value() if endpoint.proxy is not None else None,
+        )
     return http
 
 
@@ -119,29 +139,93 @@ class Senders:
 
 
 def _ssl_context() -> ssl.SSLContext:
-    return ssl.create_default_context(cafile=os.environ.get("SSL_CERT_FILE") or None)
+    return tls.context()
 
 
 def _excerpt(data: bytes) -> str | None:
-    """At most :data:`EXCERPT_BYTES` of UTF-8, whatever the body's encoding."""
+    """The head of a body as text, whatever its encoding (the dispatcher cleans and cuts it)."""
     if not data:
         return None
-    text = data[:EXCERPT_BYTES].decode("utf-8", "replace")
-    return text.encode()[:EXCERPT_BYTES].decode("utf-8", "ignore")
+    return data[:READ_BYTES].decode("utf-8", "replace")
+
+
+def _failure(exc: BaseException, *, over_tls: bool) -> str:
+    """Why an aiohttp request got no answer, in words an operator can act on.
+
+    Built from exception types, OpenSSL's reason codes and errno texts only: aiohttp's own
+    messages name the host and may name the proxy URL, credentials included.
+    """
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        cert_error = exc.certificate_error
+        detail = getattr(cert_error, "verify_message", None) or _ssl_reason(cert_error)
+        return f"TLS: the endpoint's certificate is not trusted ({detail})"
+    if isinstance(exc, aiohttp.ClientHttpProxyError):
+        return f"proxy refused the connection: {exc.status}"
+    tls_error = _ssl_error(exc)
+    if tls_error is not None:
+        return f"TLS failed: {_ssl_reason(tls_error)}"
+    if isinstance(exc, aiohttp.ClientProxyConnectionError):
+        return f"proxy connection failed: {_os_reason(exc.os_error)}"
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        if over_tls and isinstance(exc.os_error, ConnectionResetError):
+            return "TLS handshake failed: connection reset by the endpoint"
+        return f"connection failed: {_os_reason(exc.os_error)}"
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return "connection closed by the endpoint"
+    if isinstance(exc, aiohttp.ClientOSError) and exc.errno == errno.ECONNRESET:
+        return "connection reset by the endpoint"
+    return f"request failed: {type(exc).__name__}"
+
+
+def _ssl_error(exc: BaseException) -> ssl.SSLError | None:
+    """The OpenSSL error behind ``exc`` (its os_error or cause), if any."""
+    for candidate in (getattr(exc, "os_error", None), exc.__cause__, exc):
+        if isinstance(candidate, ssl.SSLError):
+            return candidate
+    return None
+
+
+def _ssl_reason(error: BaseException) -> str:
+    """OpenSSL's reason code, readable: ``TLSV13_ALERT_CERTIFICATE_REQUIRED`` -> words."""
+    reason = getattr(error, "reason", None)
+    return reason.replace("_", " ").lower() if isinstance(reason, str) else type(error).__name__
+
+
+def _os_reason(error: OSError) -> str:
+    return error.strerror or type(error).__name__
 
 
 class AiohttpSender:
-    """aiohttp behind the seam: several times the throughput of httpx's own transport."""
+    """aiohttp behind the seam: several times the throughput of httpx's own transport.
 
-    def __init__(self, *, max_connections: int = 0) -> None:
+    Args:
+        max_connections: cap on open connections (0: none).
+        ssl_context: how TLS is verified and which client certificate is shown; the default
+            trusts ``SSL_CERT_FILE`` (else the system's CAs).
+        proxy: ``None`` resolves ``HTTPS_PROXY``/``HTTP_PROXY``/``NO_PROXY`` per host;
+            ``"none"`` always connects directly; an http(s) URL (credentials in it are sent as
+            ``Proxy-Authorization``) is used for every request.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_connections: int = 0,
+        ssl_context: ssl.SSLContext | None = None,
+        proxy: str | None = None,
+    ) -> None:
         self._max_connections = max_connections
+        self._ssl_context = ssl_context
         self._session: aiohttp.ClientSession | None = None
-        self._proxies: dict[tuple[str, str], tuple[URL | None, aiohttp.BasicAuth | None]] = {}
+        self._proxies: dict[tuple[str, str], URL | None] = {}
+        self._fixed_proxy = proxy is not None
+        self._proxy_url = None if proxy in (None, "none") else URL(proxy)
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None:
+            context = self._ssl_context if self._ssl_context is not None else _ssl_context()
             connector = aiohttp.TCPConnector(
-                limit=self._max_connections, ssl=_ssl_context(), enable_cleanup_closed=True
+                limit=self._max_connections, ssl=context, enable_cleanup_closed=True
             )
             # trust_env would read ~/.netrc on every request; proxies are resolved below.
             self._session = aiohttp.ClientSession(
@@ -149,35 +233,44 @@ class AiohttpSender:
             )
         return self._session
 
-    def _proxy(self, url: str) -> tuple[URL | None, aiohttp.BasicAuth | None]:
-        """The proxy ``HTTPS_PROXY``/``HTTP_PROXY``/``NO_PROXY`` choose, cached per host."""
+    def _proxy(self, url: str) -> URL | None:
+        """The configured proxy, or the one the environment chooses, cached per host.
+
+        Credentials ride in the proxy URL: aiohttp sends them as ``Proxy-Authorization`` (its
+        ``proxy_auth`` argument is deprecated, and a warning per request is no way to run).
+        """
+        if self._fixed_proxy:
+            return self._proxy_url
         target = URL(url)
         key = (target.scheme, target.host or "")
         if key not in self._proxies:
             try:
-                self._proxies[key] = get_env_proxy_for_url(target)
+                proxy, auth = get_env_proxy_for_url(target)
             except LookupError:
-                self._proxies[key] = (None, None)
+                self._proxies[key] = None
+            else:
+                if auth is not None:
+                    proxy = proxy.with_user(auth.login).with_password(auth.password)
+                self._proxies[key] = proxy
         return self._proxies[key]
 
     async def post(
         self, url: str, body: bytes, headers: Mapping[str, str], timeout: float
     ) -> SendResult:
         start = time.perf_counter()
-        proxy, proxy_auth = self._proxy(url)
+        proxy = self._proxy(url)
         try:
             async with self._client().post(
                 url,
                 # aiohttp warns (and, with warnings as errors, fails) on raw bytes over 1 MiB;
                 # a BytesIO sends the same bytes, the ones signed, with a Content-Length.
                 data=body if len(body) <= _RAW_BODY_LIMIT else io.BytesIO(body),
-                headers=headers,
+                headers={**headers, **_IDENTITY},
                 allow_redirects=False,
                 proxy=proxy,
-                proxy_auth=proxy_auth,
                 timeout=aiohttp.ClientTimeout(total=timeout),
             ) as response:
-                excerpt = await response.content.read(EXCERPT_BYTES)
+                excerpt = await response.content.read(READ_BYTES)
                 return SendResult(
                     status=response.status,
                     latency=time.perf_counter() - start,
@@ -186,12 +279,8 @@ class AiohttpSender:
                 )
         except TimeoutError:
             error = f"timeout after {timeout:g}s"
-        except aiohttp.ClientConnectorError as exc:
-            error = f"connection failed: {exc.os_error.strerror or type(exc.os_error).__name__}"
-        except aiohttp.ServerDisconnectedError:
-            error = "connection closed by the endpoint"
         except (aiohttp.ClientError, OSError) as exc:
-            error = f"request failed: {type(exc).__name__}"
+            error = _failure(exc, over_tls=url[:6].lower() == "https:")
         return SendResult(status=None, latency=time.perf_counter() - start, error=error)
 
     async def close(self) -> None:
@@ -218,12 +307,12 @@ class HttpxSender:
         start = time.perf_counter()
         try:
             async with self._client.stream(
-                "POST", url, content=body, headers=dict(headers), timeout=timeout
+                "POST", url, content=body, headers={**headers, **_IDENTITY}, timeout=timeout
             ) as response:
                 excerpt = b""
                 async for chunk in response.aiter_raw():
                     excerpt += chunk
-                    if len(excerpt) >= EXCERPT_BYTES:
+                    if len(excerpt) >= READ_BYTES:
                         break
                 return SendResult(
                     status=response.status_code,

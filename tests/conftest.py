@@ -28,6 +28,9 @@ from relay.receiver import Behaviour, Receiver
 from relay.signing import decode_secret
 from relay.simulator import Faults, Simulator
 
+# Shared suites imported by several test files get pytest's assertion messages everywhere.
+pytest.register_assert_rewrite("store_suite")
+
 SimFactory = Callable[..., Awaitable[Simulator]]
 ReceiverFactory = Callable[..., Awaitable[Receiver]]
 EnvBuilder = Callable[..., dict[str, str]]
@@ -44,7 +47,7 @@ def new_key() -> str:
 
 
 def expected_event_id(message: Mapping[str, Any]) -> str:
-    """CONTRACT.md section 4, written out independently of ``relay.events``."""
+    """The event id as the README defines it, written out independently of ``relay.events``."""
     payload = {k: v for k, v in message["payload"].items() if k != "user_token"}
     basis = {
         "recipient": message["recipient"],

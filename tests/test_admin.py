@@ -1,4 +1,4 @@
-"""The admin HTTP port (CONTRACT.md section 6): health, readiness, metrics and ``/api/*``.
+"""The admin HTTP port (see the README): health, readiness, metrics and ``/api/*``.
 
 Most tests drive :func:`relay.admin.create_app` in-process through httpx's ASGI transport, over
 a real SQLite outbox in ``tmp_path`` holding a few events in every state. Path tricks go through
@@ -22,6 +22,7 @@ import pytest
 from conftest import EnvBuilder
 
 import relay.admin
+from relay import __version__
 from relay.admin import AdminServer, create_app
 from relay.config import Settings, load_settings
 from relay.metrics import Metrics
@@ -50,7 +51,7 @@ PASSWORD = "pw-Zq81xTk4"  # inside the endpoint URL: must never be shown
 QUERY_SECRET = "qs-Lm52bNv7Yc"
 CRM_URL = f"https://relay:{PASSWORD}@crm.example/hook?key={QUERY_SECRET}"
 
-#: CONTRACT.md section 6, counters with the ``_total`` Prometheus gives them.
+#: The metrics the README lists, counters with the ``_total`` Prometheus gives them.
 METRIC_NAMES = (
     "relay_feed_connected",
     "relay_feed_state",
@@ -68,6 +69,8 @@ METRIC_NAMES = (
     "relay_reconcile_runs_total",
     "relay_reconcile_events_total",
     "relay_reconcile_last_success_timestamp_seconds",
+    "relay_outbox_dead",
+    "relay_build_info",
 )
 
 #: Every /api route, as (method, path) with a real delivery id where one is needed.
@@ -78,6 +81,7 @@ API_ROUTES = (
     ("GET", "/api/deliveries/dlv_1"),
     ("POST", "/api/deliveries/dlv_1/replay"),
     ("POST", "/api/deliveries/replay"),
+    ("POST", "/api/deliveries/retry"),
 )
 
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -258,6 +262,9 @@ async def test_metrics_has_every_contract_metric(client: httpx.AsyncClient) -> N
     # One relay_feed_state series per state, 1 for the current one.
     states = re.findall(r'^relay_feed_state\{state="(\w+)"\} (\S+)$', response.text, re.M)
     assert len(states) >= 5 and [s for s, v in states if float(v) == 1.0] == ["stopped"]
+    assert families["relay_outbox_dead"] == "gauge"
+    assert f'relay_build_info{{version="{__version__}"}} 1.0' in response.text
+    assert "_created" not in response.text
 
 
 async def test_metrics_label_endpoints_by_name(client: httpx.AsyncClient, harness: Harness) -> None:
@@ -422,6 +429,31 @@ async def test_deliveries_filters(client: httpx.AsyncClient, seeded: Seeded) -> 
     assert await list_ids(client, endpoint="nowhere") == []
 
 
+async def test_deliveries_filter_by_event_id(client: httpx.AsyncClient, seeded: Seeded) -> None:
+    detail = (await client.get(f"/api/deliveries/{seeded.ids['crm:b1']}", headers=AUTH)).json()
+    found = await list_ids(client, event_id=detail["event_id"])
+    assert set(found) == {seeded.ids["crm:b1"], seeded.ids["old:b1"]}
+    assert await list_ids(client, event_id="evt_" + "0" * 64) == []
+
+
+async def test_retry_makes_waiting_retries_due_now(
+    client: httpx.AsyncClient, seeded: Seeded, harness: Harness
+) -> None:
+    [claim] = await seeded.store.claim("crm", NOW + 3, 10)  # a2, now that a1 is delivered
+    failed = Attempt(NOW + 4, 503, 0.01)
+    await seeded.store.record([Outcome(claim.delivery_id, "pending", NOW + 9999, failed)], NOW + 4)
+
+    none = await client.post(f"/api/deliveries/retry?user_id={USER_B}", headers=AUTH)
+    assert none.json() == {"retried": 0}
+    response = await client.post("/api/deliveries/retry?endpoint=crm", headers=AUTH)
+
+    assert response.status_code == 200
+    assert response.json() == {"retried": 1}
+    assert harness.replays == 2
+    [again] = await seeded.store.claim("crm", NOW + 100, 10)
+    assert (again.delivery_id, again.attempts) == (claim.delivery_id, 1)
+
+
 async def test_deliveries_show_what_the_cli_shows(
     client: httpx.AsyncClient, seeded: Seeded
 ) -> None:
@@ -520,6 +552,10 @@ async def test_delivery_detail_has_attempts_and_no_plaintext_token(
         "dlv_%20",
         "dlv_²",  # str.isdigit() is true for it, int() refuses it
         "dlv_１",  # a full-width 1: not an alias of dlv_1
+        "dlv_9223372036854775807",  # the largest key a store holds: unknown, not an error
+        "dlv_9223372036854775808",  # one more than a 64-bit key
+        "dlv_99999999999999999999",
+        "dlv_" + "9" * 5000,  # beyond what int() parses
     ],
 )
 async def test_unknown_or_malformed_delivery_ids_answer_404(
@@ -732,6 +768,7 @@ async def test_a_running_relay_serves_the_whole_admin_port(
             families = metric_families(text)
             assert [n for n in METRIC_NAMES if n not in families] == []
             assert "relay_feed_connected 1.0" in text
+            assert f'relay_outbox_dead{{endpoint="{name}"}} 0.0' in text
             assert 'relay_feed_state{state="subscribed"} 1.0' in text
             assert PASSWORD not in text
             for value in set(re.findall(r'endpoint="([^"]*)"', text)):

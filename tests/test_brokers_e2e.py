@@ -531,24 +531,3 @@ async def test_a_broker_down_at_start_up_never_stops_the_relay(
                 consumed = await tap.read(6, timeout=15)
                 consumed += await tap.settle(0.3)
     check_messages(consumed, sim, signing_secret, duplicates_allowed=0)
-
-
-async def test_forward_to_a_plaintext_broker_logs_a_warning_at_start_up(
-    sim: Simulator, fast_env: Any, run_relay: Any, caplog: pytest.LogCaptureFixture
-) -> None:
-    from conftest import new_key
-
-    endpoints = [
-        {"url": "redis://127.0.0.1:1/0?stream=s", "user_token": "forward", "name": "plain"},
-        {"url": "rediss://127.0.0.1:1/0?stream=s", "user_token": "forward", "name": "tls"},
-    ]
-    env = fast_env("unused", RELAY_ENDPOINTS=json.dumps(endpoints), RELAY_TOKEN_KEY=new_key())
-    caplog.set_level("WARNING", logger="relay")
-    async with run_relay(env):
-        pass
-    warned = [
-        r.__dict__.get("endpoint")
-        for r in caplog.records
-        if r.__dict__.get("event") == "config.plaintext_forward"
-    ]
-    assert warned == ["plain"]

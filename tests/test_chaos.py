@@ -166,9 +166,20 @@ async def test_a_retry_after_beyond_any_calendar_never_wedges_a_delivery(tmp_pat
     assert_clean(outcome)
 
 
-async def test_an_event_over_1_mib_is_delivered_without_warnings(tmp_path: Path) -> None:
+async def test_an_event_under_1_mib_is_delivered_and_one_over_is_a_bad_frame(
+    tmp_path: Path,
+) -> None:
     outcome = await chaos.large_event(tmp_path)
     assert_clean(outcome)
+    assert outcome.facts["bad"] == outcome.facts["kept"] == 1
+
+
+@pytest.mark.parametrize("store", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+async def test_a_gzip_binary_answer_never_stalls_recording(tmp_path: Path, store: str) -> None:
+    outcome = await skip_unless_possible(chaos.gzip_answers(tmp_path, store=store))
+    assert_clean(outcome)
+    assert outcome.facts["encodings"] == ["identity"]
+    assert outcome.facts["dirty"] == 0
 
 
 # -- 4. store faults --------------------------------------------------------------------------
@@ -202,8 +213,13 @@ async def test_postgres_cut_holds_the_feed_and_resumes(tmp_path: Path) -> None:
 # -- 5. hostile input -------------------------------------------------------------------------
 
 
-async def test_hostile_frames_are_counted_quarantined_and_never_crash(tmp_path: Path) -> None:
-    outcome = await chaos.hostile_frames(tmp_path, frames=chaos.CI.fuzz_frames)
+@pytest.mark.parametrize("store", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+async def test_hostile_frames_are_counted_quarantined_and_never_crash(
+    tmp_path: Path, store: str
+) -> None:
+    outcome = await skip_unless_possible(
+        chaos.hostile_frames(tmp_path, frames=chaos.CI.fuzz_frames, store=store)
+    )
     assert_clean(outcome)
     facts = outcome.facts
     assert facts["generated"] >= chaos.CI.fuzz_frames * 0.9

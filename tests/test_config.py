@@ -1,4 +1,4 @@
-"""Configuration (CONTRACT.md section 3): one test per rule, each with an explicit environment."""
+"""Configuration (see the README): one test per rule, each with an explicit environment."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from relay.config import (
     load_settings,
     parse_duration,
     secret_values,
+    warnings,
 )
 from relay.errors import ConfigError
 
@@ -150,6 +151,14 @@ def test_reconcile_interval_off_disables_it() -> None:
     assert load_settings({"RELAY_RECONCILE_INTERVAL": "OFF"}).reconcile_interval is None
     assert load_settings({"RELAY_RECONCILE_INTERVAL": "1h"}).reconcile_interval == 3600
     assert fail({"RELAY_RECONCILE_INTERVAL": "never"}).variable == "RELAY_RECONCILE_INTERVAL"
+
+
+@pytest.mark.parametrize("value", ["3s", "9999ms", "1ms"])
+def test_a_reconcile_interval_below_10s_is_refused(value: str) -> None:
+    error = fail({"RELAY_RECONCILE_INTERVAL": value})
+    assert error.variable == "RELAY_RECONCILE_INTERVAL"
+    assert "10s" in error.reason
+    assert load_settings({"RELAY_RECONCILE_INTERVAL": "10s"}).reconcile_interval == 10.0
 
 
 # -- scalars -------------------------------------------------------------------------------------
@@ -386,7 +395,8 @@ def test_endpoint_errors_name_the_index() -> None:
         **SIGNED,
         "RELAY_ENDPOINTS": endpoints_json({"url": "http://a/"}, {"url": "http://b/", "timeout": 1}),
     }
-    assert load_settings(environ).endpoints[1].timeout == 1  # a JSON number is seconds
+    # A bare number is no duration in JSON either (as in the environment and TOML).
+    assert fail(environ).variable == "RELAY_ENDPOINTS[1].timeout"
     environ["RELAY_ENDPOINTS"] = endpoints_json({"url": "http://a/"}, {"url": "http://b/x y"})
     assert fail(environ).variable == "RELAY_ENDPOINTS[1].url"
 
@@ -575,8 +585,6 @@ def test_the_environment_wins_over_the_toml_file(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("text", "reason"),
     [
-        ("bogus = 1\n", "unknown key 'bogus'"),
-        ("relay_replicas = 1\n", "unknown key 'relay_replicas'"),
         ("replicas = \n", "invalid TOML"),
         (b"\xff\xfe".decode("latin-1"), "not UTF-8 text"),
     ],
@@ -589,20 +597,51 @@ def test_toml_problems_name_relay_config(tmp_path: Path, text: str, reason: str)
     assert reason in error.reason
 
 
+@pytest.mark.parametrize("key", ["bogus", "relay_replicas", "admin_tokn"])
+def test_an_unknown_toml_key_is_named_in_its_file(tmp_path: Path, key: str) -> None:
+    path = tmp_path / "relay.toml"
+    path.write_text(f"{key} = 1\n")
+    error = fail({"RELAY_CONFIG": str(path)})
+    assert error.variable == f"{key} in relay.toml"
+    assert "unknown key" in error.reason
+
+
 def test_a_missing_toml_file_names_relay_config(tmp_path: Path) -> None:
     error = fail({"RELAY_CONFIG": str(tmp_path / "absent.toml")})
     assert error.variable == "RELAY_CONFIG"
     assert fail({"RELAY_CONFIG": str(tmp_path)}).variable == "RELAY_CONFIG"
 
 
-def test_toml_values_are_validated_under_their_variable(tmp_path: Path) -> None:
+def test_toml_values_are_validated_under_their_toml_key(tmp_path: Path) -> None:
     path = tmp_path / "relay.toml"
     path.write_text('replicas = "two"\n')
-    assert fail({"RELAY_CONFIG": str(path)}).variable == "RELAY_REPLICAS"
+    assert fail({"RELAY_CONFIG": str(path)}).variable == "replicas in relay.toml"
     path.write_text("log_level = 3\n")
-    assert fail({"RELAY_CONFIG": str(path)}).variable == "RELAY_LOG_LEVEL"
+    assert fail({"RELAY_CONFIG": str(path)}).variable == "log_level in relay.toml"
     path.write_text('[[endpoints]]\nurl = "https://a/"\ntimeout = true\n')
-    assert fail({**SIGNED, "RELAY_CONFIG": str(path)}).variable == "RELAY_ENDPOINTS[0].timeout"
+    error = fail({**SIGNED, "RELAY_CONFIG": str(path)})
+    assert error.variable == "endpoints[0].timeout in relay.toml"
+    # The environment wins over the file, so its error names the variable.
+    path.write_text('replicas = "two"\n')
+    assert fail({"RELAY_CONFIG": str(path), "RELAY_REPLICAS": "x"}).variable == "RELAY_REPLICAS"
+
+
+@pytest.mark.parametrize(
+    "toml",
+    ["shutdown_grace = 20\n", "retry_schedule = [0, 5]\n", "lease = 60.0\n"],
+)
+def test_a_toml_duration_needs_a_unit_like_the_environment(tmp_path: Path, toml: str) -> None:
+    path = tmp_path / "relay.toml"
+    path.write_text(toml)
+    error = fail({"RELAY_CONFIG": str(path)})
+    key = toml.partition(" ")[0]
+    assert error.variable == f"{key} in relay.toml"
+    assert "not a duration" in error.reason
+    assert fail({f"RELAY_{key.upper()}": "20"}).variable == f"RELAY_{key.upper()}"
+    path.write_text(
+        toml.replace("20", '"20s"').replace("[0, 5]", '["0s", "5s"]').replace("60.0", '"60s"')
+    )
+    load_settings({"RELAY_CONFIG": str(path)})
 
 
 @pytest.mark.parametrize(
@@ -661,9 +700,9 @@ def test_toml_file_keys_read_secret_files(tmp_path: Path) -> None:
     settings = load_settings({"RELAY_CONFIG": str(config)})
     assert settings.admin_token == SecretStr(ADMIN_TOKEN)
     config.write_text(f'admin_token_file = "{tmp_path / "absent"}"\n')
-    assert fail({"RELAY_CONFIG": str(config)}).variable == "RELAY_ADMIN_TOKEN_FILE"
+    assert fail({"RELAY_CONFIG": str(config)}).variable == "admin_token_file in relay.toml"
     config.write_text("admin_token_file = 3\n")
-    assert fail({"RELAY_CONFIG": str(config)}).variable == "RELAY_ADMIN_TOKEN_FILE"
+    assert fail({"RELAY_CONFIG": str(config)}).variable == "admin_token_file in relay.toml"
 
 
 def test_the_environment_wins_over_a_toml_file_key(tmp_path: Path) -> None:
@@ -773,7 +812,7 @@ def test_store_display_masks_the_password(store: str, shown: str) -> None:
         ({"RELAY_LOG_LEVEL": "x"}, "RELAY_LOG_LEVEL"),
         ({"RELAY_LOG_FORMAT": "x"}, "RELAY_LOG_FORMAT"),
         ({"RELAY_ENDPOINTS": "x"}, "RELAY_ENDPOINTS[0].url"),
-        ({"RELAY_ENDPOINTS": "{}"}, "RELAY_ENDPOINTS[0].url"),
+        ({"RELAY_ENDPOINTS": "{}"}, "RELAY_ENDPOINTS"),
         ({"RELAY_USER_TOKEN": "drop", "RELAY_ENDPOINTS": "http://a/"}, "RELAY_USER_TOKEN"),
     ],
 )
@@ -968,17 +1007,141 @@ def test_an_overflowing_duration_is_refused() -> None:
 @pytest.mark.parametrize(
     ("toml", "variable"),
     [
-        ("feeds = 3\n", "RELAY_FEEDS"),
-        ("feeds = [3]\n", "RELAY_FEEDS"),
-        ("endpoints = 3\n", "RELAY_ENDPOINTS"),
-        ("api_key = 3\n", "RELAY_API_KEY"),
-        ("signing_secret = [3]\n", "RELAY_SIGNING_SECRET"),
-        ('signing_secret = ""\n', "RELAY_SIGNING_SECRET"),
-        ("retry_schedule = 5\n", "RELAY_RETRY_SCHEDULE"),
-        ("token_key = true\n", "RELAY_TOKEN_KEY"),
+        ("feeds = 3\n", "feeds in relay.toml"),
+        ("feeds = [3]\n", "feeds in relay.toml"),
+        ("endpoints = 3\n", "endpoints in relay.toml"),
+        ("api_key = 3\n", "api_key in relay.toml"),
+        ("signing_secret = [3]\n", "signing_secret in relay.toml"),
+        ('signing_secret = ""\n', "signing_secret in relay.toml"),
+        ("retry_schedule = 5\n", "retry_schedule in relay.toml"),
+        ("token_key = true\n", "token_key in relay.toml"),
     ],
 )
 def test_toml_values_of_the_wrong_type(tmp_path: Path, toml: str, variable: str) -> None:
     path = tmp_path / "relay.toml"
     path.write_text(toml)
     assert fail({"RELAY_CONFIG": str(path)}).variable == variable
+
+
+# -- issue 20: typos, every error at once -------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["RELAY_ADMIN_TOKN", "RELAY_TEST_PG", "RELAY_STORE_FIEL"])
+def test_an_unknown_relay_variable_is_an_error_naming_it(name: str) -> None:
+    error = fail({name: "x"})
+    assert error.variable == name
+    assert "unknown variable" in error.reason
+
+
+def test_an_empty_unknown_variable_counts_as_unset() -> None:
+    load_settings({"RELAY_ADMIN_TOKN": ""})
+
+
+def test_relay_config_and_file_variants_are_known(tmp_path: Path) -> None:
+    (tmp_path / "token").write_text(ADMIN_TOKEN)
+    (tmp_path / "relay.toml").write_text("")
+    environ = {
+        "RELAY_CONFIG": str(tmp_path / "relay.toml"),
+        "RELAY_ADMIN_TOKEN_FILE": str(tmp_path / "token"),
+    }
+    assert load_settings(environ).admin_token == SecretStr(ADMIN_TOKEN)
+    # RELAY_REPLICAS may not be given as a file: its _FILE variant is unknown.
+    assert fail({"RELAY_REPLICAS_FILE": "x"}).variable == "RELAY_REPLICAS_FILE"
+
+
+def test_every_error_is_reported_at_once() -> None:
+    environ = {
+        "RELAY_REPLICAS": "many",
+        "RELAY_SHUTDOWN_GRACE": "20",
+        "RELAY_ADMIN_TOKN": "x",
+        "RELAY_ENDPOINTS": endpoints_json({"url": "ftp://a/"}, {"url": "http://b/", "bogus": 1}),
+    }
+    error = fail(environ)
+    names = [name for name, _ in error.errors]
+    assert set(names) == {
+        "RELAY_ADMIN_TOKN",
+        "RELAY_REPLICAS",
+        "RELAY_SHUTDOWN_GRACE",
+        "RELAY_ENDPOINTS[0].url",
+        "RELAY_ENDPOINTS[1]",
+    }
+    assert len(str(error).splitlines()) == len(names)
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        ('{"url": "https://a.example.com/"}', "a JSON list"),
+        ("https://a.example.com/ https://b.example.com/", "comma"),
+    ],
+)
+def test_endpoints_given_in_the_wrong_shape_say_so(value: str, reason: str) -> None:
+    error = fail({**SIGNED, "RELAY_ENDPOINTS": value})
+    assert error.variable.startswith("RELAY_ENDPOINTS")
+    assert reason in error.reason
+    assert "not an http(s) URL" not in error.reason
+
+
+def test_a_signing_secret_under_16_bytes_is_refused() -> None:
+    short = "whsec_" + base64.b64encode(b"0123456789abcde").decode()
+    error = fail({"RELAY_SIGNING_SECRET": short})
+    assert error.variable == "RELAY_SIGNING_SECRET"
+    assert "16 bytes" in error.reason
+    ok = "whsec_" + base64.b64encode(b"0123456789abcdef").decode()
+    load_settings({"RELAY_SIGNING_SECRET": ok})
+
+
+def test_statuses_are_matched_without_regard_to_case_and_unknown_ones_warned() -> None:
+    environ = {
+        **SIGNED,
+        "RELAY_ENDPOINTS": endpoints_json({"url": "https://a/", "statuses": ["verified", "Done"]}),
+    }
+    settings = load_settings(environ)
+    assert settings.endpoints[0].statuses == frozenset({"VERIFIED", "DONE"})
+    found = warnings(settings)
+    assert any("RELAY_ENDPOINTS[0].statuses" in w and "DONE" in w for w in found)
+    assert not any("'VERIFIED'" in w for w in found)
+    assert describe(settings)["endpoints"][0]["statuses"] == ["DONE", "VERIFIED"]
+
+
+def test_a_forwarded_token_to_a_plaintext_endpoint_is_warned() -> None:
+    environ = {
+        **SIGNED,
+        "RELAY_TOKEN_KEY": TOKEN_KEY,
+        "RELAY_ENDPOINTS": endpoints_json(
+            {"url": "http://a/", "user_token": "forward"},
+            {"url": "https://b/", "user_token": "forward"},
+        ),
+    }
+    found = warnings(load_settings(environ))
+    assert len(found) == 1
+    assert "RELAY_ENDPOINTS[0]" in found[0] and "plaintext" in found[0]
+
+
+def test_retry_statuses_per_endpoint() -> None:
+    environ = {
+        **SIGNED,
+        "RELAY_ENDPOINTS": endpoints_json({"url": "https://a/", "retry_statuses": [401, 404]}),
+    }
+    assert load_settings(environ).endpoints[0].retry_statuses == frozenset({401, 404})
+    for bad in ([200], [503], ["401"], []):
+        environ["RELAY_ENDPOINTS"] = endpoints_json({"url": "https://a/", "retry_statuses": bad})
+        assert fail(environ).variable == "RELAY_ENDPOINTS[0].retry_statuses"
+
+
+def test_pg_schema() -> None:
+    assert load_settings({}).pg_schema == "public"
+    assert load_settings({"RELAY_PG_SCHEMA": "relay_1"}).pg_schema == "relay_1"
+    assert fail({"RELAY_PG_SCHEMA": "a; drop"}).variable == "RELAY_PG_SCHEMA"
+
+
+def test_credentials_in_the_sfox_urls_are_secrets() -> None:
+    environ = {
+        "RELAY_WS_URL": "wss://wsuser:wspass_Q8r4T6y2@ws.example.com/ws",
+        "RELAY_API_URL": "https://apiuser:apipass_K3j5H7g9@api.example.com",
+    }
+    settings = load_settings(environ)
+    shown = json.dumps(describe(settings))
+    for secret in ("wspass_Q8r4T6y2", "apipass_K3j5H7g9", "wsuser", "apiuser"):
+        assert secret not in shown
+        assert any(secret in value for value in secret_values(settings))

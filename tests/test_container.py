@@ -1,4 +1,4 @@
-"""The container files (CONTRACT.md section 8) and what they run, checked without a container.
+"""The container files (see the README) and what they run, checked without a container.
 
 - ``Dockerfile``: parsed, its contract points asserted, and linted with hadolint when present;
   then its exact ``ENTRYPOINT`` + ``CMD`` run here as a process, with the image's ``ENV``

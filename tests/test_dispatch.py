@@ -1,4 +1,4 @@
-"""The dispatcher against mocked receivers (respx) over a real SQLite outbox (CONTRACT.md 4, 5).
+"""The dispatcher against mocked receivers (respx) over a real SQLite outbox (see the README).
 
 Time is a fake clock the test moves: a retry is due when the test says so, never after a real
 sleep. Waiting is polling (the store, the mock's calls) with a deadline. "The dispatcher did
@@ -15,6 +15,7 @@ import contextlib
 import inspect
 import itertools
 import json
+import logging
 import ssl
 import tempfile
 import time
@@ -39,12 +40,12 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 from relay import __version__
 from relay.codec import compact_json, loads
 from relay.config import EndpointConfig
-from relay.dispatch import Dispatcher, build_request
-from relay.events import USERS_FEED, Message, NewEvent, parse_frame, prepare
+from relay.dispatch import Dispatcher, build_request, sfox_timestamp
+from relay.events import EXCERPT_BYTES, USERS_FEED, Message, NewEvent, parse_frame, prepare
 from relay.metrics import Metrics
 from relay.store.base import Claim, DeliveryDetail, DeliveryInfo, Target, parse_delivery_id
 from relay.store.sqlite import SQLiteStore
-from relay.transport import EXCERPT_BYTES, HttpxSender
+from relay.transport import HttpxSender
 
 T0_NS = 1_717_005_327_995_988_841  # 19 digits, beyond 2**53: must arrive exactly
 TOKEN = "2000611e8c3f4a9b7d6e5f4a3b2c1d0e9f8a7b6c5d4e3f2a1b0c9d8e7f6a3979"
@@ -359,6 +360,7 @@ async def test_headers_and_body_on_the_wire(h: Harness, secrets: tuple[str, ...]
         "relay-source": "feed",
         "content-type": "application/json",
         "user-agent": f"sfox-relay/{__version__}",
+        "sfox-timestamp": str(T0_NS + 1),
         "authorization": "Bearer crm-key",
         "x-tenant": "acme",
     }
@@ -1029,3 +1031,56 @@ async def test_senders_close_each_distinct_sender_once() -> None:
     assert senders["a"] is shared and senders["b"] is shared
     await Senders({"a": shared, "b": shared, "c": own}).close()
     assert (shared.closed, own.closed) == (1, 1)
+
+
+# -- issue 20: sfox-timestamp and the INFO log of every outcome -----------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        (b'{"sequence":1,"recipient":"r","timestamp":1717005327981000001,"payload":{}}',
+         "1717005327981000001"),
+        (b'{"sequence":null,"recipient":"r","timestamp":9999999999999999999,"payload":{}}',
+         "9999999999999999999"),
+        (b'{"payload":{"timestamp":1},"timestamp":1717005327981000002}', "1717005327981000002"),
+        (b'{"sequence":1,"recipient":"a\\"b","timestamp":7}', "7"),
+        (b'{"payload":{}}', None),
+        (b'{"timestamp":"soon"}', None),
+        (b"[1]", None),
+    ],
+)  # fmt: skip
+def test_sfox_timestamp_is_the_message_timestamp_exactly(body: bytes, expected: str | None) -> None:
+    assert sfox_timestamp(body) == expected
+
+
+async def test_every_outcome_is_logged_at_info_with_both_ids(
+    h: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    tries: dict[str, int] = {}
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        user = json.loads(request.content)["payload"]["user_id"]
+        tries[user] = tries.get(user, 0) + 1
+        if user == "user-b":
+            return httpx.Response(410)
+        return httpx.Response(503 if tries[user] == 1 else 200)
+
+    h.router.post(CRM_URL).mock(side_effect=answer)
+    first, second = new_event("user-a", 1), new_event("user-b", 2)
+    await h.append([first, second])
+    caplog.set_level(logging.INFO, logger="relay.dispatch")
+    h.start(endpoint(schedule=(0.0, 0.0)))
+    await h.wait_for(first, "delivered", 2)
+    await h.wait_for(second, "dead", 1)
+
+    records = [r for r in caplog.records if r.name == "relay.dispatch"]
+    assert sorted(r.event for r in records) == sorted(
+        ["delivery.retry", "delivery.succeeded", "delivery.dead"]
+    )
+    assert {r.event_id for r in records} == {first.event_id, second.event_id}
+    for record in records:
+        assert record.levelno >= logging.INFO
+        assert record.delivery_id.startswith("dlv_")
+        assert record.endpoint == "crm"
+        assert record.latency_ms >= 0

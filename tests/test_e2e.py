@@ -2,7 +2,7 @@
 
 Each test starts the simulator and the receiver on port 0, runs a real :class:`Relay` in the
 test's event loop against a store in ``tmp_path``, and checks what the receiver got against
-what the simulator sent (CONTRACT.md sections 4 and 5) and what the admin port shows (6).
+what the simulator sent (see the README) and what the admin port shows.
 """
 
 from __future__ import annotations

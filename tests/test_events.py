@@ -1,6 +1,6 @@
 """The pure event core (relay/events.py, relay/codec.py): tables, no I/O, deterministic.
 
-Contract: CONTRACT.md section 4 (body, event id) and 5a (reconciled events); the two example
+Contract: the README (body, event id, reconciled events); the two example
 messages are the ones in sfox/onboarding-feed-docs.txt (same sequence and timestamp, PENDING
 then VERIFIED).
 """
@@ -32,6 +32,9 @@ from relay.events import (
     reconcile_event_id,
     redact,
     routes,
+    stored_excerpt,
+    user_problem,
+    without_controls,
 )
 
 TOKEN = "2000611ea497d8ae4832c52166e0a26162cbb74716ab2662c50f8b47cdad3979"
@@ -275,6 +278,171 @@ def test_parse_frame_then_prepare_never_raises_on_lone_surrogate(frame: str | by
         assert event.event_id.startswith("evt_")
     else:
         assert isinstance(result, BadFrame)
+
+
+# --- the input boundary (CONTRACT.md section 5: "Bad input never stops the relay") -------------
+
+
+def _nested(depth: int) -> str:
+    """A payload value that takes ``depth`` levels of its own."""
+    return "[" * depth + "]" * depth
+
+
+BOUNDARY = [
+    ("NUL in user_id", _users('{"user_id":"u\\u0000x"}'),
+     "payload.user_id holds a control character"),
+    ("tab in user_id", _users('{"user_id":"u\\tx"}'), "payload.user_id holds a control character"),
+    ("C1 control in status", _users('{"user_id":"u1","status":"OK\\u0085"}'),
+     "payload.status holds a control character"),
+    ("DEL in recipient", _users('{"user_id":"u1"}', recipient='"private.enterprise.users\\u007f"'),
+     "recipient holds a control character"),
+    ("NUL in another feed's recipient", _users("{}", recipient='"x\\u0000"'),
+     "recipient holds a control character"),
+    ("user_id of 257", _users('{"user_id":"' + "u" * 257 + '"}'),
+     "payload.user_id longer than 256 characters"),
+    ("user_id of 5 kB", _users('{"user_id":"' + "é" * 2500 + '"}'),
+     "payload.user_id longer than 256 characters"),
+    ("status of 257", _users('{"user_id":"u1","status":"' + "S" * 257 + '"}'),
+     "payload.status longer than 256 characters"),
+    ("recipient of 257", _users("{}", recipient='"' + "r" * 257 + '"'),
+     "recipient longer than 256 characters"),
+    # message 1, payload 2, the list 63 more: 65 levels.
+    ("65 levels", _users('{"user_id":"u1","x":' + _nested(63) + "}"),
+     "nested deeper than 64 levels"),
+    ("65 levels in another feed", _users('{"x":' + _nested(63) + "}", recipient='"other"'),
+     "nested deeper than 64 levels"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("frame", "reason"), [pytest.param(*row[1:], id=row[0]) for row in BOUNDARY]
+)
+def test_boundary_refuses_what_no_store_or_hash_can_take(frame: str, reason: str) -> None:
+    result = parse_frame(frame)
+    assert isinstance(result, BadFrame)
+    assert result.reason == reason
+    assert not any(c in result.text for c in "\x00\t\x7f\x85")
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        pytest.param(_users('{"user_id":"' + "u" * 256 + '"}'), id="user_id of 256"),
+        pytest.param(_users('{"user_id":"u1","x":' + _nested(62) + "}"), id="64 levels"),
+        pytest.param(_users('{"user_id":"u1","note":"a\\u0000b"}'), id="NUL in another field"),
+    ],
+)
+def test_boundary_admits_what_is_within_it(frame: str) -> None:
+    result = parse_frame(frame)
+    assert isinstance(result, Message)
+    assert prepare(result, seal_key=None).event_id.startswith("evt_")
+
+
+def test_nesting_just_under_the_parsers_limit_is_a_bad_frame_not_a_crash() -> None:
+    # The deepest frame the parser still takes here (~970 levels): it used to become a
+    # Message whose event id then hit the recursion limit, ending `relay run`.
+    def frame(depth: int) -> str:
+        return _users('{"user_id":"u1","x":' + _nested(depth) + "}")
+
+    depth = 100
+    while True:
+        try:
+            json.loads(frame(depth + 10))
+        except RecursionError:
+            break
+        depth += 10
+    result = parse_frame(frame(depth))
+    assert isinstance(result, BadFrame)
+    assert result.reason == "nested deeper than 64 levels"
+
+
+def test_a_frame_over_1_mib_is_a_bad_frame_redacted() -> None:
+    just = _users('{"user_id":"u1","note":"@"}')
+    at_limit = just.replace("@", "n" * (1024 * 1024 - len(just) + 1))
+    assert len(at_limit.encode()) == 1024 * 1024
+    assert isinstance(parse_frame(at_limit), Message)
+    over = _users('{"user_id":"u1","user_token":{"token":"' + TOKEN + '"},"note":"@"}')
+    over = over.replace("@", "é" * (512 * 1024))  # fewer characters than bytes
+    for frame in (over, over.encode()):
+        result = parse_frame(frame)
+        assert isinstance(result, BadFrame)
+        assert "over the 1,048,576-byte limit" in result.reason
+        assert TOKEN not in result.text and len(result.text) <= 64 * 1024
+
+
+def test_a_deep_bad_frame_is_redacted_by_pattern() -> None:
+    frame = _users('{"user_token":{"token":"' + TOKEN + '"},"x":' + _nested(500) + "}")
+    result = parse_frame(frame)
+    assert isinstance(result, BadFrame)
+    assert TOKEN not in result.text
+
+
+def test_a_non_json_frame_with_a_nul_is_kept_without_it() -> None:
+    result = parse_frame('{"user_id":"a\x00b" not json\r\n')
+    assert isinstance(result, BadFrame)
+    assert result.text == '{"user_id":"a\ufffdb" not json  '
+
+
+@pytest.mark.parametrize(
+    ("user", "problem"),
+    [
+        ({"user_id": "u1", "status": "VERIFIED", "requirements": {}}, None),
+        ({"user_id": "u\x00"}, "payload.user_id holds a control character"),
+        ({"user_id": "u" * 300}, "payload.user_id longer than 256 characters"),
+        ({"user_id": "u1", "status": "\x00"}, "payload.status holds a control character"),
+        ({"user_id": "u1", "status": 3}, "payload.status not a string"),
+        ({"user_id": 7}, "payload.user_id missing or not a string"),
+        ({"user_id": "u1", "requirements": []}, "payload.requirements not an object"),
+        ({"user_id": "u1", "x": "\ud800"}, "not JSON: unencodable string"),
+        ("u1", "not a JSON object"),
+    ],
+)
+def test_rest_users_pass_the_same_boundary(user: Any, problem: str | None) -> None:
+    assert user_problem(user) == problem
+
+
+def test_rest_user_depth_counts_from_the_message_it_becomes() -> None:
+    def nested(levels: int) -> Any:
+        value: Any = []
+        for _ in range(levels - 1):
+            value = [value]
+        return value
+
+    # message 1, the user (its payload) 2, then the list: 62 levels of list make 64.
+    assert user_problem({"user_id": "u1", "x": nested(62)}) is None
+    assert user_problem({"user_id": "u1", "x": nested(63)}) == "nested deeper than 64 levels"
+    event = reconcile_event({"user_id": "u1", "x": nested(62)}, after=None, now_ns=TS)
+    assert event.event_id.startswith("evt_")
+
+
+@pytest.mark.parametrize(
+    ("text", "clean"),
+    [
+        ("plain text", "plain text"),
+        ("a\tb\r\nc", "a b  c"),
+        ("nul\x00 esc\x1b[31m del\x7f c1\x9f", "nul\ufffd esc\ufffd[31m del\ufffd c1\ufffd"),
+        ("é ✓ \u2028", "é ✓ \u2028"),  # not category Cc: kept
+    ],
+)
+def test_without_controls(text: str, clean: str) -> None:
+    assert without_controls(text) == clean
+
+
+def test_stored_excerpt_is_redacted_before_it_is_cut() -> None:
+    secret = "s3cr3t-value-" + "k" * 40
+
+    def mask(text: str) -> str:
+        return text.replace(secret, "[redacted]")
+
+    # The secret straddles the 1 KiB mark: cut first, its head would escape the redactor.
+    body = "x" * 1000 + secret + "\x00" * 2000
+    excerpt = stored_excerpt(body, mask)
+    assert excerpt is not None
+    assert "s3cr3t" not in excerpt and "[redacted]" in excerpt
+    assert len(excerpt.encode()) <= 1024
+    assert not any(c in excerpt for c in "\x00\n")
+    assert stored_excerpt("é" * 600, mask) == "é" * 512  # never half a character
+    assert stored_excerpt("", mask) is None and stored_excerpt(None, mask) is None
 
 
 # --- exact bytes -----------------------------------------------------------------------------

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import logging
-from collections.abc import AsyncIterator, Callable
+import tracemalloc
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from typing import Any
 
 import pytest
+from websockets.asyncio.server import serve
+from websockets.exceptions import ConnectionClosed
 
 from relay.events import USERS_FEED, BadFrame, Message
 from relay.feed import (
@@ -540,3 +545,127 @@ def test_options_validate() -> None:
     assert "k" not in repr(FeedOptions(url="ws://u:pw@x/ws?token=t", api_key="k")).replace(
         "api_key", ""
     ).replace("ws://x", "")
+
+
+# -- memory: bounded by bytes, not only by frame counts ---------------------------------------
+
+
+class Counter(Recorder):
+    """A Recorder that keeps no message (so that it holds no memory of its own)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    async def on_messages(self, messages: list[Message]) -> None:
+        self.batches.append(len(messages))
+        self.count += len(messages)
+        if self.gate is not None:
+            await self.gate.wait()
+
+
+class FloodingFeed:
+    """An sFOX look-alike that sends ``count`` frames of ~1 MB: before it answers
+    authenticate on the first connection (``early``), or after the subscribe reply."""
+
+    def __init__(self, count: int, *, early: bool) -> None:
+        self.count = count
+        self.early = early
+        self.sent = 0
+        self.connections = 0
+        self.port = 0
+        self._server: Any = None
+        payload = {"user_id": "u-@", "status": "PENDING", "note": "n" * 1_000_000}
+        self.frame = json.dumps(
+            {"sequence": 1, "recipient": USERS_FEED, "timestamp": 1, "payload": payload}
+        )
+
+    async def __aenter__(self) -> FloodingFeed:
+        self._server = await serve(self._handle, "127.0.0.1", 0, max_size=None, compression=None)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._server.close()
+        await self._server.wait_closed()
+
+    async def _flood(self, conn: Any) -> None:
+        for n in range(self.count):
+            await conn.send(self.frame.replace("u-@", f"u-{n}", 1))
+            self.sent += 1
+
+    async def _handle(self, conn: Any) -> None:
+        self.connections += 1
+        first = self.connections == 1
+        with contextlib.suppress(ConnectionClosed):
+            async for raw in conn:
+                action = json.loads(raw)["type"]
+                if action == "authenticate" and self.early and first:
+                    await self._flood(conn)
+                reply = {"type": "success", "payload": {"action": action}, "action": action}
+                await conn.send(json.dumps(reply))
+                if action == "subscribe" and not self.early:
+                    await self._flood(conn)
+
+
+@contextlib.contextmanager
+def peak_memory() -> Iterator[list[int]]:
+    """The peak of Python's allocations inside the block, in bytes (appended on exit)."""
+    result: list[int] = []
+    tracemalloc.start()
+    try:
+        yield result
+    finally:
+        result.append(tracemalloc.get_traced_memory()[1])
+        tracemalloc.stop()
+
+
+async def test_frames_before_the_handshake_reply_are_bounded_in_bytes() -> None:
+    # 1,000 frames of 1 MB before the auth reply once took 2.0 GB; a hundred suffice here.
+    metrics, handler = Metrics(), Recorder()
+    async with FloodingFeed(100, early=True) as flood:
+        url = f"ws://127.0.0.1:{flood.port}/ws"
+        client = FeedClient(
+            replace(options_for(url), handshake_timeout=10.0),
+            handler,
+            metrics,
+            backoff=lambda n: 0.01,
+        )
+        with peak_memory() as peak:
+            async with running(client):
+                await wait_until(lambda: client.state == "subscribed", 20)
+    assert flood.connections == 2  # the flooding handshake was given up, the next one worked
+    assert flood.sent < 100  # the relay stopped reading: sFOX's sends waited
+    assert peak[0] < 48 * 2**20, f"peak {peak[0] / 2**20:.0f} MiB"
+
+
+async def test_frames_waiting_for_a_slow_store_are_bounded_in_bytes() -> None:
+    # 600 frames of 4 MiB behind a slow store once took 936 MB.
+    metrics, handler = Metrics(), Counter()
+    gate = handler.gate = asyncio.Event()
+    async with FloodingFeed(100, early=False) as flood:
+        url = f"ws://127.0.0.1:{flood.port}/ws"
+        client = FeedClient(options_for(url), handler, metrics, backoff=lambda n: 0.01)
+        with peak_memory() as peak:
+            async with running(client):
+                await wait_until(lambda: len(handler.batches) == 1, 20)
+                # The store is stuck; sFOX keeps sending until the relay stops reading.
+                with contextlib.suppress(TimeoutError):
+                    await wait_until(lambda: flood.sent == 100, 1.0)
+                gate.set()
+                await wait_until(lambda: handler.count == 100, 20)
+    assert client.connections == 1
+    # At most 4 MiB of frames per batch: four of these.
+    assert max(handler.batches) == 4, handler.batches
+    assert peak[0] < 48 * 2**20, f"peak {peak[0] / 2**20:.0f} MiB"
+
+
+def options_for(url: str) -> FeedOptions:
+    return FeedOptions(
+        url=url,
+        api_key=KEY,
+        ping_interval=5.0,
+        dead_after=15.0,
+        handshake_timeout=5.0,
+        close_timeout=0.2,
+    )

@@ -1,4 +1,4 @@
-"""Structured, redacted logs (relay/logs.py): CONTRACT.md section 5, "Secrets"."""
+"""Structured, redacted logs (relay/logs.py): the README, "Secrets"."""
 
 from __future__ import annotations
 
@@ -152,7 +152,8 @@ REDACT = [
     ("user token, 64 hex", f"token {USER_TOKEN} end", "token *** end"),
     ("upper-case hex", f"t={USER_TOKEN.upper()}", "t=***"),
     ("40 hex", "x " + "a" * 40, "x ***"),
-    ("39 hex kept", "x " + "a" * 39, "x " + "a" * 39),
+    ("32 hex", "x " + "a" * 32, "x ***"),
+    ("31 hex kept", "x " + "a" * 31, "x " + "a" * 31),
     ("quoted hex", f'"token":"{USER_TOKEN}"', '"token":"***"'),
     ("event id kept", f"event {EVENT_ID} stored", f"event {EVENT_ID} stored"),
     ("event id in JSON kept", f'{{"event_id":"{EVENT_ID}"}}', f'{{"event_id":"{EVENT_ID}"}}'),
@@ -166,6 +167,8 @@ REDACT = [
     ("bearer", "Authorization: Bearer abc.DEF-123_xyz~+/=", "Authorization: Bearer ***"),
     ("bearer lower-case", "authorization: bearer abcdefgh", "authorization: bearer ***"),
     ("short bearer kept", "Bearer abc", "Bearer abc"),
+    ("basic credentials", "> Authorization: Basic dXNlcjpwYXNzd29yZA==",
+     "> Authorization: Basic ***"),
     ("JWT", f"jwt {JWT} end", "jwt *** end"),
     ("nothing secret", "user_id=client_09e4 status=VERIFIED",
      "user_id=client_09e4 status=VERIFIED"),
@@ -178,10 +181,45 @@ def test_redactor(text: str, expected: str) -> None:
 
 
 def test_redactor_longest_secret_first_and_short_ones_ignored() -> None:
-    redact = Redactor(["abcd", "abcd-efgh", "abc", ""])
-    assert redact("abcd-efgh abcd abc") == "*** *** abc"
-    redact.add(["abc-later"])
-    assert redact("abc-later") == "***"
+    redact = Redactor(["abcd-efgh-ijkl", "abcd-efgh-ijkl-mnop", "abcd-efgh-ij", "abc", ""])
+    assert redact("abcd-efgh-ijkl-mnop abcd-efgh-ijkl abc") == "*** *** abc"
+    redact.add(["abc-later-0123"])
+    assert redact("abc-later-0123") == "***"
+
+
+def test_a_short_secret_never_blanks_a_word_out_of_log_lines(capture: Capture) -> None:
+    """A header value `production` vanished from every line: `private.***.users`."""
+    stream = capture(secrets=["production", "postgres", "relay"])
+    log.info(
+        "subscribed to private.enterprise.users; store postgresql://relay@db/relay_production.db",
+        extra={"feed": "production", "authorization": "production"},
+    )
+    [line] = _lines(stream)
+    # (A lone user info may be a token, so the URL masker hides it; the words stay.)
+    assert line["msg"] == (
+        "subscribed to private.enterprise.users; store postgresql://***@db/relay_production.db"
+    )
+    assert (line["feed"], line["authorization"]) == ("production", "***")
+
+
+def test_secret_named_fields_are_masked_at_any_depth(capture: Capture) -> None:
+    stream = capture(secrets=[])
+    log.info("x", extra={"headers": {"Authorization": "Basic abc", "x-env": "prod"}, "token": 1})
+    [line] = _lines(stream)
+    assert line["headers"] == {"Authorization": "***", "x-env": "prod"}
+    assert line["token"] == "***"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("postgresql://relay@db/relay", "postgresql://***@db/relay"),
+        ("postgresql://db/relay", "postgresql://db/relay"),
+        ("https://h/x?token=abc&v=1 next", "https://h/x?token=***&v=*** next"),
+    ],
+)
+def test_urls_are_masked_by_the_one_url_masker(text: str, expected: str) -> None:
+    assert Redactor([])(text) == expected
 
 
 # --- redaction through the formatters --------------------------------------------------------
@@ -233,7 +271,8 @@ def test_console_format_and_redaction(capture: Capture) -> None:
     text = stream.getvalue()
     first = text.splitlines()[0]
     assert re.fullmatch(
-        r"\d\d:\d\d:\d\d\.\d{3} WARNING relay\.test: feed gap after 41  missing=2 user_id=u1",
+        r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} WARNING relay\.test: feed gap after 41  "
+        r"missing=2 user_id=u1",
         first,
     )
     for secret in (API_KEY, ADMIN_TOKEN, USER_TOKEN, "p4ss"):
@@ -257,7 +296,9 @@ def test_formatters_directly() -> None:
 # --- bugs ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("secret", ['pa"ss_Wq9z', "pa\\ss_Wq9z"], ids=["quote", "backslash"])
+@pytest.mark.parametrize(
+    "secret", ['pa"ss_Wq9z_4kT', "pa\\ss_Wq9z_4kT"], ids=["quote", "backslash"]
+)
 def test_json_redacts_secrets_with_escaped_characters(capture: Capture, secret: str) -> None:
     stream = capture(secrets=[secret])
     log.info("password %s", secret, extra={"header": secret})
@@ -277,3 +318,60 @@ def test_json_field_with_big_int(capture: Capture) -> None:
     log.warning("feed sequence gap", extra={"sequence": 2**64})
     [line] = _lines(stream)
     assert line["sequence"] == 2**64
+
+
+async def test_each_stored_event_is_logged_at_info(
+    tmp_path: PurePosixPath, caplog: pytest.LogCaptureFixture
+) -> None:
+    from relay.app import Ingest
+    from relay.events import Message, parse_frame
+    from relay.metrics import Metrics
+    from relay.store.base import Target
+    from relay.store.sqlite import SQLiteStore
+
+    frame = {
+        "sequence": 7,
+        "recipient": "private.enterprise.users",
+        "timestamp": 1717005327981000001,
+        "payload": {"user_id": "client_09e4", "status": "PENDING", "email": "a@example.com"},
+    }
+    message = parse_frame(json.dumps(frame))
+    assert isinstance(message, Message)
+    store = SQLiteStore(f"{tmp_path}/relay.db")
+    await store.open(daemon=False)
+    try:
+        ingest = Ingest(store, [Target("crm")], Metrics(), None, on_stored=lambda: None)
+        caplog.set_level(logging.INFO, logger="relay.app")
+        await ingest.on_messages([message])
+        await ingest.on_messages([message])  # a duplicate is not stored again
+    finally:
+        await store.close()
+    [record] = [r for r in caplog.records if getattr(r, "event", "") == "event.stored"]
+    assert record.levelno == logging.INFO
+    assert (record.user_id, record.sequence, record.feed) == (
+        "client_09e4",
+        7,
+        "private.enterprise.users",
+    )
+    assert record.event_id.startswith("evt_")
+    assert "a@example.com" not in record.getMessage() + str(record.__dict__)
+
+
+def test_credentials_in_the_sfox_urls_never_reach_a_log_line(capture: Capture) -> None:
+    """websockets' DEBUG log printed RELAY_WS_URL's credentials."""
+    from relay.config import load_settings, secret_values
+
+    settings = load_settings(
+        {
+            "RELAY_WS_URL": "wss://feeduser:feedpass_Q8r4T6y2@ws.example.com/ws",
+            "RELAY_API_URL": "https://apiuser:apipass_K3j5H7g9@api.example.com",
+        }
+    )
+    stream = capture(secrets=secret_values(settings))
+    logging.getLogger("websockets.client").warning(
+        "connecting to wss://feeduser:feedpass_Q8r4T6y2@ws.example.com/ws; "
+        "> Authorization: Basic ZmVlZHVzZXI6ZmVlZHBhc3NfUThyNFQ2eTI=; password feedpass_Q8r4T6y2"
+    )
+    text = stream.getvalue()
+    for secret in ("feedpass_Q8r4T6y2", "feeduser", "ZmVlZHVzZXI6ZmVlZHBhc3NfUThyNFQ2eTI="):
+        assert secret not in text

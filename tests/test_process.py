@@ -22,6 +22,7 @@ from conftest import expected_event_id, new_key, new_whsec, query, store_path
 
 from relay.receiver import Received, Receiver, Response
 from relay.simulator import Simulator
+from relay.store.sqlite import SQLiteStore
 
 pytestmark = pytest.mark.slow
 
@@ -136,7 +137,7 @@ def states_by_event(db: Path) -> dict[str, str]:
 def table_rows(stdout: str) -> list[list[str]]:
     """The rows of `relay deliveries list` (its header dropped)."""
     lines = [line.split() for line in stdout.splitlines() if line.strip()]
-    assert lines and lines[0][:3] == ["ID", "STATE", "ENDPOINT"], stdout
+    assert lines and lines[0][:4] == ["ID", "EVENT", "ID", "STATE"], stdout
     return lines[1:]
 
 
@@ -200,7 +201,7 @@ async def test_sigterm_under_load_exits_0_and_loses_nothing(
     assert listed.code == 0, listed.stderr
     rows = table_rows(listed.stdout)
     assert len(rows) == min(len(pending), 500)
-    assert {row[1] for row in rows} == {"pending"}
+    assert {row[2] for row in rows} == {"pending"}
 
 
 async def test_sigkill_then_restart_delivers_everything_committed(
@@ -266,7 +267,7 @@ async def test_a_second_daemon_on_the_same_store_exits_1_naming_the_lock(
     assert listed.code == 0, listed.stderr
     rows = table_rows(listed.stdout)
     assert len(rows) == 40
-    assert {row[1] for row in rows} == {"delivered"}
+    assert {row[2] for row in rows} == {"delivered"}
 
     assert first.running
     first.signal(signal.SIGTERM)
@@ -284,13 +285,26 @@ async def test_deliveries_list_pages_with_the_cursor_it_prints(
     first = await cli("deliveries", "list", "--limit", "30", env=env)
     assert first.code == 0, first.stderr
     assert len(table_rows(first.stdout)) == 30
-    hint = first.stderr.strip()
+    hint = first.stderr.strip().splitlines()[-1]
     assert hint.startswith("(more: --before "), hint
     cursor = hint.removeprefix("(more: --before ").rstrip(")")
     rest = await cli("deliveries", "list", "--limit", "30", "--before", cursor, env=env)
     assert rest.code == 0, rest.stderr
     ids = [row[0] for row in table_rows(first.stdout) + table_rows(rest.stdout)]
     assert len(ids) == len(set(ids)) == 40
+
+
+@pytest.mark.parametrize("delivery_id", ["dlv_99999999999999999999", "dlv_" + "9" * 5000])
+async def test_an_out_of_range_delivery_id_is_one_line_exit_1(
+    sim: Simulator, receiver: Receiver, relay_env, run_relay, delivery_id: str
+) -> None:
+    env = relay_env()
+    async with run_relay(env):
+        await receiver.wait_for(1, timeout=10)
+    done = await cli("deliveries", "show", delivery_id, env=env)
+    assert done.code == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    assert done.stderr.startswith("relay: no delivery dlv_999"), done.stderr
 
 
 # -- configuration and the other commands --------------------------------------------------
@@ -317,6 +331,9 @@ async def test_check_prints_the_config_with_every_secret_masked(relay_env) -> No
         RELAY_TOKEN_KEY=token_key,
         RELAY_USER_TOKEN="forward",
     )
+    store = SQLiteStore(store_path(env))  # check reads a store, never creates one
+    await store.open(daemon=False)
+    await store.close()
     done = await cli("check", env=env)
     assert done.code == 0, done.stderr
     config = json.loads(done.stdout)

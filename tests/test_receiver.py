@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
-import ipaddress
 import json
 import os
 import re
 import signal
-import ssl
 import subprocess
 import sys
 import time
@@ -21,8 +18,13 @@ import aiohttp
 import httpx
 import pytest
 
-from relay.receiver import Received, Receiver, Response, _serve
-from relay.signing import sign
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # pytest puts tests/ on sys.path, not the repository root
+    sys.path.insert(0, str(ROOT))
+
+from bench.certs import make_certs  # noqa: E402
+from relay.receiver import Received, Receiver, Response, _serve, main  # noqa: E402
+from relay.signing import sign  # noqa: E402
 
 KEY = b"k" * 32
 OTHER_KEY = b"o" * 32
@@ -318,50 +320,11 @@ async def test_close_with_pending_answers_and_open_connections() -> None:
     await receiver.close()  # idempotent
 
 
-def make_tls(directory: Path) -> tuple[ssl.SSLContext, ssl.SSLContext]:
-    """A self-signed certificate for 127.0.0.1: (server context, client context trusting it)."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    now = datetime.datetime.now(datetime.UTC)
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    server.load_cert_chain(cert_path, key_path)
-    client = ssl.create_default_context(cafile=str(cert_path))
-    return server, client
-
-
 async def test_https(tmp_path: Path) -> None:
-    server_ctx, client_ctx = make_tls(tmp_path)
+    pki = make_certs(tmp_path)
+    client_ctx = pki.client_context()
     receiver = Receiver(keys=[KEY])
-    await receiver.start(ssl=server_ctx)
+    await receiver.start(ssl=pki.server_context())
     async with receiver, httpx.AsyncClient(verify=client_ctx) as client:
         assert receiver.url.startswith("https://127.0.0.1:")
         for _ in range(3):
@@ -372,7 +335,9 @@ async def test_https(tmp_path: Path) -> None:
 
 
 async def test_serve_counts_until_signalled(capsys: pytest.CaptureFixture[str]) -> None:
-    args = argparse.Namespace(host="127.0.0.1", port=0, secret=[], interval=0.05)
+    args = argparse.Namespace(
+        host="127.0.0.1", port=0, secret=[], interval=0.05, cert=None, key=None, client_ca=None
+    )
     serving = asyncio.create_task(_serve(args))
     for _ in range(100):
         await asyncio.sleep(0.01)
@@ -388,6 +353,42 @@ async def test_serve_counts_until_signalled(capsys: pytest.CaptureFixture[str]) 
     captured = capsys.readouterr()
     assert captured.out.strip() == "count=2"
     assert "count=2 rate=" in captured.err
+
+
+async def test_serve_mutual_tls(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pki = make_certs(tmp_path)
+    args = argparse.Namespace(
+        host="127.0.0.1",
+        port=0,
+        secret=[],
+        interval=0,
+        cert=str(pki.server_cert),
+        key=str(pki.server_key),
+        client_ca=str(pki.ca),
+    )
+    serving = asyncio.create_task(_serve(args))
+    for _ in range(100):
+        await asyncio.sleep(0.01)
+        url = capsys.readouterr().out.strip()
+        if url:
+            break
+    assert url.startswith("https://")
+    async with httpx.AsyncClient(verify=pki.client_context(with_client_cert=True)) as client:
+        assert (await client.post(url, content=BODY)).status_code == 204
+    async with httpx.AsyncClient(verify=pki.client_context()) as client:
+        with pytest.raises(httpx.TransportError):  # no client certificate: refused
+            await client.post(url, content=BODY)
+    os.kill(os.getpid(), signal.SIGTERM)
+    await asyncio.wait_for(serving, 5)
+    assert capsys.readouterr().out.strip() == "count=1"
+
+
+def test_tls_options_go_together(capsys: pytest.CaptureFixture[str]) -> None:
+    for argv in (["--cert", "c.pem"], ["--key", "k.pem"], ["--client-ca", "ca.pem"]):
+        with pytest.raises(SystemExit) as info:
+            main(argv)
+        assert info.value.code == 2
+    assert "--cert and --key go together" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from typing import Any
 
@@ -11,6 +12,7 @@ import pytest
 from conftest import EnvBuilder, eventually, run_relay
 
 from relay.codec import canonical_json
+from relay.errors import StoreError
 from relay.events import USERS_FEED, reconcile_event_id
 from relay.metrics import Metrics
 from relay.receiver import Receiver
@@ -160,6 +162,145 @@ async def test_rest_down_is_an_error_outcome_never_an_exception(store: SQLiteSto
 async def test_bad_rest_answers_are_errors(store: SQLiteStore, response: httpx.Response) -> None:
     report = await reconciler(store, lambda r: response, Recorder(), Metrics()).run_once()
     assert report.outcome == "error"
+
+
+class Clock:
+    """Wall time that moves only when the reconciler sleeps (its injected sleep)."""
+
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+        self.sleeps: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+        await asyncio.sleep(0)
+
+
+async def scheduled_runs(
+    store: SQLiteStore, clock: Clock, *, interval: float, runs: int, trigger: int = 0
+) -> list[float]:
+    """Run the reconciler's loop until ``runs`` REST requests; the clock at each."""
+    seen: list[float] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(clock.now)
+        return httpx.Response(200, json={"data": [user("u1", "PENDING")]})
+
+    async def append(events: Any) -> int:
+        return len((await store.append(events, [Target("ep")], clock.now)).stored)
+
+    rec = Reconciler(
+        store,
+        append,
+        Metrics(),
+        api_url="http://sfox.test",
+        api_key="k" * 16,
+        interval=interval,
+        transport=httpx.MockTransport(handler),
+        clock=clock,
+        sleep=clock.sleep,
+    )
+    for _ in range(trigger):
+        rec.trigger()
+    task = asyncio.create_task(rec.run())
+    try:
+        async with asyncio.timeout(5):
+            while len(seen) < runs:
+                if trigger and len(seen) == 1:
+                    rec.trigger()  # a resubscription right after the first run
+                await asyncio.sleep(0)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await rec.close()
+    return [t - 1_000_000.0 for t in seen]
+
+
+async def test_an_explicit_interval_is_honoured_as_set(store: SQLiteStore) -> None:
+    # RELAY_RECONCILE_INTERVAL=10s used to run every 5 minutes (the subscription deferral).
+    assert await scheduled_runs(store, Clock(), interval=10.0, runs=3) == [10.0, 20.0, 30.0]
+
+
+async def test_a_triggered_run_within_5_minutes_of_the_last_is_deferred(
+    store: SQLiteStore,
+) -> None:
+    runs = await scheduled_runs(store, Clock(), interval=3600.0, runs=3, trigger=1)
+    assert runs == [0.0, 300.0, 3900.0]  # subscribed, resubscribed (deferred), the interval
+
+
+async def test_a_retry_after_of_400_digits_waits_an_hour_not_forever(store: SQLiteStore) -> None:
+    answers = iter([httpx.Response(429, headers={"retry-after": "9" * 400}), None])
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        answer = next(answers)
+        return answer or httpx.Response(200, json={"data": [user("u1", "PENDING", True)]})
+
+    sleep = Recorder()
+    report = await reconciler(store, handler, sleep, Metrics()).run_once()
+    assert report.outcome == "baseline"
+    assert sleep.sleeps == [3600.0]
+
+
+async def test_rest_users_pass_the_input_boundary(store: SQLiteStore) -> None:
+    hostile = [
+        user("u\x00nul", "PENDING"),
+        user("u" * 5000, "PENDING"),
+        {**user("u-deep", "PENDING"), "x": json.loads("[" * 100 + "]" * 100)},
+        user("u-status", "PEN\x00DING"),
+        {"user_id": 7},
+    ]
+    rest = {"data": [user("u1", "PENDING"), *hostile, user("u2", "VERIFIED")]}
+    sleep, metrics = Recorder(), Metrics()
+    rec = reconciler(store, lambda r: httpx.Response(200, json=rest), sleep, metrics)
+    assert (await rec.run_once()).outcome == "baseline"
+    rest["data"].append(user("u3", "VERIFIED"))
+    report = await rec.run_once()
+    assert (report.outcome, report.emitted, report.bad_users) == ("success", 1, 5)
+    assert set(await store.user_states()) == {"u1", "u2", "u3"}
+
+
+async def test_a_store_error_in_a_run_is_an_error_outcome_never_the_tasks_end(
+    store: SQLiteStore,
+) -> None:
+    async def refuse(events: Any) -> int:
+        raise StoreError("sqlite:///x: refused")
+
+    rest = {"data": [user("u1", "PENDING")]}
+    rec = Reconciler(
+        store,
+        refuse,
+        Metrics(),
+        api_url="http://sfox.test",
+        api_key="k" * 16,
+        interval=None,
+        transport=httpx.MockTransport(lambda r: httpx.Response(200, json=rest)),
+        sleep=Recorder(),
+    )
+    assert (await rec.run_once(emit_all=True)).outcome == "error"
+    await rec.close()
+
+
+async def test_a_rest_answer_over_64_mib_is_an_error(store: SQLiteStore) -> None:
+    class Endless(httpx.AsyncByteStream):
+        def __init__(self) -> None:
+            self.sent = 0
+
+        async def __aiter__(self) -> Any:
+            yield b'{"data": ["'
+            while True:
+                self.sent += 1 << 20
+                yield b"x" * (1 << 20)
+
+    stream = Endless()
+    rec = reconciler(store, lambda r: httpx.Response(200, stream=stream), Recorder(), Metrics())
+    report = await rec.run_once()
+    assert report.outcome == "error" and "64 MiB" in (report.error or "")
+    assert stream.sent <= 65 << 20
 
 
 async def test_first_run_is_a_baseline_then_changes_are_emitted_once(

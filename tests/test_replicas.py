@@ -1,7 +1,7 @@
-"""Several `relay run` replicas on one PostgreSQL store (CONTRACT.md section 7).
+"""Several `relay run` replicas on one PostgreSQL store (see the README).
 
 Real processes, a real simulator and receiver, a fresh database per test. Skipped when the
-server at ``RELAY_TEST_PG`` does not answer.
+server at ``SFOX_RELAY_TEST_PG`` does not answer.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from conftest import eventually, expected_event_id
 from relay.receiver import Receiver, Response
 from relay.simulator import Simulator
 
-PG_URL = os.environ.get("RELAY_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
+PG_URL = os.environ.get("SFOX_RELAY_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
 
@@ -33,7 +33,7 @@ async def database() -> AsyncIterator[str]:
     try:
         admin = await asyncpg.connect(PG_URL, timeout=3)
     except (OSError, asyncpg.PostgresError) as exc:
-        pytest.skip(f"PostgreSQL unreachable ({type(exc).__name__}); set RELAY_TEST_PG")
+        pytest.skip(f"PostgreSQL unreachable ({type(exc).__name__}); set SFOX_RELAY_TEST_PG")
     name = f"relay_replicas_{uuid.uuid4().hex[:10]}"
     await admin.execute(f"CREATE DATABASE {name}")
     base, _, _ = PG_URL.rpartition("/")

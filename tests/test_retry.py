@@ -1,4 +1,4 @@
-"""The retry policy (relay/retry.py), as tables (CONTRACT.md section 5, "Retries")."""
+"""The retry policy (relay/retry.py), as tables (the README, "Retries")."""
 
 from __future__ import annotations
 
@@ -213,6 +213,12 @@ PARSE = [
     ("plus sign", "+5", None),
     ("garbage", "Tuesday", None),
     ("unterminated date", "Wed, 29 May", None),
+    ("over the cap", "7200", RETRY_AFTER_CAP),
+    ("a date beyond the cap", _http_date(90_000), RETRY_AFTER_CAP),
+    ("400 digits (a float of infinity)", "9" * 400, RETRY_AFTER_CAP),
+    ("5,000 digits (beyond int())", "1" * 5000, RETRY_AFTER_CAP),
+    ("leading zeros, many", "0" * 30 + "12", 12.0),
+    ("a year no calendar holds", "Mon, 01 Jan 99999999999 00:00:00 GMT", None),
 ]
 
 
@@ -244,3 +250,38 @@ def test_retry_after_non_ascii_digits_ignored(header: str) -> None:
 )  # fmt: skip
 def test_is_retryable(status: int | None, retryable: bool) -> None:
     assert is_retryable(status) is retryable
+
+
+@pytest.mark.parametrize(
+    ("status", "retry_statuses", "state"),
+    [
+        (401, {401, 404}, "pending"),
+        (404, {401, 404}, "pending"),
+        (403, {401, 404}, "dead"),
+        (301, {301}, "pending"),
+        (401, set(), "dead"),
+        (200, {401}, "delivered"),
+        (503, {401}, "pending"),
+    ],
+)
+def test_retry_statuses_turn_a_permanent_answer_into_a_retry(
+    status: int, retry_statuses: set[int], state: str
+) -> None:
+    decision = decide(
+        status=status,
+        attempt=1,
+        schedule=SCHEDULE,
+        now=NOW,
+        rand=lambda: 0.5,
+        retry_statuses=retry_statuses,
+    )
+    assert decision.state == state
+    if state == "pending":
+        assert decision.next_at == NOW + SCHEDULE[1]
+
+
+def test_retry_statuses_still_end_with_the_schedule() -> None:
+    decision = decide(
+        status=401, attempt=len(SCHEDULE), schedule=SCHEDULE, now=NOW, retry_statuses={401}
+    )
+    assert decision.state == "dead"

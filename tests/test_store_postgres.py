@@ -1,6 +1,6 @@
 """The PostgreSQL outbox: the shared store contract, plus what replicas sharing one store need.
 
-Runs against the server at ``RELAY_TEST_PG`` (default ``postgresql://postgres@127.0.0.1:5432/
+Runs against the server at ``SFOX_RELAY_TEST_PG`` (default ``postgresql://postgres@127.0.0.1:5432/
 test``); skipped when it is unreachable. Every test works in a fresh schema, dropped afterwards.
 """
 
@@ -47,7 +47,7 @@ from store_suite import (  # noqa: E402
     user_event,
 )
 
-PG_URL = os.environ.get("RELAY_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
+PG_URL = os.environ.get("SFOX_RELAY_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 NOW = 1_717_005_400.0
 #: The suite's clock is injected, so a long lease costs no waiting; it must exceed the hour
 #: ``test_claim_marks_deliveries_in_flight`` waits while expecting its claims to hold.
@@ -64,7 +64,7 @@ def _unreachable() -> str | None:
     except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         return (
             f"PostgreSQL unreachable at {display_url(PG_URL)} ({type(exc).__name__}); "
-            "set RELAY_TEST_PG to a server these tests may create schemas in"
+            "set SFOX_RELAY_TEST_PG to a server these tests may create schemas in"
         )
     return None
 
@@ -367,6 +367,41 @@ async def test_newer_schema_version_raises_schema_error(
     )
     await store.open(daemon=True)  # the relay retries once the cause is gone
     await store.check_writable()
+
+
+async def test_a_read_only_open_never_writes(
+    replicas: Replicas, db: asyncpg.Connection[asyncpg.Record]
+) -> None:
+    """`relay check` opens the store read-only: no schema, no migration, no write at all."""
+    absent = replicas.new(read_only=True)
+    with pytest.raises(StoreError, match="no relay store"):
+        await absent.open(daemon=False)
+    await absent.close()
+    assert await db.fetchval("SELECT to_regclass('meta')") is None
+
+    await (await replicas.open()).close()
+    store = await replicas.open(daemon=False, read_only=True)
+    assert await store.endpoint_stats() == []
+    with pytest.raises(StoreError):
+        await store.check_writable()
+
+
+async def test_pg_schema_is_created_once_and_used(schema: str) -> None:
+    """RELAY_PG_SCHEMA, wired through open_store: the tables live in that schema."""
+    url_store = open_store(PG_URL, schema=schema + "_x")
+    await url_store.open(daemon=False)
+    await url_store.close()
+    conn = await asyncpg.connect(PG_URL, timeout=5)
+    try:
+        found = await conn.fetchval(
+            "SELECT count(*) FROM information_schema.tables WHERE table_schema = $1 "
+            "AND table_name = 'deliveries'",
+            schema + "_x",
+        )
+        assert found == 1
+    finally:
+        await conn.execute(f'DROP SCHEMA "{schema}_x" CASCADE')
+        await conn.close()
 
 
 @pytest.mark.parametrize(

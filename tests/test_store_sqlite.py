@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import sqlite3
+import stat
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -272,3 +274,19 @@ async def test_quarantined_frame_is_kept_redacted(store: SQLiteStore, tmp_path: 
     assert rows == [(NOW, frame.reason, frame.text)]
     assert "[redacted]" in rows[0][2]
     assert TOKEN not in rows[0][2]
+
+
+async def test_store_files_are_readable_by_their_owner_only(tmp_path: Path) -> None:
+    old = os.umask(0o022)  # the usual umask, under which SQLite creates files 0644
+    try:
+        store = SQLiteStore(tmp_path / "relay.db")
+        await store.open(daemon=True)
+        try:
+            await store.check_writable()  # a write: the -wal and -shm files exist now
+            files = [tmp_path / n for n in ("relay.db", "relay.db-wal", "relay.db-shm")]
+            modes = {f.name: stat.S_IMODE(f.stat().st_mode) for f in files}
+        finally:
+            await store.close()
+    finally:
+        os.umask(old)
+    assert modes == {"relay.db": 0o600, "relay.db-wal": 0o600, "relay.db-shm": 0o600}

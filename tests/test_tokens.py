@@ -1,4 +1,4 @@
-"""User tokens (relay/tokens.py): sealing at rest and the per-endpoint policies (CONTRACT.md 4)."""
+"""User tokens (relay/tokens.py): sealing at rest and the per-endpoint policies (see the README)."""
 
 from __future__ import annotations
 

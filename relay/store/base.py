@@ -90,12 +90,23 @@ def format_delivery_id(number: int) -> str:
     return f"dlv_{number}"
 
 
+#: Delivery keys are 64-bit signed integers in both stores.
+_MAX_DELIVERY_KEY = 2**63 - 1
+
+
 def parse_delivery_id(text: str) -> int | None:
-    """The store's key for an opaque id, or None if it is not one of ours."""
+    """The store's key for an opaque id, or None if it is not one of ours.
+
+    An id no store can hold (``dlv_99999999999999999999``, or thousands of digits, which
+    ``int()`` refuses) is not one of ours either: a 404, never a store or parser error.
+    """
     digits = text[4:]
     if not text.startswith("dlv_") or not (digits.isascii() and digits.isdigit()):
         return None
-    return int(text[4:])
+    if len(digits.lstrip("0")) > 19:
+        return None
+    number = int(digits)
+    return number if number <= _MAX_DELIVERY_KEY else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,8 +259,11 @@ class Store(Protocol):
         user_id: str | None = None,
         limit: int = 50,
         before: int | None = None,
+        event_id: str | None = None,
     ) -> list[DeliveryInfo]:
-        """Newest first; ``before`` is the key of the last item of the previous page."""
+        """Newest first; ``before`` is the key of the last item of the previous page.
+
+        ``attempts`` is the number of attempt records (a replay keeps the earlier ones)."""
 
     async def get_delivery(self, delivery_id: int) -> DeliveryDetail | None: ...
 
@@ -261,8 +275,21 @@ class Store(Protocol):
         endpoint: str | None = None,
         user_id: str | None = None,
         now: float,
+        event_id: str | None = None,
     ) -> int:
         """Re-queue finished deliveries (same webhook-id, fresh schedule, after later ones)."""
+
+    async def retry_now(
+        self,
+        *,
+        endpoint: str | None = None,
+        user_id: str | None = None,
+        event_id: str | None = None,
+        now: float,
+    ) -> int:
+        """Make pending deliveries that wait for a scheduled retry due at ``now``, without
+        using an attempt; returns how many. Lanes keep their order: only the one pending
+        delivery of a lane can wait for a retry."""
 
     async def endpoint_stats(self) -> list[EndpointStats]:
         """Full per-endpoint numbers (API, status page, `relay check`)."""

@@ -37,13 +37,14 @@ import secrets
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import asyncpg
 
 from relay import events as ev
 from relay.errors import StoreError, StoreSchemaError, StoreUnavailableError
 from relay.events import BadFrame, NewEvent
+from relay.masking import mask_url
 from relay.store.base import (
     AppendResult,
     Attempt,
@@ -193,9 +194,12 @@ _ACTIVE = "('waiting', 'pending', 'inflight')"
 _FINISHED = "('delivered', 'dead', 'superseded')"
 
 _DELIVERY_COLUMNS = """
-    d.id, d.endpoint, e.event_id, d.user_id, d.state, d.attempts, e.source, e.status,
-    d.next_at, d.created_at, d.updated_at, d.last_status, d.last_error
+    d.id, d.endpoint, e.event_id, d.user_id, d.state, e.source, e.status,
+    d.next_at, d.created_at, d.updated_at, d.last_status, d.last_error,
+    (SELECT COUNT(*) FROM attempts a WHERE a.delivery_id = d.id)::int AS attempts
 """
+# (``attempts`` shown is the attempt records; d.attempts is the retry schedule's position,
+# which a replay resets.)
 
 _LOCK_USERS = (
     "SELECT user_id FROM user_locks WHERE user_id = ANY($1::text[]) ORDER BY user_id FOR UPDATE"
@@ -372,15 +376,7 @@ async def _keep_session(conn: asyncpg.Connection[asyncpg.Record]) -> None:
 
 def display_url(url: str) -> str:
     """``url`` with any password (user info or ``password`` parameter) masked."""
-    parts = urlsplit(url)
-    userinfo, at, host = parts.netloc.rpartition("@")
-    user, colon, _ = userinfo.partition(":")
-    netloc = f"{user}{':' + _MASK if colon else ''}{at}{host}"
-    pieces = []
-    for piece in parts.query.split("&") if parts.query else []:
-        name, eq, _ = piece.partition("=")
-        pieces.append(f"{name}={_MASK}" if eq and name.lower() == "password" else piece)
-    return urlunsplit((parts.scheme, netloc, parts.path, "&".join(pieces), parts.fragment))
+    return mask_url(url)
 
 
 def _password(url: str) -> str | None:
@@ -416,7 +412,13 @@ class _Filters:
         self.terms.append(term.format(*marks))
 
     @classmethod
-    def of(cls, state: PublicState | None, endpoint: str | None, user_id: str | None) -> _Filters:
+    def of(
+        cls,
+        state: PublicState | None,
+        endpoint: str | None,
+        user_id: str | None,
+        event_id: str | None = None,
+    ) -> _Filters:
         found = cls()
         if state == "pending":
             found.add(f"d.state IN {_ACTIVE}")
@@ -426,6 +428,8 @@ class _Filters:
             found.add("d.endpoint = {}", endpoint)
         if user_id is not None:
             found.add("d.user_id = {}", user_id)
+        if event_id is not None:
+            found.add("d.event_seq = (SELECT seq FROM events WHERE event_id = {})", event_id)
         return found
 
     def where(self) -> str:
@@ -463,6 +467,8 @@ class PostgresStore:
         pool_size: most connections a daemon opens (a CLI command opens two at most).
         timeout: seconds for connecting, acquiring a connection and each statement.
         liveness: seconds between checks of the wake-up listener's connection.
+        read_only: `relay check`: every transaction read-only, no migration; a store that
+            is not at this version's schema is a StoreError.
     """
 
     def __init__(
@@ -475,6 +481,7 @@ class PostgresStore:
         pool_size: int = 10,
         timeout: float = 10.0,
         liveness: float = 15.0,
+        read_only: bool = False,
     ) -> None:
         if lease <= 0:
             raise ValueError("lease must be positive")
@@ -484,6 +491,7 @@ class PostgresStore:
         self.lease = lease
         self.replica = replica or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self.schema = schema
+        self._read_only = read_only
         self._pool_size = max(2, pool_size)
         self._timeout = timeout
         self._liveness = liveness
@@ -501,6 +509,8 @@ class PostgresStore:
         settings = {"application_name": name[:63]}
         if self.schema is not None:
             settings["search_path"] = _quote_ident(self.schema)
+        if self._read_only:
+            settings["default_transaction_read_only"] = "on"
         return settings
 
     def _error(self, exc: BaseException) -> StoreError:
@@ -614,7 +624,9 @@ class PostgresStore:
             raise self._error(exc) from exc
         self._pool = pool
         try:
-            self._namespace = await self._run(self._migrate)
+            self._namespace = await self._run(
+                self._check_schema if self._read_only else self._migrate
+            )
         except BaseException:
             self._pool = None
             await self._close_pool(pool)
@@ -634,7 +646,9 @@ class PostgresStore:
                     "one with ?options=-csearch_path%3D<schema>"
                 )
         await conn.execute("SELECT pg_advisory_xact_lock($1)", _lock_key(namespace, "migrate"))
-        if self.schema is not None:
+        exists = "SELECT 1 FROM pg_namespace WHERE nspname = $1"
+        # CREATE SCHEMA checks the database's CREATE privilege even when the schema exists.
+        if self.schema is not None and not await conn.fetchval(exists, self.schema):
             await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {_quote_ident(self.schema)}")
         await conn.execute(_BOOKKEEPING)
         value = await conn.fetchval("SELECT value FROM meta WHERE key = 'schema_version'")
@@ -659,6 +673,22 @@ class PostgresStore:
             log.info(
                 "store migrated",
                 extra={"event": "store.migrated", "store": self.display, "version": number},
+            )
+        return str(namespace)
+
+    async def _check_schema(self, conn: Conn) -> str:
+        """What :meth:`_migrate` would find, without writing: the version must be current."""
+        namespace = self.schema or await conn.fetchval("SELECT current_schema()")
+        try:
+            value = await conn.fetchval("SELECT value FROM meta WHERE key = 'schema_version'")
+        except asyncpg.UndefinedTableError:
+            raise StoreError(f"{self.display}: no relay store in schema {namespace}") from None
+        version = int(value) if value is not None else 0
+        if version != len(MIGRATIONS):
+            newer = version > len(MIGRATIONS)
+            raise (StoreSchemaError if newer else StoreError)(
+                f"{self.display} has schema version {version}; this relay knows "
+                f"{len(MIGRATIONS)} ({'upgrade sfox-relay' if newer else 'relay run migrates it'})"
             )
         return str(namespace)
 
@@ -897,8 +927,9 @@ class PostgresStore:
         user_id: str | None = None,
         limit: int = 50,
         before: int | None = None,
+        event_id: str | None = None,
     ) -> list[DeliveryInfo]:
-        found = _Filters.of(state, endpoint, user_id)
+        found = _Filters.of(state, endpoint, user_id, event_id)
         if before is not None:
             found.add("d.id < {}", before)
         found.args.append(limit)
@@ -938,8 +969,9 @@ class PostgresStore:
         endpoint: str | None = None,
         user_id: str | None = None,
         now: float,
+        event_id: str | None = None,
     ) -> int:
-        found = _Filters.of(state, endpoint, user_id)
+        found = _Filters.of(state, endpoint, user_id, event_id)
         found.add(f"d.state IN {_FINISHED}")
         if ids is not None:
             if not ids:
@@ -1006,6 +1038,29 @@ class PostgresStore:
             return len(rows)
 
         return await self._run(replay)
+
+    async def retry_now(
+        self,
+        *,
+        endpoint: str | None = None,
+        user_id: str | None = None,
+        event_id: str | None = None,
+        now: float,
+    ) -> int:
+        found = _Filters.of(None, endpoint, user_id, event_id)
+        found.add("d.state = 'pending'")
+        found.add("d.next_at > {}", now)
+        found.args.append(now)
+        sql = (
+            f"UPDATE deliveries SET next_at = ${len(found.args)}, updated_at = "
+            f"${len(found.args)} WHERE id IN (SELECT d.id FROM deliveries d {found.where()})"
+        )
+
+        async def retry(conn: Conn) -> int:
+            status = await conn.execute(sql, *found.args)
+            return int(status.split()[-1])
+
+        return await self._run(retry)
 
     async def endpoint_stats(self) -> list[EndpointStats]:
         async def query(conn: Conn) -> list[EndpointStats]:

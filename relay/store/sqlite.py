@@ -163,13 +163,19 @@ _PROMOTE = """
 _FINISHED = "state IN ('delivered', 'superseded', 'dead')"
 
 _DELIVERY_COLUMNS = """
-    d.id, d.endpoint, e.event_id, d.user_id, d.state, d.attempts, e.source, e.status,
-    d.next_at, d.created_at, d.updated_at, d.last_status, d.last_error
+    d.id, d.endpoint, e.event_id, d.user_id, d.state, e.source, e.status,
+    d.next_at, d.created_at, d.updated_at, d.last_status, d.last_error,
+    (SELECT COUNT(*) FROM attempts a WHERE a.delivery_id = d.id) AS attempts
 """
+# (``attempts`` shown is the attempt records; d.attempts is the retry schedule's position,
+# which a replay resets.)
 
 
 def _filters(
-    state: PublicState | None, endpoint: str | None, user_id: str | None
+    state: PublicState | None,
+    endpoint: str | None,
+    user_id: str | None,
+    event_id: str | None = None,
 ) -> tuple[list[str], list[Any]]:
     where: list[str] = []
     args: list[Any] = []
@@ -184,6 +190,9 @@ def _filters(
     if user_id is not None:
         where.append("d.user_id = ?")
         args.append(user_id)
+    if event_id is not None:
+        where.append("d.event_seq = (SELECT seq FROM events WHERE event_id = ?)")
+        args.append(event_id)
     return where, args
 
 
@@ -231,8 +240,13 @@ class _Checkpointer:
 class SQLiteStore:
     """The SQLite outbox (``RELAY_STORE=sqlite:///path``)."""
 
-    def __init__(self, path: str | os.PathLike[str], *, busy_timeout: float = 5.0) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], *, busy_timeout: float = 5.0, read_only: bool = False
+    ) -> None:
+        """``read_only`` (`relay check`): open an existing store without writing or creating
+        anything, not even a migration; an absent or older store is a StoreError."""
         self.path = Path(path)
+        self._read_only = read_only
         self.display = f"sqlite:///{self.path}"
         self._busy_timeout = busy_timeout
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relay-sqlite")
@@ -318,10 +332,14 @@ class SQLiteStore:
         await loop.run_in_executor(self._executor, self._open, daemon)
 
     def _open(self, daemon: bool) -> None:
+        if self._read_only:
+            self._open_read_only()
+            return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if daemon:
                 self._take_lock()
+            self._create_private()
             conn = sqlite3.connect(
                 self.path, timeout=self._busy_timeout, isolation_level=None, check_same_thread=False
             )
@@ -347,6 +365,51 @@ class SQLiteStore:
         except BaseException:
             self._close()
             raise
+
+    def _create_private(self) -> None:
+        """Create the database file readable by its owner only, before SQLite does (0644).
+
+        SQLite gives the ``-wal`` and ``-shm`` files the database file's permissions, so
+        they are owner-only too. An existing file is left as it is.
+        """
+        with contextlib.suppress(FileExistsError):
+            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+
+    def _open_read_only(self) -> None:
+        if not self.path.is_file():
+            raise StoreError(f"{self.display}: no such store")
+        # Without a WAL (no daemon running) "immutable" creates no -wal/-shm files either.
+        wal = Path(f"{self.path}-wal").exists()
+        uri = f"{self.path.resolve().as_uri()}?{'mode=ro' if wal else 'immutable=1'}"
+        try:
+            conn = sqlite3.connect(
+                uri,
+                uri=True,
+                timeout=self._busy_timeout,
+                isolation_level=None,
+                check_same_thread=False,
+            )
+        except sqlite3.Error as exc:
+            raise StoreUnavailableError(f"{self.display}: {exc}") from exc
+        conn.row_factory = sqlite3.Row
+        self._conn = conn
+
+        def version(conn: sqlite3.Connection) -> int:
+            row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+            return int(row[0]) if row else 0
+
+        try:
+            found = self._call(version)
+        except StoreError:
+            self._close()
+            raise StoreError(f"{self.display}: not a relay store") from None
+        if found != len(MIGRATIONS):
+            self._close()
+            newer = found > len(MIGRATIONS)
+            raise (StoreSchemaError if newer else StoreError)(
+                f"{self.display} has schema version {found}; this relay knows "
+                f"{len(MIGRATIONS)} ({'upgrade sfox-relay' if newer else 'relay run migrates it'})"
+            )
 
     def _take_lock(self) -> None:
         fd = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
@@ -657,8 +720,9 @@ class SQLiteStore:
         user_id: str | None = None,
         limit: int = 50,
         before: int | None = None,
+        event_id: str | None = None,
     ) -> list[DeliveryInfo]:
-        where, args = _filters(state, endpoint, user_id)
+        where, args = _filters(state, endpoint, user_id, event_id)
         if before is not None:
             where.append("d.id < ?")
             args.append(before)
@@ -699,9 +763,10 @@ class SQLiteStore:
         endpoint: str | None = None,
         user_id: str | None = None,
         now: float,
+        event_id: str | None = None,
     ) -> int:
         def replay(conn: sqlite3.Connection) -> int:
-            where, args = _filters(state, endpoint, user_id)
+            where, args = _filters(state, endpoint, user_id, event_id)
             where.append("d.state IN ('delivered', 'dead', 'superseded')")
             if ids is not None:
                 if not ids:
@@ -736,6 +801,26 @@ class SQLiteStore:
             return len(rows)
 
         return await self._run(replay)
+
+    async def retry_now(
+        self,
+        *,
+        endpoint: str | None = None,
+        user_id: str | None = None,
+        event_id: str | None = None,
+        now: float,
+    ) -> int:
+        where, args = _filters("pending", endpoint, user_id, event_id)
+        sql = (
+            f"UPDATE deliveries SET next_at = ?, updated_at = ? WHERE id IN (SELECT d.id FROM "
+            f"deliveries d WHERE {' AND '.join(where)} AND d.state = 'pending' AND d.next_at > ?)"
+        )
+
+        def retry(conn: sqlite3.Connection) -> int:
+            with self._tx(conn):
+                return conn.execute(sql, [now, now, *args, now]).rowcount
+
+        return await self._run(retry)
 
     async def endpoint_stats(self) -> list[EndpointStats]:
         def query(conn: sqlite3.Connection) -> list[EndpointStats]:
