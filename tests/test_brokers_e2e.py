@@ -14,6 +14,7 @@ import json
 import os
 import signal
 import sqlite3
+import ssl
 import sys
 import time
 from collections import defaultdict
@@ -37,8 +38,11 @@ FAST_RETRIES = "0s," + ",".join(["100ms"] * 40)
 class CuttableProxy:
     """A TCP proxy to ``port`` whose connections the test can cut at once (both sides)."""
 
-    def __init__(self, port: int, *, reply_delay: float = 0.0) -> None:
+    def __init__(
+        self, port: int, *, reply_delay: float = 0.0, tls: ssl.SSLContext | None = None
+    ) -> None:
         self._target = port
+        self._tls = tls  # terminate TLS here: the broker behind it speaks plaintext
         self._reply_delay = reply_delay  # holds the broker's replies (confirms) this long
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
@@ -56,7 +60,9 @@ class CuttableProxy:
 
     async def up(self) -> None:
         """Listen (again, on the same port once it has one)."""
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", self.port)
+        self._server = await asyncio.start_server(
+            self._accept, "127.0.0.1", self.port, ssl=self._tls
+        )
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def down(self) -> None:
@@ -531,3 +537,58 @@ async def test_a_broker_down_at_start_up_never_stops_the_relay(
                 consumed = await tap.read(6, timeout=15)
                 consumed += await tap.settle(0.3)
     check_messages(consumed, sim, signing_secret, duplicates_allowed=0)
+
+
+# -- TLS schemes with the endpoint's own CA and client certificate ------------------------------
+
+
+@pytest.mark.parametrize(
+    ("broker", "template"),
+    [
+        ("amqp", "amqps://guest:guest@127.0.0.1:{port}/?routing_key={name}"),
+        ("redis", "rediss://127.0.0.1:{port}/0?stream={name}"),
+    ],
+)
+async def test_tls_brokers_verify_with_the_endpoints_ca_and_present_its_certificate(
+    broker: str, template: str, tmp_path: Path
+) -> None:
+    """A TLS-terminating proxy demanding a client certificate sits in front of the broker."""
+    require(broker)
+    root = str(Path(__file__).resolve().parents[1])
+    if root not in sys.path:  # pytest puts tests/ on sys.path, not the repository root
+        sys.path.insert(0, root)
+    from bench.certs import make_certs
+    from relay.config import EndpointConfig
+    from relay.transport import AiohttpSender, sender_for
+
+    pki = make_certs(tmp_path / "pki")
+    server = pki.server_context(require_client_cert=True)
+    _, tap_url = destination(broker)
+    name = tap_url.rsplit("=", 1)[1]
+    async with CuttableProxy(BROKER_PORTS[broker], tls=server) as proxy, Tap(tap_url) as tap:
+        url = template.format(port=proxy.port, name=name)
+        mutual = EndpointConfig.model_validate(
+            {
+                "url": url,
+                "ca_file": str(pki.ca),
+                "client_cert": str(pki.client_cert),
+                "client_key": str(pki.client_key),
+            }
+        )
+        pool = AiohttpSender()
+        sender = sender_for(mutual, pool)
+        try:
+            result = await sender.post(url, b"{}", {"webhook-id": "evt_tls"}, 5.0)
+            assert result.status == 200, result
+        finally:
+            await sender.close()
+        [message] = await tap.read(1)
+        assert message.header("webhook-id") == "evt_tls"
+        # The system's trust store does not know this CA: refused, and said so.
+        plain = sender_for(EndpointConfig.model_validate({"url": url}), pool)
+        try:
+            result = await plain.post(url, b"{}", {"webhook-id": "evt_no"}, 5.0)
+            assert result.status is None and "connection failed" in (result.error or ""), result
+        finally:
+            await plain.close()
+            await pool.close()
