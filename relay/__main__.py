@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import errno
 import json
 import logging
 import os
 import signal
-import socket
 import sys
 import time
 from collections.abc import Callable, Coroutine, Sequence
@@ -46,7 +44,8 @@ def _logging(settings: Settings) -> Redactor:
 def _store(
     settings: Settings, *, create: bool, read_only: bool = False, daemon: bool = False
 ) -> Store:
-    """The configured store, named on stderr (masked; the daemon logs it instead). Unless
+    """The configured store, named on stderr (masked; the daemon names it in its
+    ``relay.started`` line, once the admin port is bound and the store open). Unless
     ``create``, a missing SQLite file is an error: a command run from the wrong directory
     must not show an empty store."""
     from relay.store import open_store
@@ -61,34 +60,9 @@ def _store(
                 f"no store at {path} (RELAY_STORE={settings.store_display}); "
                 "set RELAY_STORE to the daemon's store, or start `relay run` to create it"
             )
-    if daemon:
-        logging.getLogger("relay").info(
-            "store selected", extra={"event": "store.selected", "store": shown}
-        )
-    else:
+    if not daemon:
         print(f"relay: store {shown}", file=sys.stderr)
-    return open_store(url, lease=settings.lease, schema=settings.pg_schema, read_only=read_only)
-
-
-def _check_admin_addr(host: str, port: int) -> None:
-    """Fail before anything is created when the admin address cannot be bound (uvicorn
-    would say so only after the store exists, in a line of its own, exiting 3)."""
-    if port == 0:
-        return
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except OSError as exc:
-        raise RelayError(f"admin address {host}:{port} (RELAY_ADMIN_ADDR): {exc}") from None
-    family, kind, proto, _, addr = infos[0]
-    try:
-        with socket.socket(family, kind, proto) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
-            probe.bind(addr)
-    except OSError as exc:
-        reason = "in use" if exc.errno == errno.EADDRINUSE else (exc.strerror or str(exc))
-        raise RelayError(
-            f"admin address {host}:{port} (RELAY_ADMIN_ADDR) is not available: {reason}"
-        ) from None
+    return open_store(url, lease=settings.lease, schema=settings.store_schema, read_only=read_only)
 
 
 def _run_until_signal(
@@ -121,7 +95,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     settings = _settings(for_run=True)
     _logging(settings)
-    _check_admin_addr(settings.admin_host, settings.admin_port)
     relay = Relay(settings, store=_store(settings, create=True, daemon=True))
 
     async def run() -> int:
@@ -286,6 +259,59 @@ async def _deliveries(args: argparse.Namespace, store: Store) -> int:
     return 0
 
 
+def cmd_endpoints(args: argparse.Namespace) -> int:
+    from relay import service
+
+    settings = _settings(for_run=False)
+    store = _store(settings, create=False)
+
+    async def run() -> int:
+        await store.open(daemon=False)
+        try:
+            if args.action == "list":
+                listed = await service.endpoints(store, settings)
+                if args.json:
+                    for item in listed:
+                        print(json.dumps(item))
+                else:
+                    print(_endpoint_table(listed))
+                return 0
+            done = await service.endpoint_action(
+                store, settings, args.name, args.action, now=time.time()
+            )
+            if done is None:
+                print(f"relay: no endpoint named {args.name!r}", file=sys.stderr)
+                return 1
+            if args.json:
+                print(json.dumps(done))
+            else:
+                print(f"{done['name']}: {done['state']}{'' if done['changed'] else ' (unchanged)'}")
+            return 0
+        finally:
+            await store.close()
+
+    return asyncio.run(run())
+
+
+def _endpoint_table(listed: Sequence[dict[str, Any]]) -> str:
+    header = ("NAME", "STATE", "PENDING", "OLDEST", "LAST ERROR")
+    rows = [
+        (
+            e["name"],
+            e["state"],
+            str(e["pending"]),
+            "-" if e["oldest_pending_age_s"] is None else f"{e['oldest_pending_age_s']:.0f}s",
+            (e["last_error"] or "-")[:60],
+        )
+        for e in listed
+    ]
+    widths = [max(len(r[n]) for r in [header, *rows]) for n in range(len(header))]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+        for r in [header, *rows]
+    )
+
+
 def cmd_reconcile(args: argparse.Namespace) -> int:
     from relay.app import Ingest, reconciler_for, seal_key_of, targets_of
     from relay.metrics import Metrics
@@ -397,6 +423,19 @@ def _parser() -> argparse.ArgumentParser:
         "--older-than", type=_duration, required=True, help="e.g. 3d (dead ones: twice that)"
     )
     deliveries.set_defaults(fn=cmd_deliveries)
+
+    endpoints = sub.add_parser("endpoints", help="endpoint health: list, pause, resume")
+    verbs = endpoints.add_subparsers(dest="action", required=True, metavar="ACTION")
+    as_json = argparse.ArgumentParser(add_help=False)
+    as_json.add_argument("--json", action="store_true", help="one JSON object per line")
+    verbs.add_parser("list", parents=[as_json], help="state, pending, oldest age, last error")
+    for verb, text in (
+        ("pause", "attempt nothing until resumed"),
+        ("resume", "active again; waiting deliveries due now"),
+    ):
+        one = verbs.add_parser(verb, parents=[as_json], help=text)
+        one.add_argument("name")
+    endpoints.set_defaults(fn=cmd_endpoints)
 
     reconcile = sub.add_parser("reconcile", help="compare with sFOX's REST users list now")
     reconcile.add_argument("--emit-all", action="store_true", help="emit every user's state")

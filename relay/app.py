@@ -9,9 +9,9 @@ attempt, commit every verdict, close the store.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import logging
+import socket
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -25,11 +25,14 @@ from relay.errors import StoreUnavailableError
 from relay.events import BadFrame, Message, NewEvent
 from relay.feed import FeedClient, FeedOptions, FeedState
 from relay.isolation import write_isolating
+from relay.limits import raise_nofile_limit
 from relay.logs import Redactor
 from relay.metrics import Metrics
+from relay.monitor import Monitor
 from relay.reconcile import Reconciler
 from relay.store import Store, open_store
 from relay.store.base import Target
+from relay.supervise import Supervisor
 from relay.tracing import OFF, Tracing, from_environment
 from relay.transport import Sender, Senders
 
@@ -249,6 +252,8 @@ class Relay:
         clock: Callable[[], float] = time.time,
         feed_options: FeedOptions | None = None,
         stats_interval: float = 5.0,
+        supervisor: Supervisor | None = None,
+        health_poll: float = 1.0,
     ) -> None:
         self.settings = settings
         # OTEL_* decide (CONTRACT 6b); without them nothing of OpenTelemetry is imported.
@@ -256,23 +261,35 @@ class Relay:
         self.clock = clock
         self.metrics = metrics or Metrics(clock)
         self.store = store or open_store(
-            settings.store.get_secret_value(), lease=settings.lease, schema=settings.pg_schema
+            settings.store.get_secret_value(), lease=settings.lease, schema=settings.store_schema
         )
         self.senders = (
-            Senders.only(sender, settings.endpoints)
+            Senders.only(sender, settings.all_endpoints)
             if sender is not None
-            else Senders.for_endpoints(settings.endpoints)
+            else Senders.for_endpoints(settings.all_endpoints)
         )
         seal_key = seal_key_of(settings)
+        self.monitor = Monitor(
+            self.store,
+            settings,
+            self.metrics,
+            # PostgreSQL names each replica process; a SQLite store has one daemon, the host's.
+            replica=getattr(self.store, "replica", None) or socket.gethostname(),
+            clock=clock,
+            subscribed=lambda: self.feed.state == FeedState.SUBSCRIBED,
+            wake=lambda: self.dispatcher.wake(),
+            poll=health_poll,
+        )
         self.dispatcher = Dispatcher(
             self.store,
-            settings.endpoints,
+            settings.all_endpoints,
             self.senders,
             self.metrics,
             seal_key=seal_key,
             clock=clock,
             redact=Redactor(secret_values(settings)),
             tracing=self.tracing,
+            monitor=self.monitor,
         )
         self.ingest = Ingest(
             self.store,
@@ -314,53 +331,77 @@ class Relay:
                 feed_state=lambda: str(self.feed.state),
                 in_flight=lambda: self.dispatcher.in_flight,
                 on_replay=self.dispatcher.wake,
+                on_endpoint_change=self.monitor.refresh_soon,
                 clock=clock,
             ),
             settings.admin_host,
             settings.admin_port,
         )
+        #: Every long-running task runs under it; another part adds one with one call:
+        #: ``relay.supervisor.add(name, coroutine_function)`` (cancelled at shutdown).
+        self.supervisor = supervisor or Supervisor()
         self._stop = asyncio.Event()
         self.started = asyncio.Event()
 
     @property
     def ready(self) -> dict[str, bool]:
-        """Readiness checks: the feed is subscribed and the store is writable."""
-        return {
+        """Readiness checks: the feed is subscribed, the store is writable, and no supervised
+        task is down (each one down is a failing ``task.<name>`` check)."""
+        checks = {
             "feed": self.feed.state == FeedState.SUBSCRIBED,
             "store": self.ingest.store_ok and self.dispatcher.store_ok,
         }
+        for name in self.supervisor.down:
+            checks[f"task.{name}"] = False
+        return checks
 
     def request_stop(self) -> None:
         """Begin the phased shutdown (SIGTERM/SIGINT)."""
         self._stop.set()
 
     async def run(self) -> None:
-        """Run until :meth:`request_stop`, then shut down in phases."""
-        await self.store.open(daemon=True)
-        self.store.on_wakeup(self.dispatcher.wake)  # other replicas' new work (PostgreSQL)
+        """Run until :meth:`request_stop`, then shut down in phases.
+
+        Raises :class:`TaskFailedError` (exit 1) after that shutdown if a supervised task
+        failed too often.
+        """
+        raise_nofile_limit()
+        await self.admin.start()  # bind first: an address in use creates nothing
+        try:
+            await self.store.open(daemon=True)
+        except BaseException:
+            await self.admin.stop()
+            raise
         # Everything built so far (modules, FastAPI's routes, pydantic models) lives as long
         # as the process: keep it out of the collector, whose full passes over it took
         # ~30 ms and were the delivery-latency tail.
         gc.collect()
         gc.freeze()
         try:
-            await self.admin.start()
             try:
                 await self._serve()
             finally:
                 await self.admin.stop()
+                await self.supervisor.close()
         finally:
             await self.reconciler.close()
             await self.senders.close()
             await self.store.close()
             await self.tracing.close()  # export the last spans
+        if self.supervisor.error is not None:
+            raise self.supervisor.error
 
     async def _serve(self) -> None:
-        feed = asyncio.create_task(self.feed.run(), name="relay-feed")
-        dispatch = asyncio.create_task(self.dispatcher.run(), name="relay-dispatch")
-        stats = asyncio.create_task(self._stats_loop(), name="relay-stats")
-        reconcile = asyncio.create_task(self.reconciler.run(), name="relay-reconcile")
-        retention = asyncio.create_task(self._retention_loop(), name="relay-retention")
+        supervise = self.supervisor.add
+        supervise("admin", self.admin.serve)
+        supervise("feed", self.feed.run)
+        supervise("dispatch", self.dispatcher.deliver)
+        supervise("recorder", self.dispatcher.record)
+        supervise("store-listener", lambda: self.store.watch(self.dispatcher.wake))
+        supervise("stats", self._stats_loop)
+        supervise("reconcile", self.reconciler.run)
+        supervise("retention", self._retention_loop)
+        supervise("health", self.monitor.run)
         log.info(
             "relay started",
             extra={
@@ -372,15 +413,20 @@ class Relay:
         )
         self.started.set()
         stop = asyncio.create_task(self._stop.wait())
-        done, _ = await asyncio.wait({feed, dispatch, stop}, return_when=asyncio.FIRST_COMPLETED)
-        for task in done - {stop}:
-            task.result()  # a crashed component ends the run with its exception
+        failed = asyncio.create_task(self.supervisor.failed.wait())
+        try:
+            await asyncio.wait({stop, failed}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+            failed.cancel()
         log.info("shutting down", extra={"event": "relay.stopping"})
         deadline = asyncio.get_running_loop().time() + self.settings.shutdown_grace
         await self.admin.stop()
+        await self.supervisor.stop("admin")
         try:
             async with asyncio.timeout_at(deadline):
                 await self.feed.stop()  # commits what was received, if the store takes it
+                await self.supervisor.stop("feed")
         except TimeoutError:
             # The store is down and the batch in hand cannot be committed: it was never
             # acknowledged, and reconciliation after the next start recovers it.
@@ -389,17 +435,19 @@ class Relay:
                 "(reconciliation on the next start recovers them)",
                 extra={"event": "relay.stop_uncommitted"},
             )
-            feed.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await feed
+            await self.supervisor.stop("feed", timeout=0)
         remaining = max(0.0, deadline - asyncio.get_running_loop().time())
         await self.dispatcher.shutdown(remaining)
-        await dispatch
-        for background in (stats, reconcile, retention):
-            background.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await background
-        stop.cancel()
+        await self.supervisor.stop("dispatch")
+        self.dispatcher.finish_recording()
+        await self.supervisor.stop("recorder")
+        if self.dispatcher.unrecorded:
+            log.error(
+                "delivery results not committed; those deliveries go back to pending on the "
+                "next start without using an attempt",
+                extra={"event": "relay.stop_unrecorded", "count": self.dispatcher.unrecorded},
+            )
+        await self.supervisor.close()  # the background loops
         log.info("relay stopped", extra={"event": "relay.stopped"})
 
     async def _retention_loop(self) -> None:
@@ -417,7 +465,7 @@ class Relay:
                 log.info("retention purged", extra={"event": "store.purged", "rows": removed})
 
     async def _stats_loop(self) -> None:
-        configured = {ep.name for ep in self.settings.endpoints}
+        configured = {ep.name for ep in self.settings.all_endpoints}
         known = set(configured)
         while True:
             try:

@@ -94,6 +94,22 @@ _RESERVED_HEADERS = frozenset(
         "webhook-signature",
     ]
 )
+# RELAY_ALERT_URL as an object: what an alert endpoint may set (CONTRACT.md 5c).
+_ALERT_KEYS = frozenset(
+    [
+        "url",
+        "name",
+        "secret",
+        "headers",
+        "timeout",
+        "retry_schedule",
+        "ca_file",
+        "client_cert",
+        "client_key",
+        "proxy",
+    ]
+)
+DEFAULT_ALERT_NAME = "alerts"
 # The known input keys (the variables' names without RELAY_, lower-cased; also the TOML keys)
 # are the Settings fields, so a new setting needs no second registration; these are the
 # fields whose input key differs from their name.
@@ -111,7 +127,13 @@ _OTHER_VARIABLES = frozenset({"CONFIG"})
 # Validators that read durations: the fields they check refuse a bare number in any input
 # (environment, TOML, JSON), so that `20` never means seconds in one place and not another.
 _DURATION_VALIDATORS = frozenset(
-    {"_check_duration", "_check_schedule", "_check_reconcile_interval", "_check_timeout"}
+    {
+        "_check_duration",
+        "_check_schedule",
+        "_check_reconcile_interval",
+        "_check_timeout",
+        "_check_disable_after",
+    }
 )
 
 # The environment load_settings() was given; Settings() alone reads os.environ.
@@ -250,6 +272,21 @@ def _positive_int(value: object) -> int:
     if number < 1:
         raise _Invalid("must be at least 1")
     return number
+
+
+def _rate(value: object) -> float:
+    """Attempts per second: a positive, finite number (or its text)."""
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            raise _Invalid("expected attempts per second, a positive number") from None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _Invalid("expected attempts per second, a positive number")
+    rate = float(value)
+    if not math.isfinite(rate) or rate <= 0:
+        raise _Invalid("must be a positive number of attempts per second")
+    return rate
 
 
 def _url(value: object, schemes: tuple[str, ...], what: str) -> str:
@@ -476,6 +513,7 @@ class EndpointConfig(BaseModel):
     retry_schedule: tuple[float, ...] = _schedule(DEFAULT_RETRY_SCHEDULE)
     max_in_flight: int = Field(default=64, ge=1)
     retry_statuses: frozenset[int] = frozenset()
+    rate_limit: float | None = None  # attempts per second across replicas
     fields: tuple[str, ...] | None = None
     ca_file: str | None = None
     client_cert: str | None = None
@@ -577,6 +615,11 @@ class EndpointConfig(BaseModel):
     @classmethod
     def _check_schedule(cls, value: object) -> tuple[float, ...]:
         return _schedule(value)
+
+    @field_validator("rate_limit", mode="before")
+    @classmethod
+    def _check_rate_limit(cls, value: object) -> float | None:
+        return None if value is None else _rate(value)
 
     @field_validator("fields", mode="before")
     @classmethod
@@ -838,8 +881,20 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     log_format: LogFormat = "json"
     pg_schema: str = "public"
-    # Last: its validator fills each endpoint's defaults from the fields above.
+    breaker_threshold: int = 5
+    breaker_cooldown: float = parse_duration("30s")
+    disable_after: float | None = parse_duration("5d")
+
+    @property
+    def store_schema(self) -> str | None:
+        """The schema to open the PostgreSQL store in: RELAY_PG_SCHEMA when it was given;
+        else None, so that a search_path the URL names (``options=-csearch_path%3D...``) is
+        honoured, and PostgreSQL's default (``public``) otherwise."""
+        return self.pg_schema if "pg_schema" in self.model_fields_set else None
+
+    # Last: their validators fill each endpoint's defaults from the fields above.
     endpoints: tuple[EndpointConfig, ...] = ()
+    alert_url: EndpointConfig | None = None
 
     @classmethod
     def settings_customise_sources(
@@ -934,7 +989,14 @@ class Settings(BaseSettings):
     def _check_store(cls, value: object) -> str:
         return _store(value)
 
-    @field_validator("retention", "delivery_timeout", "shutdown_grace", "lease", mode="before")
+    @field_validator(
+        "retention",
+        "delivery_timeout",
+        "shutdown_grace",
+        "lease",
+        "breaker_cooldown",
+        mode="before",
+    )
     @classmethod
     def _check_duration(cls, value: object) -> float:
         return _duration(value)
@@ -944,10 +1006,17 @@ class Settings(BaseSettings):
     def _check_schedule(cls, value: object) -> tuple[float, ...]:
         return _schedule(value)
 
-    @field_validator("replicas", mode="before")
+    @field_validator("replicas", "breaker_threshold", mode="before")
     @classmethod
     def _check_replicas(cls, value: object) -> int:
         return _positive_int(value)
+
+    @field_validator("disable_after", mode="before")
+    @classmethod
+    def _check_disable_after(cls, value: object) -> float | None:
+        if value is None or (isinstance(value, str) and value.strip().lower() == "off"):
+            return None
+        return _duration(value)
 
     @field_validator("reconcile_interval", mode="before")
     @classmethod
@@ -1015,9 +1084,52 @@ class Settings(BaseSettings):
             raise _Invalid(errors[0].reason, errors[0].variable, tuple(errors[1:]))
         return tuple(endpoints)
 
+    @field_validator("alert_url", mode="before")
+    @classmethod
+    def _check_alert_url(cls, value: object, info: ValidationInfo) -> EndpointConfig | None:
+        where = f"{PREFIX}ALERT_URL"
+        if value is None or isinstance(value, EndpointConfig):
+            return value
+        if isinstance(value, str) and value.strip().startswith("{"):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise _Invalid(
+                    f"not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})", where
+                ) from None
+        if isinstance(value, str):
+            value = {"url": value.strip()}
+        if not isinstance(value, Mapping):
+            raise _Invalid("expected an http(s) URL or an endpoint object", where)
+        for key in value:
+            if key not in _ALERT_KEYS:
+                raise _Invalid(f"unknown key {str(key)!r} for the alert endpoint", where)
+        if any(f not in info.data for f in ("delivery_timeout", "retry_schedule")):
+            raise _Invalid("not checked: an earlier setting is invalid")
+        defaults = {
+            "name": DEFAULT_ALERT_NAME,
+            "timeout": info.data["delivery_timeout"],
+            "retry_schedule": info.data["retry_schedule"],
+            "secrets": info.data.get("signing_secrets", ()),
+        }
+        endpoint = _endpoint(value, where, defaults)
+        taken = {e.name for e in info.data.get("endpoints", ())}
+        if endpoint.name in taken:
+            raise _Invalid(
+                'same name as an endpoint of RELAY_ENDPOINTS; names must be unique (set "name")',
+                f"{where}.name",
+            )
+        return endpoint
+
     @model_validator(mode="after")
     def _check_together(self) -> Self:
         """Rules that span variables, each reported under the variable to change."""
+        if self.alert_url is not None and not self.alert_url.secrets and not self.allow_unsigned:
+            raise _Invalid(
+                f"required: {PREFIX}ALERT_URL has no secret of its own (or set "
+                f"{PREFIX}ALLOW_UNSIGNED=true to send unsigned alerts)",
+                PREFIX + "SIGNING_SECRET",
+            )
         for index, endpoint in enumerate(self.endpoints):
             if not endpoint.secrets and not self.allow_unsigned:
                 raise _Invalid(
@@ -1051,6 +1163,12 @@ class Settings(BaseSettings):
     def store_display(self) -> str:
         """The store URL with any password masked."""
         return mask_url(self.store.get_secret_value())
+
+    @property
+    def all_endpoints(self) -> tuple[EndpointConfig, ...]:
+        """The endpoints, and the alert endpoint last when there is one (it is dispatched
+        like the others, but receives operational events only)."""
+        return self.endpoints if self.alert_url is None else (*self.endpoints, self.alert_url)
 
     @property
     def needs_token_storage(self) -> bool:
@@ -1204,6 +1322,12 @@ def describe(settings: Settings) -> dict[str, object]:
         "log_level": settings.log_level,
         "log_format": settings.log_format,
         "pg_schema": settings.pg_schema,
+        "breaker_threshold": settings.breaker_threshold,
+        "breaker_cooldown": _format_duration(settings.breaker_cooldown),
+        "disable_after": "off"
+        if settings.disable_after is None
+        else _format_duration(settings.disable_after),
+        "alert_url": None if settings.alert_url is None else _describe_endpoint(settings.alert_url),
     }
 
 
@@ -1243,6 +1367,7 @@ def _describe_endpoint(endpoint: EndpointConfig) -> dict[str, object]:
         "retry_schedule": [_format_duration(step) for step in endpoint.retry_schedule],
         "max_in_flight": endpoint.max_in_flight,
         "retry_statuses": sorted(endpoint.retry_statuses),
+        "rate_limit": endpoint.rate_limit,
         "fields": None if endpoint.fields is None else list(endpoint.fields),
         "ca_file": endpoint.ca_file,
         "client_cert": endpoint.client_cert,
@@ -1285,7 +1410,7 @@ def secret_values(settings: Settings) -> list[str]:
     found += url_secrets(settings.store.get_secret_value())
     found += url_secrets(settings.ws_url, strict=True)
     found += url_secrets(settings.api_url, strict=True)
-    for endpoint in settings.endpoints:
+    for endpoint in settings.all_endpoints:
         found += _whsec_parts(endpoint.secrets)
         found += _key_texts(endpoint.token_key)
         found += [value.get_secret_value() for value in endpoint.headers.values()]

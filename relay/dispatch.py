@@ -24,7 +24,9 @@ from relay.config import EndpointConfig
 from relay.errors import StoreUnavailableError
 from relay.events import stored_excerpt
 from relay.isolation import write_isolating
+from relay.limits import Throttle
 from relay.metrics import Metrics
+from relay.monitor import Monitor
 from relay.store.base import Attempt, Claim, Outcome, Store, format_delivery_id
 from relay.tracing import OFF, Tracing
 from relay.transport import Sender, Senders, SendResult
@@ -123,9 +125,12 @@ class Dispatcher:
         idle_poll: float = 5.0,
         store_retry: float = 1.0,
         tracing: Tracing = OFF,
+        unsent_retry: float = 1.0,
+        monitor: Monitor | None = None,
     ) -> None:
         self._store = store
         self._tracing = tracing
+        self._monitor = monitor
         self._redact = redact
         self._endpoints: Mapping[str, EndpointConfig] = {ep.name: ep for ep in endpoints}
         # One sender for all is what tests inject; ``relay run`` passes each endpoint's own.
@@ -137,6 +142,8 @@ class Dispatcher:
         self._page = page
         self._idle_poll = idle_poll
         self._store_retry = store_retry
+        self._unsent_retry = unsent_retry
+        self._unsent_log = Throttle(10.0)
         self._inflight: dict[str, int] = dict.fromkeys(self._endpoints, 0)
         self._tasks: set[asyncio.Task[None]] = set()
         self._outcomes: list[Outcome] = []
@@ -157,16 +164,44 @@ class Dispatcher:
         self._wake.set()
 
     async def run(self) -> None:
-        """Claim and deliver until :meth:`shutdown`; return once every verdict is committed."""
-        recorder = asyncio.create_task(self._record_loop(), name="relay-recorder")
-        try:
-            await self._claim_loop()
-            if self._tasks:
-                await asyncio.wait(set(self._tasks))
-        finally:
-            self._closing = True
-            self._outcome_ready.set()
-            await recorder
+        """Claim, deliver and record until :meth:`shutdown`; return once every verdict is
+        committed. The daemon supervises :meth:`deliver` and :meth:`record` separately."""
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self.record(), name="relay-recorder")
+            await self.deliver()
+            self.finish_recording()
+
+    async def deliver(self) -> None:
+        """Claim due deliveries and start each in its own task, until :meth:`shutdown`.
+
+        Restartable: the deliveries in flight and their counts live on the dispatcher, and
+        their verdicts go to the recorder whatever happens to this loop.
+        """
+        await self._claim_loop()
+        if self._tasks:
+            await asyncio.wait(set(self._tasks))
+
+    async def record(self) -> None:
+        """Commit verdicts in groups until :meth:`finish_recording` and none is left.
+
+        Restartable: a group the store refused stays queued for the next run.
+        """
+        while True:
+            self._outcome_ready.clear()
+            await self._flush()  # first what a failed run left queued
+            if self._closing:
+                return
+            await self._outcome_ready.wait()
+
+    def finish_recording(self) -> None:
+        """Let :meth:`record` return once every queued verdict is committed (shutdown)."""
+        self._closing = True
+        self._outcome_ready.set()
+
+    @property
+    def unrecorded(self) -> int:
+        """Verdicts not committed yet."""
+        return len(self._outcomes)
 
     async def shutdown(self, grace: float) -> None:
         """Stop claiming; give in-flight deliveries ``grace`` seconds, then release the rest.
@@ -193,7 +228,9 @@ class Dispatcher:
             self._wake.clear()
             try:
                 more = await self._claim_round()
-                idle = [n for n, ep in self._endpoints.items() if self._free(ep) > 0]
+                idle = [
+                    n for n, ep in self._endpoints.items() if self._free(ep) > 0 and self._open(n)
+                ]
                 next_due = await self._store.next_due(idle) if idle and not more else None
                 self.store_ok = True
             except StoreUnavailableError as exc:
@@ -207,8 +244,11 @@ class Dispatcher:
             if more:
                 continue
             timeout = self._idle_poll
-            if next_due is not None:
-                timeout = min(timeout, max(0.0, next_due - self._clock()))
+            now = self._clock()
+            held = self._monitor.next_wake(now) if self._monitor is not None else None
+            for due in (next_due, held):
+                if due is not None:
+                    timeout = min(timeout, max(0.0, due - now))
             await self._sleep_or_wake(timeout)
 
     async def _sleep_or_wake(self, timeout: float) -> None:
@@ -218,6 +258,12 @@ class Dispatcher:
     def _free(self, endpoint: EndpointConfig) -> int:
         return endpoint.max_in_flight - self._inflight[endpoint.name]
 
+    def _open(self, name: str) -> bool:
+        """Whether due work of the endpoint would be claimed now (health and rate limit)."""
+        if self._monitor is None:
+            return True
+        return self._monitor.mode(name, self._clock()) == "claim" and self._monitor.room(name) != 0
+
     async def _claim_round(self) -> bool:
         """Claim for every endpoint with room; True if some endpoint may have more due now."""
         more = False
@@ -225,19 +271,36 @@ class Dispatcher:
             want = min(self._free(endpoint), self._page)
             if want <= 0 or self._stopping.is_set():
                 continue
-            claims = await self._store.claim(name, self._clock(), want)
+            probe = False
+            if self._monitor is not None:
+                # Health and the rate limit decide before the claim, so that what waits for
+                # them waits unclaimed (no lease held, other replicas free to take it).
+                mode = self._monitor.mode(name, self._clock())
+                room = self._monitor.room(name)
+                if mode == "hold" or room == 0:
+                    continue
+                probe = mode == "probe"
+                if room is not None:
+                    want = min(want, room)
+            if probe and self._monitor is not None:
+                claim = await self._monitor.claim_probe(name, self._clock())
+                claims = [claim] if claim is not None else []
+            else:
+                claims = await self._store.claim(name, self._clock(), want)
             if self._stopping.is_set():  # shutdown began during the claim: start nothing
                 for claim in claims:
                     self._push(Outcome(claim.delivery_id, "released", self._clock(), None))
                 return False
             for claim in claims:
-                self._start(endpoint, claim)
-            more = more or len(claims) == want
+                if self._monitor is not None:
+                    await self._monitor.spend(name)
+                self._start(endpoint, claim, probe=probe)
+            more = more or (len(claims) == want and not probe)
         return more
 
-    def _start(self, endpoint: EndpointConfig, claim: Claim) -> None:
+    def _start(self, endpoint: EndpointConfig, claim: Claim, *, probe: bool = False) -> None:
         self._inflight[endpoint.name] += 1
-        task = asyncio.create_task(self._deliver(endpoint, claim))
+        task = asyncio.create_task(self._deliver(endpoint, claim, probe=probe))
         self._tasks.add(task)
         task.add_done_callback(lambda t: self._finished(endpoint.name, t))
 
@@ -245,10 +308,18 @@ class Dispatcher:
         self._tasks.discard(task)
         self._inflight[name] -= 1
         self._wake.set()
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            # Its verdict was queued before anything that can fail here: only reporting
+            # (metrics, the log line) was lost. Still, nothing fails unseen.
+            log.error(
+                "delivery task failed",
+                exc_info=exc,
+                extra={"event": "dispatch.task_failed", "endpoint": name},
+            )
 
     # -- delivering -------------------------------------------------------------------------
 
-    async def _deliver(self, endpoint: EndpointConfig, claim: Claim) -> None:
+    async def _deliver(self, endpoint: EndpointConfig, claim: Claim, *, probe: bool) -> None:
         attempt_no = claim.attempts + 1
         span = self._tracing.deliver(endpoint.name, claim.event_id, attempt_no)
         try:
@@ -268,6 +339,9 @@ class Dispatcher:
             )
             result = SendResult(None, 0.0, error=f"internal error: {type(exc).__name__}")
         span.finish(result.status, result.error)
+        if not result.attempted:
+            self._release_unsent(endpoint, claim, result)
+            return
         now = self._clock()
         try:
             decision = retry.decide(
@@ -280,22 +354,34 @@ class Dispatcher:
                 retry_statuses=endpoint.retry_statuses,
                 permanent=result.permanent,
             )
+            # What an endpoint answers is stored and shown: one that echoes the request must
+            # not put a header secret or the forwarded token on disk or in the API.
+            attempt = Attempt(
+                now - result.latency,
+                result.status,
+                result.latency,
+                self._redact(result.error) if result.error else None,
+                stored_excerpt(result.excerpt, self._redact),
+            )
         except Exception:  # a claim must never be left unrecorded (its lane would wedge)
             log.exception(
                 "retry decision failed; retrying later",
                 extra={"event": "dispatch.error", "endpoint": endpoint.name},
             )
             decision = retry.Decision("pending", now + _FALLBACK_RETRY, "internal error")
-        # What an endpoint answers is stored and shown: one that echoes the request must not
-        # put a header secret or the forwarded token on disk or in the API.
-        attempt = Attempt(
-            now - result.latency,
-            result.status,
-            result.latency,
-            self._redact(result.error) if result.error else None,
-            stored_excerpt(result.excerpt, self._redact),
-        )
-        self._push(Outcome(claim.delivery_id, decision.state, decision.next_at, attempt))
+            attempt = Attempt(now - result.latency, result.status, result.latency, None, None)
+        if probe and retry.is_retryable(
+            result.status, endpoint.retry_statuses, permanent=result.permanent
+        ):
+            # A failed probe uses no attempt up: the delivery waits, due, for the next probe
+            # (the breaker's schedule, not the retry schedule, says when that is).
+            decision = retry.Decision("pending", now, "probe failed")
+        spared = probe and decision.state == "pending"
+        self._push(Outcome(claim.delivery_id, decision.state, decision.next_at, attempt, spared))
+        if self._monitor is not None:
+            self._monitor.observe(endpoint.name, claim, result, probe=probe, error=attempt.error)
+            if decision.state == "dead":
+                self._monitor.dead(endpoint.name)
         outcome = _OUTCOMES[decision.state]
         counters, duration = self._series(endpoint.name)
         counters[outcome].inc()
@@ -323,6 +409,26 @@ class Dispatcher:
             fields["reason"] = decision.reason
             log.warning("delivery dead", extra=fields)
 
+    def _release_unsent(self, endpoint: EndpointConfig, claim: Claim, result: SendResult) -> None:
+        """Nothing reached the endpoint (no descriptor for a socket): no attempt is used; the
+        delivery goes back to pending, due again shortly, its lane's order kept."""
+        now = self._clock()
+        self._push(Outcome(claim.delivery_id, "released", now + self._unsent_retry, None))
+        held = self._unsent_log.allow()
+        if held is not None:
+            log.warning(
+                "delivery not attempted: %s; released without using an attempt "
+                "(%d more like this not logged)",
+                result.error,
+                held,
+                extra={
+                    "event": "dispatch.unsent",
+                    "event_id": claim.event_id,
+                    "endpoint": endpoint.name,
+                    "suppressed": held,
+                },
+            )
+
     def _series(self, endpoint: str) -> tuple[dict[str, Any], Any]:
         """The endpoint's labelled metric children, looked up once (labels() is not free)."""
         series = self._metric_series.get(endpoint)
@@ -341,19 +447,15 @@ class Dispatcher:
 
     # -- recording --------------------------------------------------------------------------
 
-    async def _record_loop(self) -> None:
-        while True:
-            await self._outcome_ready.wait()
-            self._outcome_ready.clear()
-            await self._flush()
-            if self._closing and not self._outcomes:
-                return
-
     async def _flush(self) -> None:
         while self._outcomes:
             batch = self._outcomes
             self._outcomes = []
-            await write_isolating(batch, self._record, self._refused)
+            try:
+                await write_isolating(batch, self._record, self._refused)
+            except BaseException:
+                self._outcomes[:0] = batch  # kept, in order, for the restarted recorder
+                raise
             self._wake.set()
 
     async def _record(self, batch: Sequence[Outcome]) -> None:

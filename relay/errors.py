@@ -15,6 +15,7 @@ __all__ = [
     "StoreLockedError",
     "StoreSchemaError",
     "StoreUnavailableError",
+    "TaskFailedError",
 ]
 
 
@@ -60,3 +61,12 @@ class StoreLockedError(StoreError):
 
 class StoreSchemaError(StoreError):
     """The store's schema is newer than this version of sfox-relay knows."""
+
+
+class TaskFailedError(RelayError):
+    """A supervised task kept failing: restarting it does not help, so the daemon exits 1."""
+
+    def __init__(self, task: str, failures: int, window: float) -> None:
+        super().__init__(f"task {task} failed {failures} times within {window:g}s")
+        self.task = task
+        self.failures = failures

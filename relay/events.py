@@ -48,7 +48,7 @@ KNOWN_FEEDS = frozenset(
         f"{USERS_FEED}.trades",
     }
 )
-Source = Literal["feed", "reconcile"]
+Source = Literal["feed", "reconcile", "relay"]  # relay: operational events (alerts)
 
 #: Keys whose values are credentials wherever they appear in a frame.
 _SECRET_KEYS = frozenset({"user_token", "token", "apiKey", "api_key", "apikey"})

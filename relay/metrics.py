@@ -117,6 +117,15 @@ class Metrics:
             "Unix time of the last successful reconciliation (0 before the first)",
             registry=r,
         )
+        self.endpoint_state = Gauge(
+            "relay_endpoint_state",
+            "Each endpoint's health state (1 for the current one): active, open, paused, disabled",
+            ["endpoint", "state"],
+            registry=r,
+        )
+        self.alerts = Counter(
+            "relay_alerts", "Operational events raised (one per transition)", ["type"], registry=r
+        )
         self.set_feed_state("stopped")
 
     def _last_message_age(self) -> float:

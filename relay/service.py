@@ -7,12 +7,16 @@ endpoints by name, bodies with the user token at most as ``[sealed]``.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
+from relay import monitor
 from relay.config import Settings
+from relay.health import display_state
+from relay.metrics import Metrics
 from relay.store.base import (
     DeliveryDetail,
     DeliveryInfo,
@@ -25,6 +29,7 @@ from relay.store.base import (
 __all__ = [
     "Page",
     "detail_json",
+    "endpoint_action",
     "endpoints",
     "format_table",
     "get_delivery",
@@ -135,25 +140,53 @@ async def purge(
 
 
 async def endpoints(store: Store, settings: Settings) -> list[dict[str, Any]]:
-    """Every configured endpoint, and every removed one that still has work in the store."""
+    """Every configured endpoint (the alert endpoint last), and every removed one that still
+    has work in the store, each with its health state (CONTRACT.md 5b)."""
     stats = {s.endpoint: s for s in await store.endpoint_stats()}
+    rows = await store.health_rows(monitor.ENDPOINT)
     listed: list[dict[str, Any]] = []
-    for ep in settings.endpoints:
+    for ep in settings.all_endpoints:
         s = stats.pop(ep.name, EndpointStats(ep.name))
         listed.append(
             {
                 "name": ep.name,
                 "url": ep.display_url,
                 "configured": True,
+                "state": display_state(monitor.endpoint_health(rows.get(ep.name)), True),
+                "alerts": ep is settings.alert_url,
                 "user_token": ep.user_token,
                 "signed": bool(ep.secrets),
                 "max_in_flight": ep.max_in_flight,
+                "rate_limit": ep.rate_limit,
                 **_stats_json(s),
             }
         )
     for name, s in sorted(stats.items()):
-        listed.append({"name": name, "url": None, "configured": False, **_stats_json(s)})
+        listed.append(
+            {"name": name, "url": None, "configured": False, "state": "removed", **_stats_json(s)}
+        )
     return listed
+
+
+async def endpoint_action(
+    store: Store,
+    settings: Settings,
+    name: str,
+    action: Literal["pause", "resume"],
+    *,
+    now: float,
+    metrics: Metrics | None = None,
+) -> dict[str, Any] | None:
+    """Pause or resume an endpoint (idempotent); None for a name the relay does not know.
+
+    A removed endpoint that still has work may be paused too, so it stays quiet if it
+    returns. The running relay applies the change within a second or two.
+    """
+    configured = {ep.name for ep in settings.all_endpoints}
+    if name not in configured and name not in {s.endpoint for s in await store.endpoint_stats()}:
+        return None
+    after, changed = await monitor.operate(store, settings, name, action, now, metrics=metrics)
+    return {"name": name, "state": display_state(after, name in configured), "changed": changed}
 
 
 def _iso(ts: float | None) -> str | None:
@@ -163,6 +196,9 @@ def _iso(ts: float | None) -> str | None:
 def _stats_json(s: EndpointStats) -> dict[str, Any]:
     return {
         "pending": s.pending,
+        "oldest_pending_age_s": None
+        if s.oldest_pending_at is None
+        else round(max(0.0, time.time() - s.oldest_pending_at), 1),
         "dead": s.dead,
         "delivered": s.delivered,
         "oldest_pending_at": _iso(s.oldest_pending_at),

@@ -33,6 +33,7 @@ from yarl import URL
 
 from relay import tls
 from relay.events import EXCERPT_BYTES
+from relay.limits import out_of_descriptors
 
 if TYPE_CHECKING:
     from relay.config import EndpointConfig
@@ -58,6 +59,8 @@ _RAW_BODY_LIMIT = 1024 * 1024
 class SendResult:
     """What came back from one POST (or publish). ``status`` is None when no response arrived.
 
+    ``attempted`` is False when nothing reached the network because the process ran out of
+    file descriptors: that is the relay's trouble, not the endpoint's, and costs no attempt.
     ``permanent`` marks a failure that no retry can fix although no HTTP status says so (a
     message larger than a broker accepts): the delivery goes dead at once.
     """
@@ -67,6 +70,7 @@ class SendResult:
     retry_after: str | None = None
     excerpt: str | None = None
     error: str | None = None
+    attempted: bool = True
     permanent: bool = False
 
 
@@ -195,6 +199,15 @@ def _os_reason(error: OSError) -> str:
     return error.strerror or type(error).__name__
 
 
+def _unsent(start: float) -> SendResult:
+    return SendResult(
+        status=None,
+        latency=time.perf_counter() - start,
+        error="not sent: out of file descriptors",
+        attempted=False,
+    )
+
+
 class AiohttpSender:
     """aiohttp behind the seam: several times the throughput of httpx's own transport.
 
@@ -280,6 +293,8 @@ class AiohttpSender:
         except TimeoutError:
             error = f"timeout after {timeout:g}s"
         except (aiohttp.ClientError, OSError) as exc:
+            if out_of_descriptors(exc):
+                return _unsent(start)
             error = _failure(exc, over_tls=url[:6].lower() == "https:")
         return SendResult(status=None, latency=time.perf_counter() - start, error=error)
 
@@ -322,10 +337,11 @@ class HttpxSender:
                 )
         except httpx.TimeoutException:
             error = f"timeout after {timeout:g}s"
-        except httpx.ConnectError:
-            error = "connection failed"
         except (httpx.HTTPError, OSError, asyncio.IncompleteReadError) as exc:
-            error = f"request failed: {type(exc).__name__}"
+            if out_of_descriptors(exc):
+                return _unsent(start)
+            connect = isinstance(exc, httpx.ConnectError)
+            error = "connection failed" if connect else f"request failed: {type(exc).__name__}"
         return SendResult(status=None, latency=time.perf_counter() - start, error=error)
 
     async def close(self) -> None:

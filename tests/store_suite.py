@@ -37,6 +37,7 @@ from relay.store.base import (
     DeliveryDetail,
     DeliveryInfo,
     EndpointStats,
+    HealthRow,
     Outcome,
     Store,
     Target,
@@ -1160,3 +1161,97 @@ class StoreContract:
     async def test_check_writable_passes_on_an_open_store(self, store: Store, now: float) -> None:
         await store.check_writable()
         await store.check_writable()
+
+    # -- endpoint health state (CONTRACT.md 5b, 5c) -------------------------------------------
+
+    async def test_health_rows_are_compare_and_set(self, store: Store, now: float) -> None:
+        assert await store.health_rows("endpoint") == {}
+        assert await store.health_write("endpoint", "crm", HealthRow("open", 0, "{}"), now)
+        assert not await store.health_write("endpoint", "crm", HealthRow("paused", 0, "{}"), now)
+        assert await store.health_rows("endpoint") == {"crm": HealthRow("open", 1, "{}")}
+        assert await store.health_write("endpoint", "crm", HealthRow("active", 1, '{"a":1}'), now)
+        assert not await store.health_write("endpoint", "crm", HealthRow("open", 1, "{}"), now)
+        assert await store.health_rows("endpoint") == {"crm": HealthRow("active", 2, '{"a":1}')}
+        assert await store.health_rows("feed") == {}
+
+    async def test_a_transition_stores_its_alert_once(self, store: Store, now: float) -> None:
+        alert = NewEvent("evt_alert1", "relay", "relay.alerts", None, None, None, b"{}", False)
+        for version in (0, 1):  # a second writer with the same alert id adds nothing
+            assert await store.health_write(
+                "endpoint",
+                "crm",
+                HealthRow("open", version, "{}"),
+                now,
+                alert=alert,
+                alert_endpoint="alerts",
+            )
+        (claim,) = await store.claim("alerts", now, 10)
+        assert (claim.event_id, claim.source, claim.body, claim.user_id) == (
+            "evt_alert1",
+            "relay",
+            b"{}",
+            None,
+        )
+        assert await store.claim("crm", now, 10) == []
+
+    async def test_release_makes_waiting_deliveries_due_now(self, store: Store, now: float) -> None:
+        await store.append([user_event(USER_A, 1)], [CRM, VAULT], now)
+        for endpoint in ("crm", "vault"):
+            claim = await claim_one(store, endpoint, now)
+            busy = Attempt(now, 503, 0.1)
+            await store.record([Outcome(claim.delivery_id, "pending", now + 3600, busy)], now)
+        assert await store.health_write(
+            "endpoint", "crm", HealthRow("active", 0, "{}"), now + 5, release=True
+        )
+        assert len(await store.claim("crm", now + 5, 10)) == 1
+        assert await store.claim("vault", now + 5, 10) == []  # other endpoints untouched
+
+    async def test_a_probe_rotates_over_users_and_uses_no_attempt(
+        self, store: Store, now: float
+    ) -> None:
+        events = [user_event(user, n) for n, user in enumerate((USER_B, USER_A, USER_C), 1)]
+        await store.append(events, [CRM], now)
+        await store.health_write("endpoint", "crm", HealthRow("open", 0, "{}"), now)
+        seen = []
+        cursor = None
+        for version in (1, 2, 3, 4):
+            row = HealthRow("open", version, "{}")
+            claim = await store.claim_probe("crm", now, row, cursor)
+            assert claim is not None
+            seen.append(claim.user_id)
+            cursor = claim.user_id
+            failed = Attempt(now, 503, 0.1)
+            await store.record(
+                [Outcome(claim.delivery_id, "pending", now, failed, probe=True)], now
+            )
+            assert claim.attempts == 0
+        assert seen == sorted([USER_A, USER_B, USER_C]) + [min(USER_A, USER_B, USER_C)]
+        info = await detail(store, claim.delivery_id)
+        assert (info.info.attempts, len(info.attempts)) == (0, 2)  # recorded, none used up
+
+    async def test_a_probe_claims_nothing_when_the_row_moved(
+        self, store: Store, now: float
+    ) -> None:
+        await store.append([user_event(USER_A, 1)], [CRM], now)
+        await store.health_write("endpoint", "crm", HealthRow("open", 0, "{}"), now)
+        assert await store.claim_probe("crm", now, HealthRow("open", 7, "{}"), None) is None
+        assert await store.claim_probe("crm", now - 10, HealthRow("open", 1, "{}"), None) is None
+        assert (await store.health_rows("endpoint"))["crm"].version == 1
+        assert len(await store.claim("crm", now, 10)) == 1  # nothing was left in flight
+
+    async def test_dead_summary_counts_recent_dead(self, store: Store, now: float) -> None:
+        assert await store.dead_summary("crm", now - 60) is None
+        await store.append([user_event(USER_A, 1), user_event(USER_B, 2)], [CRM], now)
+        claims = await store.claim("crm", now, 10)
+        gone = Attempt(now, 410, 0.1)
+        await store.record([Outcome(c.delivery_id, "dead", now, gone) for c in claims], now)
+        summary = await store.dead_summary("crm", now - 60)
+        assert summary is not None
+        assert summary.count == 2
+        assert summary.delivery_id == min(c.delivery_id for c in claims)
+        assert await store.dead_summary("crm", now + 1) is None
+
+    async def test_heartbeats_count_live_replicas(self, store: Store, now: float) -> None:
+        assert await store.beat("r1", now, 10.0) == 1
+        assert await store.beat("r2", now + 1, 10.0) == 2
+        assert await store.beat("r1", now + 12, 10.0) == 1  # r2 went quiet

@@ -77,6 +77,8 @@ METRIC_NAMES = (
 API_ROUTES = (
     ("GET", "/api/status"),
     ("GET", "/api/endpoints"),
+    ("POST", "/api/endpoints/crm/pause"),
+    ("POST", "/api/endpoints/crm/resume"),
     ("GET", "/api/deliveries"),
     ("GET", "/api/deliveries/dlv_1"),
     ("POST", "/api/deliveries/dlv_1/replay"),
@@ -242,6 +244,53 @@ async def test_readyz_names_each_failing_check(
     assert body["ready"] is (not failing)
     assert sorted(k for k, v in body["checks"].items() if v != "ok") == failing
     assert set(body["checks"]) == {"feed", "store"}
+
+
+async def test_readyz_names_a_supervised_task_that_is_down(
+    client: httpx.AsyncClient, harness: Harness
+) -> None:
+    harness.checks = {"feed": True, "store": True, "task.recorder": False}
+    response = await client.get("/readyz")
+    assert response.status_code == 503
+    assert response.json()["checks"]["task.recorder"] == "failing"
+
+
+# -- the admin origin holds the token: nothing else may run in it -----------------------------
+
+
+@pytest.mark.parametrize("path", ["/api/docs", "/api/redoc", "/docs", "/redoc"])
+async def test_no_api_browser_is_served(client: httpx.AsyncClient, path: str) -> None:
+    response = await client.get(path)
+    assert response.status_code in (401, 404), path
+    assert "swagger" not in response.text.lower() and "cdn" not in response.text.lower()
+
+
+async def test_the_status_page_forbids_framing_and_other_origins(
+    client: httpx.AsyncClient,
+) -> None:
+    response = await client.get("/")
+    assert response.status_code == 200
+    policy = dict(
+        part.strip().split(" ", 1)
+        for part in response.headers["content-security-policy"].split(";")
+    )
+    assert policy["frame-ancestors"] == "'none'"
+    assert policy["default-src"] == "'self'"
+    assert policy["object-src"] == "'none'" and policy["base-uri"] == "'none'"
+    for directive in ("script-src", "style-src"):
+        assert "'unsafe-inline'" not in policy[directive] and "http" not in policy[directive]
+    assert response.headers["x-frame-options"] == "DENY"
+    assert response.headers["x-content-type-options"] == "nosniff"
+
+
+@pytest.mark.parametrize("path", ["/healthz", "/readyz", "/metrics", "/api/endpoints"])
+async def test_every_answer_says_nosniff_and_no_framing(
+    client: httpx.AsyncClient, path: str
+) -> None:
+    response = await client.get(path)
+    assert response.headers["x-content-type-options"] == "nosniff"
+    assert response.headers["x-frame-options"] == "DENY"
+    assert "frame-ancestors 'none'" in response.headers["content-security-policy"]
 
 
 def metric_families(text: str) -> dict[str, str]:
@@ -507,7 +556,25 @@ async def test_deliveries_refuses_bad_parameters_with_422(
 ) -> None:
     response = await client.get(f"/api/deliveries?{query}", headers=AUTH)
     assert response.status_code == 422, response.text
-    assert "detail" in response.json()
+    detail = response.json()["detail"]
+    assert isinstance(detail, str) and detail.startswith("query."), detail  # as documented
+
+
+async def test_a_cursor_that_matches_the_documented_pattern_is_accepted(
+    client: httpx.AsyncClient,
+) -> None:
+    document = (await client.get("/api/openapi.json")).json()
+    (before,) = [
+        p
+        for p in document["paths"]["/api/deliveries"]["get"]["parameters"]
+        if p["name"] == "before"
+    ]
+    pattern = next(s["pattern"] for s in before["schema"]["anyOf"] if "pattern" in s)
+    for cursor in ("dlv_1", "dlv_000", "dlv_" + "9" * 18):
+        assert re.fullmatch(pattern, cursor)
+        response = await client.get(f"/api/deliveries?before={cursor}", headers=AUTH)
+        assert response.status_code == 200, (cursor, response.text)
+    assert not re.search(pattern, "dlv_" + "9" * 19)  # beyond the stores' 64-bit keys
 
 
 async def test_deliveries_refuses_a_malformed_cursor_with_422(client: httpx.AsyncClient) -> None:
@@ -629,7 +696,9 @@ async def api_operations(client: httpx.AsyncClient) -> list[tuple[str, str, dict
         for method, operation in item.items()
         if path.startswith("/api/")
     ]
-    documented = {(m, re.sub(r"\{[^}]+\}", "dlv_1", p)) for m, p, _ in operations}
+    documented = {
+        (m, p.replace("{name}", "crm").replace("{delivery_id}", "dlv_1")) for m, p, _ in operations
+    }
     assert documented == set(API_ROUTES)
     return operations
 
@@ -710,6 +779,7 @@ async def test_path_tricks_never_bypass_auth(seeded: Seeded, harness: Harness) -
     )
     server = AdminServer(app, "127.0.0.1", 0)
     await server.start()
+    serving = asyncio.create_task(server.serve())
     try:
         port = server.port
         authorized = f"Authorization: {AUTH['Authorization']}\r\n"
@@ -725,6 +795,7 @@ async def test_path_tricks_never_bypass_auth(seeded: Seeded, harness: Harness) -
         assert len(await seeded.store.list_deliveries(state="dead")) == 2
     finally:
         await server.stop()
+        await serving
 
 
 # -- the whole port of a running relay ------------------------------------------------------

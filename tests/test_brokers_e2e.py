@@ -592,3 +592,33 @@ async def test_tls_brokers_verify_with_the_endpoints_ca_and_present_its_certific
         finally:
             await plain.close()
             await pool.close()
+
+
+# -- endpoint health: a message too large for the broker is not the endpoint's failure ----------
+
+
+@pytest.mark.parametrize(("permanent", "state"), [(True, "active"), (False, "open")])
+async def test_a_too_large_message_never_opens_the_breaker(
+    tmp_path: Path, permanent: bool, state: str
+) -> None:
+    from test_endpoint_health import USERS, Clock, Endpoint, monitors_on_one_store, user_event
+    from test_endpoint_health import targets_of_sick as targets
+
+    from relay.transport import SendResult
+
+    clock = Clock()
+    alerts = Endpoint(clock)
+    store, (monitor, _) = await monitors_on_one_store(
+        tmp_path, clock, alerts, subscribed=lambda: True
+    )
+    try:
+        await store.append([user_event(u, 1) for u in USERS[:4]], targets(), clock())
+        for claim in await store.claim("sick", clock(), 10):  # four users, threshold two
+            result = SendResult(None, 0.1, error="message larger", permanent=permanent)
+            monitor.observe("sick", claim, result, probe=False, error=result.error)
+        await monitor.step()
+        assert monitor.state("sick") == state
+    finally:
+        await store.close()
+        assert alerts.receiver is not None
+        await alerts.receiver.close()

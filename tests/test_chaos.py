@@ -261,3 +261,11 @@ async def test_no_secret_leaks_through_an_endpoint_echoing_requests(tmp_path: Pa
         tmp_path, log_format="json", echo=True, daemon=False, events=24
     )
     assert_clean(outcome)
+
+
+async def test_endpoint_health_under_faults(tmp_path: Path) -> None:
+    outcome = await chaos.endpoint_health(tmp_path, events=chaos.CI.endpoint_events)
+    assert_clean(outcome)
+    facts = outcome.facts
+    assert facts["alerts"]["endpoint.opened"] >= 1
+    assert facts["paused"]["changed"] and facts["resumed"]["changed"]

@@ -1132,6 +1132,9 @@ def test_retry_statuses_per_endpoint() -> None:
 def test_pg_schema() -> None:
     assert load_settings({}).pg_schema == "public"
     assert load_settings({"RELAY_PG_SCHEMA": "relay_1"}).pg_schema == "relay_1"
+    # Unset, a search_path the store URL names is honoured (PostgreSQL's default: public).
+    assert load_settings({}).store_schema is None
+    assert load_settings({"RELAY_PG_SCHEMA": "public"}).store_schema == "public"
     assert fail({"RELAY_PG_SCHEMA": "a; drop"}).variable == "RELAY_PG_SCHEMA"
 
 

@@ -45,7 +45,7 @@ from relay.events import EXCERPT_BYTES, USERS_FEED, Message, NewEvent, parse_fra
 from relay.metrics import Metrics
 from relay.store.base import Claim, DeliveryDetail, DeliveryInfo, Target, parse_delivery_id
 from relay.store.sqlite import SQLiteStore
-from relay.transport import HttpxSender
+from relay.transport import HttpxSender, SendResult
 
 T0_NS = 1_717_005_327_995_988_841  # 19 digits, beyond 2**53: must arrive exactly
 TOKEN = "2000611e8c3f4a9b7d6e5f4a3b2c1d0e9f8a7b6c5d4e3f2a1b0c9d8e7f6a3979"
@@ -1084,3 +1084,76 @@ async def test_every_outcome_is_logged_at_info_with_both_ids(
         assert record.delivery_id.startswith("dlv_")
         assert record.endpoint == "crm"
         assert record.latency_ms >= 0
+
+
+# -- running out of descriptors; nothing fails unseen ----------------------------------------
+
+
+async def test_a_delivery_that_could_not_open_a_socket_uses_no_attempt(
+    h: Harness, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sender says nothing reached the network (EMFILE; tests/test_limits.py shows the
+    senders say so for a real EMFILE): the delivery is released, no attempt used."""
+    route = h.router.post(CRM_URL).mock(return_value=httpx.Response(200))
+    unsent: list[int] = []
+    post = HttpxSender.post
+
+    async def short_of_descriptors(self: HttpxSender, *args: Any) -> SendResult:
+        if len(unsent) < 2:
+            unsent.append(1)
+            return SendResult(None, 0.0, error="not sent: out of file descriptors", attempted=False)
+        return await post(self, *args)
+
+    monkeypatch.setattr(HttpxSender, "post", short_of_descriptors)
+    event = new_event("user-a", 1)
+    await h.append([event])
+    h.start(endpoint(schedule=(0, 5, 60)))
+
+    async def released() -> DeliveryInfo | None:
+        info = await h.delivery(event)
+        due_again = info.next_attempt_at == pytest.approx(h.t0 + 1.0, abs=1e-6)
+        return info if due_again else None
+
+    info = await eventually(released)
+    assert (info.state, info.attempts, info.last_error) == ("pending", 0, None)
+    assert (await h.detail(event)).attempts == []
+    h.advance(1)
+    await eventually(lambda: len(unsent) == 2)
+    h.advance(1)
+    await h.wait_for(event, "delivered", 1)
+    assert route.call_count == 1
+    logged = [r for r in caplog.records if getattr(r, "event", None) == "dispatch.unsent"]
+    assert len(logged) == 1  # the second one within 10 s is counted, not logged
+
+
+async def test_a_delivery_task_that_fails_after_its_verdict_is_logged(
+    h: Harness, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    h.router.post(CRM_URL).mock(return_value=httpx.Response(200))
+    event = new_event("user-a", 1)
+    await h.append([event])
+    dispatcher = h.start(endpoint())
+
+    def broken(endpoint: str) -> Any:
+        raise RuntimeError("injected: metrics broke")
+
+    monkeypatch.setattr(dispatcher, "_series", broken)
+    await h.wait_for(event, "delivered", 1)  # the verdict was queued before the failure
+    failed = await eventually(
+        lambda: [r for r in caplog.records if getattr(r, "event", None) == "dispatch.task_failed"]
+    )
+    assert failed[0].exc_info is not None and "injected: metrics broke" in caplog.text
+
+
+async def test_a_verdict_that_cannot_be_built_still_frees_the_lane(h: Harness) -> None:
+    h.router.post(CRM_URL).mock(return_value=httpx.Response(500, text="echo"))
+    event = new_event("user-a", 1)
+    await h.append([event])
+    dispatcher = h.start(endpoint())
+
+    def broken(text: str) -> str:
+        raise RuntimeError("injected: redaction broke")
+
+    dispatcher._redact = broken
+    info = await h.wait_for(event, "pending", 1)
+    assert info.next_attempt_at == pytest.approx(h.t0 + 60.0, abs=1e-6)

@@ -269,7 +269,9 @@ async def test_a_retry_resumes_after_a_restart_with_the_same_webhook_id(
         return Response(500, body=b"try again later") if failing else Response(204)
 
     receiver.behaviour = flaky
-    env = relay_env(RELAY_RETRY_SCHEDULE="0s,1s,200ms")
+    # Every user fails, so the endpoint's breaker opens (5b) and stays open across the
+    # restart: its first probe comes after the cooldown, then the backlog drains.
+    env = relay_env(RELAY_RETRY_SCHEDULE="0s,1s,200ms", RELAY_BREAKER_COOLDOWN="200ms")
     db = store_path(env)
 
     def first_attempts_done() -> bool:

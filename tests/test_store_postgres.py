@@ -7,11 +7,12 @@ test``); skipped when it is unreachable. Every test works in a fresh schema, dro
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import random
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import asyncpg
@@ -86,6 +87,7 @@ class Replicas:
         self.schema = schema
         self.stores: list[PostgresStore] = []
         self.current: PostgresStore | None = None
+        self.watchers: list[asyncio.Task[None]] = []
 
     def new(self, *, lease: float = SUITE_LEASE, **options: Any) -> PostgresStore:
         options.setdefault("pool_size", 4)
@@ -105,7 +107,16 @@ class Replicas:
         self.current = await self.open()
         return self.current
 
+    def watch(self, store: PostgresStore, wake: Callable[[], None]) -> None:
+        """Run ``store.watch(wake)`` until teardown, as the daemon's supervisor would."""
+        self.watchers.append(asyncio.create_task(store.watch(wake)))
+
     async def close(self) -> None:
+        for task in self.watchers:
+            task.cancel()
+        for task in self.watchers:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         for store in self.stores:
             await store.close()
 
@@ -461,10 +472,10 @@ async def test_store_recovers_when_its_connections_are_cut(
 # -- wake-ups and the reconciliation lock -----------------------------------------------------
 
 
-async def listening(store: PostgresStore) -> asyncio.Event:
-    """Register a wake-up callback and wait until its listener is up (it wakes once then)."""
+async def listening(replicas: Replicas, store: PostgresStore) -> asyncio.Event:
+    """Watch ``store`` for wake-ups and wait until its listener is up (it wakes once then)."""
     woke = asyncio.Event()
-    store.on_wakeup(woke.set)
+    replicas.watch(store, woke.set)
     await wait_for(woke)
     woke.clear()
     return woke
@@ -472,8 +483,8 @@ async def listening(store: PostgresStore) -> asyncio.Event:
 
 async def test_notify_wakes_other_replicas_when_work_becomes_due(replicas: Replicas) -> None:
     writer, reader = await replicas.open(), await replicas.open()
-    woke = await listening(reader)
-    own = await listening(writer)
+    woke = await listening(replicas, reader)
+    own = await listening(replicas, writer)
     a1, a2 = user_event(USER_A, 1), user_event(USER_A, 2, status="VERIFIED")
 
     await writer.append([a1, a2], [CRM], NOW)
@@ -494,25 +505,16 @@ async def test_notify_wakes_other_replicas_when_work_becomes_due(replicas: Repli
     assert not own.is_set()  # a replica's own commits wake its dispatcher directly
 
 
-async def test_wakeup_registered_before_open_listens_once_open(replicas: Replicas) -> None:
-    reader = replicas.new()
-    woke = asyncio.Event()
-    reader.on_wakeup(woke.set)
-    await reader.open(daemon=True)
-    await wait_for(woke)
-    woke.clear()
-    writer = await replicas.open()
-
-    await writer.append([balance_event(1)], [CRM], NOW)
-
-    await wait_for(woke)
+async def test_watching_needs_an_open_store(replicas: Replicas) -> None:
+    with pytest.raises(StoreError):
+        await replicas.new().watch(lambda: None)
 
 
 async def test_listener_reconnects_after_losing_its_connection(
     replicas: Replicas, db: asyncpg.Connection[asyncpg.Record]
 ) -> None:
     writer, reader = await replicas.open(), await replicas.open(liveness=0.1)
-    woke = await listening(reader)
+    woke = await listening(replicas, reader)
 
     cut = await db.fetch(
         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
@@ -590,7 +592,19 @@ async def test_hot_paths_read_partial_indexes_not_the_history(
     assert "deliveries_due" in claim
     assert "deliveries_leased" in claim
     record = await plan(
-        db, pg._RECORD, "r", [1], ["delivered"], [NOW], [NOW], [200], [0.1], [None], [None], NOW
+        db,
+        pg._RECORD,
+        "r",
+        [1],
+        ["delivered"],
+        [NOW],
+        [NOW],
+        [200],
+        [0.1],
+        [None],
+        [None],
+        NOW,
+        [1],
     )
     assert "deliveries_lane" in record
     locks = await plan(db, pg._LOCK_USERS_OF, [1, 2])

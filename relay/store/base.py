@@ -28,9 +28,11 @@ __all__ = [
     "AppendResult",
     "Attempt",
     "Claim",
+    "DeadSummary",
     "DeliveryDetail",
     "DeliveryInfo",
     "EndpointStats",
+    "HealthRow",
     "Outcome",
     "PublicState",
     "Store",
@@ -161,12 +163,15 @@ class Outcome:
     """The dispatcher's verdict on a claimed delivery.
 
     ``released`` puts it back to ``pending`` without using an attempt (shutdown cut it off).
+    A ``probe`` (an open endpoint's, CONTRACT.md 5b) is recorded as an attempt but does not
+    use one up.
     """
 
     delivery_id: int
     state: Literal["delivered", "pending", "dead", "released"]
     next_at: float
     attempt: Attempt | None
+    probe: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,6 +214,25 @@ class EndpointStats:
     last_success_at: float | None = None
     last_failure_at: float | None = None
     last_error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HealthRow:
+    """A health state row as stored: the rules' data is JSON the store does not read."""
+
+    state: str
+    version: int
+    data: str
+
+
+@dataclass(frozen=True, slots=True)
+class DeadSummary:
+    """Recent dead deliveries of one endpoint, for the ``delivery.dead`` alert."""
+
+    count: int
+    delivery_id: int
+    event_id: str
+    user_id: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -312,11 +336,46 @@ class Store(Protocol):
         """Delete up to ``batch`` old finished deliveries, and up to ``batch`` old events no
         delivery refers to any more; returns how many deliveries and events were deleted."""
 
-    def on_wakeup(self, callback: Callable[[], None]) -> None:
-        """Call ``callback`` when another process made work due (PostgreSQL: LISTEN/NOTIFY).
+    async def watch(self, wake: Callable[[], None]) -> None:
+        """Call ``wake`` when another process made work due, until cancelled (PostgreSQL:
+        LISTEN/NOTIFY); the daemon supervises it.
 
-        A store with a single writer may do nothing: the relay wakes its own dispatcher.
+        A store with a single writer may return at once: the relay wakes its own dispatcher.
         """
 
     def reconcile_lock(self) -> contextlib.AbstractAsyncContextManager[bool]:
         """Hold while reconciling; yields False when another replica already is."""
+
+    # -- health state (CONTRACT.md 5b, 5c): rows and transactions only; rules: relay.health
+
+    async def health_rows(self, kind: str) -> dict[str, HealthRow]:
+        """Every state row of one kind (``endpoint``, ``feed``, ``dead``): name -> row."""
+
+    async def health_write(
+        self,
+        kind: str,
+        name: str,
+        row: HealthRow,
+        now: float,
+        *,
+        alert: NewEvent | None = None,
+        alert_endpoint: str | None = None,
+        release: bool = False,
+    ) -> bool:
+        """Compare-and-set one state row (``row.version`` is the version read; 0: none yet;
+        it is stored as version + 1), in one transaction with the alert event (and its
+        delivery to ``alert_endpoint``) and, with ``release``, making the endpoint's pending
+        deliveries due now. False (nothing written) when another writer got there first."""
+
+    async def claim_probe(
+        self, endpoint: str, now: float, row: HealthRow, after_user: str | None
+    ) -> Claim | None:
+        """Claim one due delivery of an open endpoint as its probe, rotating over users (the
+        first user after ``after_user``, wrapping), and write ``row`` (compare-and-set) in the
+        same transaction. None, and nothing written, when nothing is due or the row moved."""
+
+    async def dead_summary(self, endpoint: str, since: float) -> DeadSummary | None:
+        """Deliveries of ``endpoint`` that went dead since ``since``: how many, and the first."""
+
+    async def beat(self, replica: str, now: float, ttl: float) -> int:
+        """Record this replica's heartbeat; returns how many replicas beat within ``ttl``."""

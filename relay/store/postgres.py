@@ -16,7 +16,7 @@ how replicas share it:
   replica's claim, so a takeover wins. Claims are never renewed: configuration keeps every
   delivery timeout below half the lease, so an attempt ends well before its claim does.
 - **Wake-ups.** Commits that make work due (new deliveries, promotions, releases, replays)
-  ``NOTIFY`` a channel of this schema; :meth:`PostgresStore.on_wakeup` listens on a dedicated
+  ``NOTIFY`` a channel of this schema; :meth:`PostgresStore.watch` listens on a dedicated
   connection. One replica reconciles at a time under a session advisory lock.
 
 Time is the caller's clock (``now``), as with SQLite, so replicas' clocks must agree to well
@@ -49,9 +49,11 @@ from relay.store.base import (
     AppendResult,
     Attempt,
     Claim,
+    DeadSummary,
     DeliveryDetail,
     DeliveryInfo,
     EndpointStats,
+    HealthRow,
     Outcome,
     PublicState,
     Target,
@@ -153,6 +155,20 @@ MIGRATIONS: tuple[str, ...] = (
         reason text NOT NULL,
         text text NOT NULL
     );
+    """,
+    # v2: endpoint health (CONTRACT.md 5b, 5c): one state row per endpoint, feed and dead
+    # alert throttle, versioned for compare-and-set; replicas' heartbeats (rate-limit shares).
+    """
+    CREATE TABLE health (
+        kind text NOT NULL,
+        name text NOT NULL,
+        state text NOT NULL,
+        version integer NOT NULL,
+        data text NOT NULL,
+        updated_at double precision NOT NULL,
+        PRIMARY KEY (kind, name)
+    );
+    CREATE TABLE replicas (name text PRIMARY KEY, seen_at double precision NOT NULL);
     """,
 )
 
@@ -282,10 +298,10 @@ _CLAIM = """
 _RECORD = f"""
     WITH verdict AS (
         SELECT * FROM unnest($2::bigint[], $3::text[], $4::float8[], $5::float8[], $6::int4[],
-            $7::float8[], $8::text[], $9::text[])
-            AS v(id, state, next_at, at, status, latency, error, excerpt)
+            $7::float8[], $8::text[], $9::text[], $11::int4[])
+            AS v(id, state, next_at, at, status, latency, error, excerpt, used)
     ), applied AS (
-        UPDATE deliveries d SET state = v.state, attempts = d.attempts + 1,
+        UPDATE deliveries d SET state = v.state, attempts = d.attempts + v.used,
             next_at = v.next_at, updated_at = $10, last_status = v.status, last_error = v.error,
             claimed_by = NULL, lease_until = NULL
         FROM verdict v
@@ -498,8 +514,6 @@ class PostgresStore:
         self._pool: asyncpg.Pool[asyncpg.Record] | None = None
         self._namespace = ""
         self._channel = ""
-        self._callbacks: list[Callable[[], None]] = []
-        self._listener: asyncio.Task[None] | None = None
 
     # -- plumbing ---------------------------------------------------------------------------
 
@@ -632,8 +646,6 @@ class PostgresStore:
             await self._close_pool(pool)
             raise
         self._channel = f"relay_wakeup_{_lock_key(self._namespace, 'wakeup') & 0xFFFFFFFFFFFF:012x}"
-        if self._callbacks:
-            self._start_listener()
 
     async def _migrate(self, conn: Conn) -> str:
         """Apply what migrations are missing, once, however many replicas start together."""
@@ -700,11 +712,6 @@ class PostgresStore:
             raise
 
     async def close(self) -> None:
-        listener, self._listener = self._listener, None
-        if listener is not None:
-            listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await listener
         pool, self._pool = self._pool, None
         if pool is not None:
             with contextlib.suppress(*_MAPPED):
@@ -901,6 +908,7 @@ class PostgresStore:
                     [a.error for a in attempts],
                     [a.excerpt for a in attempts],
                     now,
+                    [0 if o.probe else 1 for o in tried],  # a probe uses no attempt up
                 )
                 promoted = row["promoted"] if row is not None else 0
             back = "UPDATE 0"
@@ -1157,40 +1165,24 @@ class PostgresStore:
 
         return await self._run(query, tx=False)
 
-    def on_wakeup(self, callback: Callable[[], None]) -> None:
-        """Call ``callback`` when another replica commits work that is due.
+    async def watch(self, wake: Callable[[], None]) -> None:
+        """Call ``wake`` when another replica commits work that is due, until cancelled.
 
-        A dedicated connection LISTENs (started now if the store is open, else by ``open``).
-        Each time it starts listening (first, and after reconnecting) it calls back once, for
-        anything committed while it was not.
+        A dedicated connection LISTENs, reconnecting when it is lost. Each time it starts
+        listening (first, and after reconnecting) it calls ``wake`` once, for anything
+        committed while it was not. The daemon runs this under its supervisor.
         """
-        self._callbacks.append(callback)
-        if self._pool is not None and self._listener is None:
-            self._start_listener()
+        self._require_pool()
 
-    def _start_listener(self) -> None:
-        self._listener = asyncio.get_running_loop().create_task(
-            self._listen(), name="relay-store-listener"
-        )
+        def notified(
+            conn: asyncpg.Connection[Any] | PoolConnectionProxy[Any],
+            pid: int,
+            channel: str,
+            payload: object,
+        ) -> None:
+            if payload != self.replica:  # our own commits wake our dispatcher directly
+                wake()
 
-    def _notified(
-        self,
-        conn: asyncpg.Connection[Any] | PoolConnectionProxy[Any],
-        pid: int,
-        channel: str,
-        payload: object,
-    ) -> None:
-        if payload != self.replica:  # our own commits wake our dispatcher directly
-            self._wake()
-
-    def _wake(self) -> None:
-        for callback in self._callbacks:
-            try:
-                callback()
-            except Exception:
-                log.exception("wake-up callback failed", extra={"event": "store.wakeup_error"})
-
-    async def _listen(self) -> None:
         delay = 0.5
         while True:
             try:
@@ -1206,11 +1198,11 @@ class PostgresStore:
             lost = asyncio.Event()
             conn.add_termination_listener(lambda _conn, lost=lost: lost.set())
             try:
-                await conn.add_listener(self._channel, self._notified)
+                await conn.add_listener(self._channel, notified)
                 delay = 0.5
                 # Whatever was committed before we listened (or while we were cut off) may be
                 # due: wake once. This also tells a caller the listener is up.
-                self._wake()
+                wake()
                 while True:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(lost.wait(), self._liveness)
@@ -1269,3 +1261,170 @@ class PostgresStore:
             return int(deliveries) + int(events.rsplit(" ", 1)[-1])
 
         return await self._run(purge)
+
+    # -- endpoint health (CONTRACT.md 5b, 5c): state rows and transactions only ------------
+
+    async def health_rows(self, kind: str) -> dict[str, HealthRow]:
+        async def query(conn: Conn) -> dict[str, HealthRow]:
+            rows = await conn.fetch(
+                "SELECT name, state, version, data FROM health WHERE kind = $1", kind
+            )
+            return {r["name"]: HealthRow(r["state"], r["version"], r["data"]) for r in rows}
+
+        return await self._run(query, tx=False)
+
+    @staticmethod
+    async def _health_cas(conn: Conn, kind: str, name: str, row: HealthRow, now: float) -> bool:
+        if row.version == 0:
+            status = await conn.execute(
+                "INSERT INTO health (kind, name, state, version, data, updated_at) "
+                "VALUES ($1, $2, $3, 1, $4, $5) ON CONFLICT (kind, name) DO NOTHING",
+                kind,
+                name,
+                row.state,
+                row.data,
+                now,
+            )
+        else:
+            status = await conn.execute(
+                "UPDATE health SET state = $3, version = version + 1, data = $4, "
+                "updated_at = $5 WHERE kind = $1 AND name = $2 AND version = $6",
+                kind,
+                name,
+                row.state,
+                row.data,
+                now,
+                row.version,
+            )
+        return bool(status.endswith(" 1"))
+
+    async def health_write(
+        self,
+        kind: str,
+        name: str,
+        row: HealthRow,
+        now: float,
+        *,
+        alert: NewEvent | None = None,
+        alert_endpoint: str | None = None,
+        release: bool = False,
+    ) -> bool:
+        async def write(conn: Conn) -> bool:
+            if not await self._health_cas(conn, kind, name, row, now):
+                return False
+            due = False
+            if release:
+                status = await conn.execute(
+                    "UPDATE deliveries SET next_at = $1, updated_at = $1 "
+                    "WHERE state = 'pending' AND endpoint = $2 AND next_at > $1",
+                    now,
+                    name,
+                )
+                due = not status.endswith(" 0")
+            if alert is not None and alert_endpoint is not None:
+                seq = await conn.fetchval(
+                    "INSERT INTO events (event_id, source, recipient, user_id, status, "
+                    "requirements, body, has_token, received_at) "
+                    "VALUES ($1, $2, $3, NULL, NULL, NULL, $4, false, $5) "
+                    "ON CONFLICT (event_id) DO NOTHING RETURNING seq",
+                    alert.event_id,
+                    alert.source,
+                    alert.recipient,
+                    alert.body,
+                    now,
+                )
+                if seq is not None:
+                    await conn.execute(
+                        "INSERT INTO deliveries (event_seq, endpoint, user_id, ord, state, "
+                        "next_at, created_at, updated_at) "
+                        "VALUES ($1, $2, NULL, $1, 'pending', $3, $3, $3)",
+                        seq,
+                        alert_endpoint,
+                        now,
+                    )
+                    due = True
+            if due:
+                await self._notify(conn)
+            return True
+
+        return await self._run(write)
+
+    async def claim_probe(
+        self, endpoint: str, now: float, row: HealthRow, after_user: str | None
+    ) -> Claim | None:
+        class Lost(Exception):
+            """Another replica moved the row: roll the claim back."""
+
+        async def claim(conn: Conn) -> Claim | None:
+            picked = await conn.fetchrow(
+                "WITH picked AS (SELECT id FROM deliveries WHERE state = 'pending' "
+                "AND endpoint = $1 AND next_at <= $2 ORDER BY "
+                "($3::text IS NOT NULL AND COALESCE(user_id, '') <= $3::text), "
+                "COALESCE(user_id, ''), next_at, id LIMIT 1 FOR UPDATE SKIP LOCKED) "
+                "UPDATE deliveries d SET state = 'inflight', claimed_by = $4, "
+                "lease_until = $2::float8 + $5::float8, updated_at = $2 FROM picked "
+                "WHERE d.id = picked.id RETURNING d.id, d.event_seq, d.user_id, d.attempts, "
+                "d.created_at",
+                endpoint,
+                now,
+                after_user,
+                self.replica,
+                self.lease,
+            )
+            if picked is None:
+                return None
+            if not await self._health_cas(conn, "endpoint", endpoint, row, now):
+                raise Lost
+            event = await conn.fetchrow(
+                "SELECT event_id, source, body, has_token FROM events WHERE seq = $1",
+                picked["event_seq"],
+            )
+            if event is None:  # deliveries refer to their event until both are purged
+                raise StoreError(f"{self.display}: delivery {picked['id']} has no event")
+            return Claim(
+                delivery_id=picked["id"],
+                endpoint=endpoint,
+                event_id=event["event_id"],
+                user_id=picked["user_id"],
+                attempts=picked["attempts"],
+                source=event["source"],
+                body=bytes(event["body"]),
+                has_token=event["has_token"],
+                created_at=picked["created_at"],
+            )
+
+        try:
+            return await self._run(claim, durable=False)
+        except Lost:
+            return None
+
+    async def dead_summary(self, endpoint: str, since: float) -> DeadSummary | None:
+        async def query(conn: Conn) -> DeadSummary | None:
+            row = await conn.fetchrow(
+                "SELECT count(*) OVER () AS n, d.id, e.event_id, d.user_id FROM deliveries d "
+                "JOIN events e ON e.seq = d.event_seq WHERE d.state = 'dead' "
+                "AND d.updated_at >= $2 AND d.endpoint = $1 ORDER BY d.updated_at, d.id LIMIT 1",
+                endpoint,
+                since,
+            )
+            if row is None:
+                return None
+            return DeadSummary(row["n"], row["id"], row["event_id"], row["user_id"])
+
+        return await self._run(query, tx=False)
+
+    async def beat(self, replica: str, now: float, ttl: float) -> int:
+        async def beat(conn: Conn) -> int:
+            await conn.execute(
+                "INSERT INTO replicas (name, seen_at) VALUES ($1, $2) "
+                "ON CONFLICT (name) DO UPDATE SET seen_at = excluded.seen_at",
+                replica,
+                now,
+            )
+            await conn.execute("DELETE FROM replicas WHERE seen_at < $1", now - 100 * ttl)
+            count = await conn.fetchval(
+                "SELECT count(*) FROM replicas WHERE seen_at >= $1", now - ttl
+            )
+            return int(count)
+
+        return await self._run(beat, durable=False)

@@ -26,9 +26,11 @@ from relay.store.base import (
     AppendResult,
     Attempt,
     Claim,
+    DeadSummary,
     DeliveryDetail,
     DeliveryInfo,
     EndpointStats,
+    HealthRow,
     Outcome,
     PublicState,
     Target,
@@ -123,6 +125,20 @@ MIGRATIONS: tuple[str, ...] = (
     DROP INDEX deliveries_user;
     DROP INDEX deliveries_lane;
     CREATE INDEX deliveries_lane ON deliveries(user_id, endpoint, ord, created_at);
+    """,
+    # v4: endpoint health (CONTRACT.md 5b, 5c): one state row per endpoint, feed and dead
+    # alert throttle, versioned for compare-and-set; replicas' heartbeats (rate-limit shares).
+    """
+    CREATE TABLE health (
+        kind TEXT NOT NULL,
+        name TEXT NOT NULL,
+        state TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        data TEXT NOT NULL,
+        updated_at REAL NOT NULL,
+        PRIMARY KEY (kind, name)
+    ) WITHOUT ROWID;
+    CREATE TABLE replicas (name TEXT PRIMARY KEY, seen_at REAL NOT NULL) WITHOUT ROWID;
     """,
 )
 
@@ -662,10 +678,18 @@ class SQLiteStore:
             tried = [out for out in tried if out.delivery_id in lanes]  # not purged meanwhile
             attempts = [(out, out.attempt) for out in tried if out.attempt is not None]
             conn.executemany(
-                "UPDATE deliveries SET state = ?, attempts = attempts + 1, next_at = ?, "
+                "UPDATE deliveries SET state = ?, attempts = attempts + ?, next_at = ?, "
                 "updated_at = ?, last_status = ?, last_error = ? WHERE id = ?",
                 [
-                    (out.state, out.next_at, now, a.status, a.error, out.delivery_id)
+                    (
+                        out.state,
+                        0 if out.probe else 1,
+                        out.next_at,
+                        now,
+                        a.status,
+                        a.error,
+                        out.delivery_id,
+                    )
                     for out, a in attempts
                 ],
             )
@@ -903,7 +927,7 @@ class SQLiteStore:
 
         return await self._run(insert)
 
-    def on_wakeup(self, callback: Callable[[], None]) -> None:
+    async def watch(self, wake: Callable[[], None]) -> None:
         """One daemon per file: the relay wakes its own dispatcher, nothing to listen to."""
 
     @contextlib.asynccontextmanager
@@ -955,3 +979,147 @@ class SQLiteStore:
                 return removed
 
         return await self._run(purge)
+
+    # -- endpoint health (CONTRACT.md 5b, 5c): state rows and transactions only ------------
+
+    async def health_rows(self, kind: str) -> dict[str, HealthRow]:
+        def query(conn: sqlite3.Connection) -> dict[str, HealthRow]:
+            return {
+                row["name"]: HealthRow(row["state"], row["version"], row["data"])
+                for row in conn.execute(
+                    "SELECT name, state, version, data FROM health WHERE kind = ?", (kind,)
+                )
+            }
+
+        return await self._run(query)
+
+    @staticmethod
+    def _health_cas(
+        conn: sqlite3.Connection, kind: str, name: str, row: HealthRow, now: float
+    ) -> bool:
+        if row.version == 0:
+            cur = conn.execute(
+                "INSERT INTO health (kind, name, state, version, data, updated_at) "
+                "VALUES (?, ?, ?, 1, ?, ?) ON CONFLICT (kind, name) DO NOTHING",
+                (kind, name, row.state, row.data, now),
+            )
+        else:
+            cur = conn.execute(
+                "UPDATE health SET state = ?, version = version + 1, data = ?, updated_at = ? "
+                "WHERE kind = ? AND name = ? AND version = ?",
+                (row.state, row.data, now, kind, name, row.version),
+            )
+        return cur.rowcount == 1
+
+    async def health_write(
+        self,
+        kind: str,
+        name: str,
+        row: HealthRow,
+        now: float,
+        *,
+        alert: NewEvent | None = None,
+        alert_endpoint: str | None = None,
+        release: bool = False,
+    ) -> bool:
+        def write(conn: sqlite3.Connection) -> bool:
+            with self._tx(conn):
+                if not self._health_cas(conn, kind, name, row, now):
+                    return False
+                if release:
+                    conn.execute(
+                        "UPDATE deliveries SET next_at = ?1, updated_at = ?1 "
+                        "WHERE state = 'pending' AND endpoint = ?2 AND next_at > ?1",
+                        (now, name),
+                    )
+                if alert is not None and alert_endpoint is not None:
+                    cur = conn.execute(
+                        "INSERT OR IGNORE INTO events (event_id, source, recipient, user_id, "
+                        "status, requirements, body, has_token, received_at) "
+                        "VALUES (?, ?, ?, NULL, NULL, NULL, ?, 0, ?)",
+                        (alert.event_id, alert.source, alert.recipient, alert.body, now),
+                    )
+                    if cur.rowcount == 1:
+                        conn.execute(
+                            _INSERT_DELIVERY,
+                            (cur.lastrowid, alert_endpoint, None, "pending", now, now),
+                        )
+                return True
+
+        return await self._run(write)
+
+    async def claim_probe(
+        self, endpoint: str, now: float, row: HealthRow, after_user: str | None
+    ) -> Claim | None:
+        class Lost(Exception):
+            """Another writer moved the row: roll the claim back."""
+
+        def claim(conn: sqlite3.Connection) -> Claim | None:
+            try:
+                return attempt(conn)
+            except Lost:
+                return None
+
+        def attempt(conn: sqlite3.Connection) -> Claim | None:
+            with self._tx(conn, durable=False):
+                picked = conn.execute(
+                    "UPDATE deliveries SET state = 'inflight', updated_at = ?1 WHERE id = ("
+                    "SELECT id FROM deliveries WHERE state = 'pending' AND endpoint = ?2 "
+                    "AND next_at <= ?1 ORDER BY (?3 IS NOT NULL AND COALESCE(user_id, '') <= ?3),"
+                    " COALESCE(user_id, ''), next_at, id LIMIT 1) "
+                    "RETURNING id, event_seq, user_id, attempts, created_at",
+                    (now, endpoint, after_user),
+                ).fetchone()
+                if picked is None:
+                    return None
+                if not self._health_cas(conn, "endpoint", endpoint, row, now):
+                    raise Lost
+                event = conn.execute(
+                    "SELECT event_id, source, body, has_token FROM events WHERE seq = ?",
+                    (picked["event_seq"],),
+                ).fetchone()
+            return Claim(
+                delivery_id=picked["id"],
+                endpoint=endpoint,
+                event_id=event["event_id"],
+                user_id=picked["user_id"],
+                attempts=picked["attempts"],
+                source=event["source"],
+                body=bytes(event["body"]),
+                has_token=bool(event["has_token"]),
+                created_at=picked["created_at"],
+            )
+
+        return await self._run(claim)
+
+    async def dead_summary(self, endpoint: str, since: float) -> DeadSummary | None:
+        def query(conn: sqlite3.Connection) -> DeadSummary | None:
+            rows = conn.execute(
+                "SELECT d.id, e.event_id, d.user_id FROM deliveries d "
+                "JOIN events e ON e.seq = d.event_seq WHERE d.endpoint = ? "
+                f"AND d.{_FINISHED} AND d.state = 'dead' AND d.updated_at >= ? "
+                "ORDER BY d.updated_at, d.id",
+                (endpoint, since),
+            ).fetchall()
+            if not rows:
+                return None
+            first = rows[0]
+            return DeadSummary(len(rows), first["id"], first["event_id"], first["user_id"])
+
+        return await self._run(query)
+
+    async def beat(self, replica: str, now: float, ttl: float) -> int:
+        def beat(conn: sqlite3.Connection) -> int:
+            with self._tx(conn, durable=False):
+                conn.execute(
+                    "INSERT INTO replicas (name, seen_at) VALUES (?1, ?2) "
+                    "ON CONFLICT (name) DO UPDATE SET seen_at = ?2",
+                    (replica, now),
+                )
+                conn.execute("DELETE FROM replicas WHERE seen_at < ?", (now - 100 * ttl,))
+                count: int = conn.execute(
+                    "SELECT COUNT(*) FROM replicas WHERE seen_at >= ?", (now - ttl,)
+                ).fetchone()[0]
+                return count
+
+        return await self._run(beat)
