@@ -180,6 +180,9 @@ def fast_env(relay_env: Callable[..., dict[str, str]]) -> Callable[..., dict[str
             "RELAY_ENDPOINTS": json.dumps([{"url": url, "headers": {"x-tenant": "acme"}}]),
             "RELAY_RETRY_SCHEDULE": FAST_RETRIES,
             "RELAY_DELIVERY_TIMEOUT": "2s",
+            # These tests watch retries; the breaker (which would hold them for its cooldown
+            # once the broker fails for several users) is endpoint health's, tested there.
+            "RELAY_BREAKER_THRESHOLD": "1000000",
         }
         return relay_env(**{**settings, **more})
 
