@@ -35,6 +35,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from relay import __version__, service
 from relay.config import Settings
 from relay.errors import RelayError
+from relay.history import History
 from relay.limits import Throttle, admin_connection_cap, nofile_limit
 from relay.metrics import Metrics
 from relay.store.base import Store
@@ -125,10 +126,29 @@ class Retried(BaseModel):
 
 class Status(BaseModel):
     version: str
+    replica: str = Field(description="This process (host:pid): history and numbers are its own")
     feed_state: str
     ready: dict[str, bool]
     uptime_s: float
     in_flight: int
+    feed_last_message_age_s: float | None = Field(description="null before the first frame")
+    feed_reconnects: int
+    last_reconcile_at: str | None = Field(description="The last successful reconciliation")
+
+
+class EndpointHistory(BaseModel):
+    delivered: list[int] = Field(description="Deliveries that succeeded, per second")
+    failed: list[int] = Field(description="Attempts that failed (retried or dead), per second")
+    depth: list[int] = Field(description="Outbox depth (pending deliveries), per second")
+
+
+class HistoryPage(BaseModel):
+    replica: str = Field(description="Whose history: each replica keeps its own")
+    step_s: int
+    start: int = Field(description="Unix second of the first value of every series")
+    end: int = Field(description="Unix second of the last value")
+    feed_messages: list[int] = Field(description="Feed messages received, per second")
+    endpoints: dict[str, EndpointHistory]
 
 
 _AUTH_ERRORS: dict[int | str, dict[str, Any]] = {
@@ -150,6 +170,12 @@ _SHORT_TOKEN = 16
 #: A delivery id as a cursor; 18 digits at most, so it always fits the stores' 64-bit keys.
 _CURSOR = r"^dlv_[0-9]{1,18}$"
 _OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+#: The status page's own files (script and styles are files of the origin: no inline code).
+_STATIC_FILES = {
+    "console.js": "text/javascript; charset=utf-8",
+    "console.css": "text/css; charset=utf-8",
+    "favicon.svg": "image/svg+xml",
+}
 
 
 def create_app(
@@ -163,9 +189,11 @@ def create_app(
     on_replay: Callable[[], None] = lambda: None,
     on_endpoint_change: Callable[[], None] = lambda: None,
     clock: Callable[[], float] = time.time,
+    history: History | None = None,
 ) -> FastAPI:
     """The admin ASGI app; every dependency is injected so tests can drive it directly."""
     started = clock()
+    history = history or History(metrics, clock=clock)
     app = FastAPI(
         title="sfox-relay admin",
         version=__version__,
@@ -221,15 +249,44 @@ def create_app(
     async def status_page() -> HTMLResponse:
         return HTMLResponse(page, headers=page_headers)
 
+    @app.get("/static/{name}", include_in_schema=False)
+    async def static_file(name: str) -> Response:
+        media_type = _STATIC_FILES.get(name)
+        if media_type is None:
+            raise HTTPException(404, "not found")
+        data = resources.files("relay").joinpath("static", name).read_bytes()
+        return Response(data, media_type=media_type, headers={"cache-control": "no-store"})
+
     @api.get("/status")
     async def status() -> Status:
         """The relay's feed state and readiness."""
+        age = _sample(metrics.feed_last_message_age)
+        reconciled = _sample(metrics.reconcile_last_success)
         return Status(
             version=__version__,
+            replica=history.replica,
             feed_state=feed_state(),
             ready=readiness(),
             uptime_s=round(clock() - started, 1),
             in_flight=in_flight(),
+            feed_last_message_age_s=None if age < 0 else round(age, 1),
+            feed_reconnects=int(_sample(metrics.feed_reconnects)),
+            last_reconcile_at=service.iso(reconciled) if reconciled > 0 else None,
+        )
+
+    @api.get("/history", responses=_INVALID)
+    async def history_route(
+        seconds: Annotated[int, Query(ge=1, le=3600)] = 3600,
+    ) -> HistoryPage:
+        """The last ``seconds`` of per-second numbers, oldest first (the status page's charts)."""
+        snap = history.snapshot(seconds)
+        return HistoryPage(
+            replica=snap.replica,
+            step_s=1,
+            start=snap.start,
+            end=snap.end,
+            feed_messages=snap.feed_messages,
+            endpoints={name: EndpointHistory(**series) for name, series in snap.endpoints.items()},
         )
 
     @api.get("/endpoints")
@@ -334,6 +391,12 @@ def create_app(
 
     app.include_router(api)
     return app
+
+
+def _sample(metric: Any) -> float:
+    """The value of an unlabelled metric (a counter's ``_total``)."""
+    samples = [s for f in metric.collect() for s in f.samples if not s.name.endswith("_created")]
+    return float(samples[0].value) if samples else 0.0
 
 
 async def _invalid(request: Request, exc: Exception) -> JSONResponse:

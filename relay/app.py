@@ -24,6 +24,7 @@ from relay.dispatch import Dispatcher
 from relay.errors import StoreUnavailableError
 from relay.events import BadFrame, Message, NewEvent
 from relay.feed import FeedClient, FeedOptions, FeedState
+from relay.history import History
 from relay.isolation import write_isolating
 from relay.limits import raise_nofile_limit
 from relay.logs import Redactor
@@ -322,6 +323,7 @@ class Relay:
             tracing=self.tracing,
         )
         self.ingest.when_subscribed(self.reconciler.trigger)
+        self.history = History(self.metrics, clock=clock)
         self.admin = AdminServer(
             create_app(
                 store=self.store,
@@ -333,6 +335,7 @@ class Relay:
                 on_replay=self.dispatcher.wake,
                 on_endpoint_change=self.monitor.refresh_soon,
                 clock=clock,
+                history=self.history,
             ),
             settings.admin_host,
             settings.admin_port,
@@ -402,6 +405,7 @@ class Relay:
         supervise("reconcile", self.reconciler.run)
         supervise("retention", self._retention_loop)
         supervise("health", self.monitor.run)
+        supervise("history", self.history.run)
         log.info(
             "relay started",
             extra={

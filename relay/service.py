@@ -34,6 +34,7 @@ __all__ = [
     "format_table",
     "get_delivery",
     "info_json",
+    "iso",
     "list_deliveries",
     "purge",
     "replay",
@@ -189,7 +190,8 @@ async def endpoint_action(
     return {"name": name, "state": display_state(after, name in configured), "changed": changed}
 
 
-def _iso(ts: float | None) -> str | None:
+def iso(ts: float | None) -> str | None:
+    """A unix time as the API shows it (RFC 3339, UTC, seconds)."""
     return None if ts is None else datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")
 
 
@@ -201,9 +203,9 @@ def _stats_json(s: EndpointStats) -> dict[str, Any]:
         else round(max(0.0, time.time() - s.oldest_pending_at), 1),
         "dead": s.dead,
         "delivered": s.delivered,
-        "oldest_pending_at": _iso(s.oldest_pending_at),
-        "last_success_at": _iso(s.last_success_at),
-        "last_failure_at": _iso(s.last_failure_at),
+        "oldest_pending_at": iso(s.oldest_pending_at),
+        "last_success_at": iso(s.last_success_at),
+        "last_failure_at": iso(s.last_failure_at),
         "last_error": s.last_error,
     }
 
@@ -212,7 +214,7 @@ def info_json(info: DeliveryInfo) -> dict[str, Any]:
     """A delivery as JSON, with ISO-8601 times."""
     data = asdict(info)
     for key in ("next_attempt_at", "created_at", "updated_at"):
-        data[key] = _iso(data[key])
+        data[key] = iso(data[key])
     return data
 
 
@@ -223,7 +225,7 @@ def detail_json(detail: DeliveryDetail) -> dict[str, Any]:
         "body": detail.body,
         "attempt_log": [
             {
-                "at": _iso(a.at),
+                "at": iso(a.at),
                 "status": a.status,
                 "latency_ms": round(a.latency * 1000, 1),
                 "error": a.error,
@@ -247,7 +249,7 @@ def format_table(items: Sequence[DeliveryInfo]) -> str:
             i.user_id or "-",
             str(i.last_status) if i.last_status else (i.last_error or "-")[:30],
             str(i.attempts),
-            _iso(i.created_at) or "-",
+            iso(i.created_at) or "-",
         )
         for i in items
     ]

@@ -12,6 +12,7 @@ import asyncio
 import base64
 import inspect
 import json
+import os
 import re
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -22,7 +23,7 @@ import pytest
 from conftest import EnvBuilder
 
 import relay.admin
-from relay import __version__
+from relay import __version__, service
 from relay.admin import AdminServer, create_app
 from relay.config import Settings, load_settings
 from relay.metrics import Metrics
@@ -77,6 +78,7 @@ METRIC_NAMES = (
 API_ROUTES = (
     ("GET", "/api/status"),
     ("GET", "/api/endpoints"),
+    ("GET", "/api/history"),
     ("POST", "/api/endpoints/crm/pause"),
     ("POST", "/api/endpoints/crm/resume"),
     ("GET", "/api/deliveries"),
@@ -424,6 +426,32 @@ async def test_status(client: httpx.AsyncClient, harness: Harness) -> None:
     assert body["ready"] == {"feed": True, "store": False}
     assert body["in_flight"] == 3
     assert body["version"] == relay.__version__
+    assert body["feed_last_message_age_s"] is None  # nothing received yet
+    assert (body["feed_reconnects"], body["last_reconcile_at"]) == (0, None)
+    assert body["replica"].rpartition(":")[2] == str(os.getpid())
+
+
+async def test_status_shows_the_feed_age_reconnects_and_last_reconciliation(
+    client: httpx.AsyncClient, harness: Harness
+) -> None:
+    harness.metrics.frame_received()  # at NOW; the metrics' clock stays there
+    harness.metrics.feed_reconnects.inc(2)
+    harness.metrics.reconcile_last_success.set(NOW - 60)
+    body = (await client.get("/api/status", headers=AUTH)).json()
+    assert body["feed_last_message_age_s"] == 0.0
+    assert body["feed_reconnects"] == 2
+    assert body["last_reconcile_at"] == service.iso(NOW - 60)
+
+
+async def test_history_serves_per_second_series_of_the_last_hour(
+    client: httpx.AsyncClient, harness: Harness
+) -> None:
+    history = (await client.get("/api/history?seconds=5", headers=AUTH)).json()
+    assert history["step_s"] == 1 and history["end"] - history["start"] == 4
+    assert history["feed_messages"] == [0] * 5
+    assert (await client.get("/api/history?seconds=0", headers=AUTH)).status_code == 422
+    assert (await client.get("/api/history?seconds=3601", headers=AUTH)).status_code == 422
+    assert (await client.get("/api/history")).status_code == 401
 
 
 async def test_endpoints_masks_urls_and_lists_removed_endpoints_with_work(

@@ -55,6 +55,11 @@ async def test_schemathesis_finds_nothing_in_the_admin_api(
             "--request-timeout",
             "5",
             "--no-color",
+            # Endpoint names are free text in a path: most generated ones ("/", "..") are
+            # not URL paths at all, and schemathesis would stop on its own filter (not a
+            # finding about the API).
+            "--suppress-health-check",
+            "filter_too_much",
             cwd=tmp_path,
             env={**os.environ, "NO_COLOR": "1", "SCHEMATHESIS_HOOKS": ""},
             stdout=asyncio.subprocess.PIPE,

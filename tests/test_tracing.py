@@ -260,7 +260,8 @@ async def test_spans_links_and_traceparent_reach_a_real_otlp_receiver(
         # Nothing listens there: every attempt is a connection error, dead at once.
         {"name": "gone", "url": "http://127.0.0.1:9/hook", "retry_schedule": "0s"},
     ]
-    env = relay_env(RELAY_ENDPOINTS=json.dumps(endpoints))
+    # No breaker: every event is attempted once on "gone" too (one span per attempt).
+    env = relay_env(RELAY_ENDPOINTS=json.dumps(endpoints), RELAY_BREAKER_THRESHOLD="100000")
     async with run_relay(env) as relay:
         await receiver.wait_for(30, timeout=10)
         report = await relay.reconciler.run_once(emit_all=True)
