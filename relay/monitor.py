@@ -305,7 +305,9 @@ class Monitor:
         is the result's error as recorded, redacted."""
         endpoint = self._endpoints.get(name)
         retried = retry.is_retryable(
-            result.status, endpoint.retry_statuses if endpoint is not None else ()
+            result.status,
+            endpoint.retry_statuses if endpoint is not None else (),
+            permanent=result.permanent,  # a message too large for a broker: not its failure
         )
         current = self._health.get(name)
         healthy = current is None or (current.failures == 0 and current.state != "open")
