@@ -84,21 +84,7 @@ def _run_until_signal(
             loop.add_signal_handler(sig, on_signal)
         return await make()
 
-    with asyncio.Runner(loop_factory=event_loop_factory()) as runner_:
-        return runner_.run(runner())
-
-
-def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """uvloop where it is installed (+8-27% deliveries/s measured on the live feed), else
-    asyncio's own loop; ``SFOX_RELAY_EVENT_LOOP=asyncio`` picks asyncio's (benchmarks)."""
-    if os.environ.get("SFOX_RELAY_EVENT_LOOP") == "asyncio":
-        return None
-    try:
-        import uvloop
-    except ImportError:
-        return None
-    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
-    return factory
+    return asyncio.run(runner())
 
 
 # -- commands -------------------------------------------------------------------------------
