@@ -84,21 +84,7 @@ def _run_until_signal(
             loop.add_signal_handler(sig, on_signal)
         return await make()
 
-    with asyncio.Runner(loop_factory=event_loop_factory()) as runner_:
-        return runner_.run(runner())
-
-
-def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """uvloop where it is installed (+8-27% deliveries/s measured on the live feed), else
-    asyncio's own loop; ``SFOX_RELAY_EVENT_LOOP=asyncio`` picks asyncio's (benchmarks)."""
-    if os.environ.get("SFOX_RELAY_EVENT_LOOP") == "asyncio":
-        return None
-    try:
-        import uvloop
-    except ImportError:
-        return None
-    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
-    return factory
+    return asyncio.run(runner())
 
 
 # -- commands -------------------------------------------------------------------------------
@@ -161,9 +147,18 @@ async def _store_state(settings: Settings) -> dict[str, Any]:
 def cmd_demo(args: argparse.Namespace) -> int:
     from relay.demo import run_demo
 
+    if args.to is not None:
+        from relay.brokers.target import parse
+
+        if args.keep_running:
+            raise ConfigError("--to", "publishes a fixed number of events: no --keep-running")
+        try:
+            parse(args.to)
+        except ValueError as exc:  # its reason never quotes the URL
+            raise ConfigError("--to", str(exc)) from None
     stop = asyncio.Event()
     return _run_until_signal(
-        lambda: run_demo(events=args.events, keep_running=args.keep_running, stop=stop),
+        lambda: run_demo(events=args.events, keep_running=args.keep_running, stop=stop, to=args.to),
         stop.set,
     )
 
@@ -383,6 +378,11 @@ def _parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="the whole pipeline on this machine, no credentials")
     demo.add_argument("--events", type=int, default=60, help="feed messages to relay (60)")
     demo.add_argument("--keep-running", action="store_true", help="keep relaying until Ctrl-C")
+    demo.add_argument(
+        "--to",
+        metavar="URL",
+        help="a broker URL (amqp://, nats://, redis://...): publish there and consume it back",
+    )
     demo.set_defaults(fn=cmd_demo)
 
     from relay import simulator

@@ -285,6 +285,7 @@ class Relay:
             subscribed=lambda: self.feed.state == FeedState.SUBSCRIBED,
             wake=lambda: self.dispatcher.wake(),
             poll=health_poll,
+            tracing=self.tracing,
         )
         self.dispatcher = Dispatcher(
             self.store,

@@ -39,6 +39,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from relay import fields as payload_fields
 from relay import tls
+from relay.brokers import target as brokers
 from relay.errors import ConfigError
 from relay.events import KNOWN_FEEDS
 from relay.masking import MASK, mask_url, url_secrets
@@ -463,6 +464,11 @@ def _default_name(url: object) -> str | None:
         parts = urlsplit(text.strip())
     except ValueError:
         return None
+    if brokers.is_broker(text):
+        try:
+            return brokers.default_name(brokers.parse(text.strip()))
+        except ValueError:
+            return None  # the url validator reports it
     host = parts.netloc.rpartition("@")[2].lower()
     return f"{host}{parts.path.rstrip('/')}" if host else None
 
@@ -526,7 +532,14 @@ class EndpointConfig(BaseModel):
     @field_validator("url", mode="before")
     @classmethod
     def _check_url(cls, value: object) -> str:
-        return _url(value, ("http", "https"), "an http(s) URL")
+        text = _secret_text(value)
+        if brokers.is_broker(text):
+            try:
+                brokers.parse(text)  # section 4b: what each broker's URL must name
+            except ValueError as exc:  # its reason never quotes the URL
+                raise _Invalid(str(exc)) from None
+            return text
+        return _url(text, ("http", "https"), "an http(s) URL or a broker URL (section 4b)")
 
     @field_validator("name", mode="before")
     @classmethod

@@ -3,6 +3,11 @@
 The built-in sFOX simulator feeds a real ``relay run`` (same code, a temporary SQLite store),
 which delivers to a local receiver that verifies every Standard Webhooks signature. The demo
 prints what arrived, per user in order, and exits 0 only if everything checked out.
+
+With ``--to URL`` (a broker, CONTRACT 4b) the relay publishes there instead, and the demo
+consumes the messages back with the broker's own client and checks them the same way. The
+demo declares its own queue or stream for that (and removes it afterwards); the relay itself
+never declares anything.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from typing import TextIO
 from relay.app import Relay
 from relay.config import load_settings
 from relay.receiver import Received, Receiver
-from relay.signing import decode_secret
+from relay.signing import SignatureError, decode_secret, verify
 from relay.simulator import Simulator
 
 __all__ = ["run_demo"]
@@ -66,8 +71,14 @@ async def run_demo(
     stop: asyncio.Event | None = None,
     out: TextIO = sys.stdout,
     timeout: float = 60.0,
+    to: str | None = None,
 ) -> int:
-    """Run the demo; 0 when every event arrived signed and in order."""
+    """Run the demo; 0 when every event arrived signed and in order.
+
+    ``to`` is a broker URL to publish to (and read back from) instead of the local receiver.
+    """
+    if to is not None:
+        return await _run_broker_demo(to, events=events, out=out, timeout=timeout)
     stop = stop or asyncio.Event()
     secret = "whsec_" + base64.b64encode(os.urandom(24)).decode()
     api_key = base64.b16encode(os.urandom(16)).decode()
@@ -146,3 +157,68 @@ async def _follow(
         shown = len(receiver.received)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), 0.5)
+
+
+async def _run_broker_demo(url: str, *, events: int, out: TextIO, timeout: float) -> int:
+    """The demo through a broker: simulator -> relay -> broker -> the demo's consumer."""
+    from relay.brokers.consume import Tap
+
+    secret = "whsec_" + base64.b64encode(os.urandom(24)).decode()
+    key = decode_secret(secret)
+    api_key = base64.b16encode(os.urandom(16)).decode()
+    with tempfile.TemporaryDirectory(prefix="relay-demo-") as tmp:
+        async with (
+            Simulator(api_key=api_key, users=max(1, events // 2), count=events, rate=500.0) as sim,
+            Tap(url) as tap,
+        ):
+            settings = load_settings(
+                {
+                    "RELAY_API_KEY": api_key,
+                    "RELAY_WS_URL": sim.ws_url,
+                    "RELAY_API_URL": sim.api_url,
+                    "RELAY_ENDPOINTS": url,
+                    "RELAY_SIGNING_SECRET": secret,
+                    "RELAY_STORE": f"sqlite:///{tmp}/relay.db",
+                    "RELAY_ADMIN_ADDR": "127.0.0.1:0",
+                    "RELAY_RECONCILE_INTERVAL": "off",
+                    "RELAY_LOG_LEVEL": "WARNING",
+                    "RELAY_LOG_FORMAT": "console",
+                },
+                for_run=True,
+            )
+            name = settings.endpoints[0].name
+            print(f"simulator {sim.ws_url} -> relay -> {name} -> demo consumer", file=out)
+            relay = Relay(settings)
+            task = asyncio.create_task(relay.run())
+            try:
+                consumed = await tap.read(events, timeout=timeout)
+                consumed += await tap.settle(0.3)
+            finally:
+                relay.request_stop()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+    received = []
+    for message in consumed:
+        headers = dict(message.headers)
+        webhook_id = headers.get("webhook-id", "")
+        timestamp = int(headers.get("webhook-timestamp", "0") or 0)
+        signature = headers.get("webhook-signature", "")
+        try:
+            verify([key], webhook_id, timestamp, message.body, signature, now=time.time())
+            verified = True
+        except SignatureError:
+            verified = False
+        received.append(
+            Received(
+                webhook_id=webhook_id,
+                timestamp=timestamp,
+                signature=signature,
+                source=headers.get("relay-source"),
+                headers=headers,
+                body=message.body,
+                path=name,
+                arrived_ns=message.arrived_ns,
+                verified=verified,
+            )
+        )
+    return 0 if _report(received, events, out) else 1

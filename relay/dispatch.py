@@ -352,6 +352,7 @@ class Dispatcher:
                 retry_after=result.retry_after,
                 rand=self._rand,
                 retry_statuses=endpoint.retry_statuses,
+                permanent=result.permanent,
             )
             # What an endpoint answers is stored and shown: one that echoes the request must
             # not put a header secret or the forwarded token on disk or in the API.
@@ -369,7 +370,9 @@ class Dispatcher:
             )
             decision = retry.Decision("pending", now + _FALLBACK_RETRY, "internal error")
             attempt = Attempt(now - result.latency, result.status, result.latency, None, None)
-        if probe and retry.is_retryable(result.status, endpoint.retry_statuses):
+        if probe and retry.is_retryable(
+            result.status, endpoint.retry_statuses, permanent=result.permanent
+        ):
             # A failed probe uses no attempt up: the delivery waits, due, for the next probe
             # (the breaker's schedule, not the retry schedule, says when that is).
             decision = retry.Decision("pending", now, "probe failed")

@@ -36,6 +36,7 @@ from relay.errors import StoreUnavailableError
 from relay.health import Health, Policy, Result
 from relay.metrics import Metrics
 from relay.store.base import Claim, HealthRow, HealthStore, format_delivery_id
+from relay.tracing import OFF, Tracing
 from relay.transport import SendResult
 
 __all__ = ["Change", "Monitor", "Mode", "endpoint_health", "operate", "policy_of", "transit"]
@@ -98,6 +99,7 @@ async def transit(
     *,
     alert_endpoint: str | None,
     metrics: Metrics | None = None,
+    tracing: Tracing = OFF,
 ) -> tuple[HealthRow | None, Change | None]:
     """Apply ``change`` to the stored row (compare-and-set, re-read on a lost race).
 
@@ -123,15 +125,20 @@ async def transit(
             event = alerts.alert_event(
                 alerts.alert_id(kind, name, version + 1, kind_of_alert), kind_of_alert, now, data
             )
-        if await store.health_write(
-            kind,
-            name,
-            new,
-            now,
-            alert=event,
-            alert_endpoint=alert_endpoint,
-            release=made.release,
-        ):
+        # An alert is stored under a relay.alert span: its delivery attempts link to it.
+        with tracing.source("relay.alert") if event is not None else contextlib.nullcontext():
+            written = await store.health_write(
+                kind,
+                name,
+                new,
+                now,
+                alert=event,
+                alert_endpoint=alert_endpoint,
+                release=made.release,
+            )
+            if written and event is not None:
+                tracing.stored([event.event_id])
+        if written:
             if made.alert is not None:
                 # Every transition is logged; the alert endpoint's own raise no alert.
                 raised = name != alert_endpoint
@@ -189,8 +196,10 @@ class Monitor:
         heartbeat_ttl: float = 10.0,
         feed_down_after: float = 120.0,
         dead_every: float = 60.0,
+        tracing: Tracing = OFF,
     ) -> None:
         self._store = store
+        self._tracing = tracing
         self.settings = settings
         self.metrics = metrics
         self._endpoints: Mapping[str, EndpointConfig] = {
@@ -305,7 +314,9 @@ class Monitor:
         is the result's error as recorded, redacted."""
         endpoint = self._endpoints.get(name)
         retried = retry.is_retryable(
-            result.status, endpoint.retry_statuses if endpoint is not None else ()
+            result.status,
+            endpoint.retry_statuses if endpoint is not None else (),
+            permanent=result.permanent,  # a message too large for a broker: not its failure
         )
         current = self._health.get(name)
         healthy = current is None or (current.failures == 0 and current.state != "open")
@@ -399,6 +410,7 @@ class Monitor:
             self._clock(),
             alert_endpoint=self._alert_name,
             metrics=self.metrics,
+            tracing=self._tracing,
         )
         self._health[name] = endpoint_health(row)
         if made is not None:  # e.g. a failed probe set the next one's time: re-plan the wait
@@ -464,6 +476,7 @@ class Monitor:
             now,
             alert_endpoint=self._alert_name,
             metrics=self.metrics,
+            tracing=self._tracing,
         )
         self._feed_down = state == "down"
 
@@ -495,6 +508,7 @@ class Monitor:
                 now,
                 alert_endpoint=self._alert_name,
                 metrics=self.metrics,
+                tracing=self._tracing,
             )
             if made is not None:
                 self._dead.discard(name)

@@ -6,7 +6,8 @@ length is the attempt limit. A ``Retry-After`` (seconds or HTTP date, capped at 
 stretches the delay, never shortens it; +-10% jitter spreads retries of an outage's backlog.
 Any other 3xx/4xx is permanent: a receiver that rejects the request will reject it again -
 unless the endpoint lists it in ``retry_statuses`` (a receiver that answers 401 or 404 while
-it deploys or rotates its secret), in which case it is retried like a 5xx.
+it deploys or rotates its secret), in which case it is retried like a 5xx. A failure the
+sender marks permanent (a message larger than a broker accepts) is permanent too.
 """
 
 from __future__ import annotations
@@ -33,9 +34,15 @@ class Decision:
     reason: str
 
 
-def is_retryable(status: int | None, retry_statuses: Collection[int] = ()) -> bool:
+def is_retryable(
+    status: int | None, retry_statuses: Collection[int] = (), *, permanent: bool = False
+) -> bool:
     """None (no response: timeout, connection error), 408/425/429/5xx and the endpoint's own
-    ``retry_statuses`` are worth retrying."""
+    ``retry_statuses`` are worth retrying - unless the sender marked the failure
+    ``permanent`` (a message a broker refuses as too large): such a failure is not the
+    endpoint's fault either, so health counts it as none."""
+    if permanent:
+        return False
     return (
         status is None or status in _RETRYABLE or 500 <= status <= 599 or status in retry_statuses
     )
@@ -76,13 +83,17 @@ def decide(
     retry_after: str | None = None,
     rand: Callable[[], float] = random.random,
     retry_statuses: Collection[int] = (),
+    permanent: bool = False,
 ) -> Decision:
     """The verdict on attempt number ``attempt`` (1-based) that ended with ``status``.
 
     ``status`` is None when no response arrived. ``rand`` returns a float in [0, 1).
+    ``permanent`` is the sender's word that retrying cannot help, whatever the status.
     """
     if status is not None and 200 <= status <= 299:
         return Decision("delivered", now, "success")
+    if permanent:
+        return Decision("dead", now, "permanent: refused by the destination")
     if not is_retryable(status, retry_statuses):
         return Decision("dead", now, f"permanent: HTTP {status}")
     if attempt >= len(schedule):

@@ -57,10 +57,12 @@ _RAW_BODY_LIMIT = 1024 * 1024
 
 @dataclass(frozen=True, slots=True)
 class SendResult:
-    """What came back from one POST. ``status`` is None when no response arrived.
+    """What came back from one POST (or publish). ``status`` is None when no response arrived.
 
     ``attempted`` is False when nothing reached the network because the process ran out of
     file descriptors: that is the relay's trouble, not the endpoint's, and costs no attempt.
+    ``permanent`` marks a failure that no retry can fix although no HTTP status says so (a
+    message larger than a broker accepts): the delivery goes dead at once.
     """
 
     status: int | None
@@ -69,6 +71,7 @@ class SendResult:
     excerpt: str | None = None
     error: str | None = None
     attempted: bool = True
+    permanent: bool = False
 
 
 class Sender(Protocol):
@@ -86,10 +89,21 @@ def sender_for(endpoint: EndpointConfig, http: Sender) -> Sender:
 
     The one place a destination is chosen: endpoints whose URL or options need a client of
     their own get it here, built once. An endpoint with its own TLS files or proxy gets its own
-    connection pool: a pool's connections carry one TLS identity and one route.
+    connection pool: a pool's connections carry one TLS identity and one route. A broker URL
+    (CONTRACT 4b) gets that broker's sender, verified with the endpoint's TLS files when it
+    has any; its client library is imported only then, and it connects on its first
+    publish, so a broker that is down at start-up never stops the relay.
     """
-    is_http = urlsplit(endpoint.url.get_secret_value()).scheme in ("http", "https")
+    url = endpoint.url.get_secret_value()
     has_tls_files = endpoint.ca_file is not None or endpoint.client_cert is not None
+    from relay.brokers import is_broker
+
+    if is_broker(url):
+        from relay.brokers import open_sender
+
+        context = tls.context_for(endpoint) if has_tls_files else None
+        return open_sender(url, tuple(endpoint.headers), context)
+    is_http = urlsplit(url).scheme in ("http", "https")
     if is_http and (has_tls_files or endpoint.proxy is not None):
         return AiohttpSender(
             ssl_context=tls.context_for(endpoint) if has_tls_files else None,

@@ -363,14 +363,3 @@ async def test_demo_exits_0() -> None:
     assert done.code == 0, done.stdout + done.stderr
     assert "20 events sent by the simulator, 20 deliveries received" in done.stdout
     assert "per-user order kept" in done.stdout
-
-
-def test_the_daemon_runs_on_uvloop_unless_told_otherwise(monkeypatch: pytest.MonkeyPatch) -> None:
-    import uvloop
-
-    from relay.__main__ import event_loop_factory
-
-    monkeypatch.delenv("SFOX_RELAY_EVENT_LOOP", raising=False)
-    assert event_loop_factory() is uvloop.new_event_loop
-    monkeypatch.setenv("SFOX_RELAY_EVENT_LOOP", "asyncio")
-    assert event_loop_factory() is None

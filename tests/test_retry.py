@@ -47,6 +47,45 @@ def test_other_3xx_4xx_is_dead_at_once(status: int) -> None:
     assert decision == Decision("dead", NOW, f"permanent: HTTP {status}")
 
 
+@pytest.mark.parametrize(
+    ("status", "attempt", "expected"),
+    [
+        # A failure the sender marks permanent (a message a broker refuses as too large) is
+        # dead at once, on any attempt, whatever Retry-After says; None would be retried.
+        (None, 1, Decision("dead", NOW, "permanent: refused by the destination")),
+        (None, 3, Decision("dead", NOW, "permanent: refused by the destination")),
+        (503, 1, Decision("dead", NOW, "permanent: refused by the destination")),
+        (413, 1, Decision("dead", NOW, "permanent: refused by the destination")),
+        # A success stays a success.
+        (200, 1, Decision("delivered", NOW, "success")),
+    ],
+)
+def test_permanent_flag_is_dead_at_once(
+    status: int | None, attempt: int, expected: Decision
+) -> None:
+    decision = decide(
+        status=status,
+        attempt=attempt,
+        schedule=SCHEDULE,
+        now=NOW,
+        retry_after="10",
+        rand=lambda: 0.5,
+        permanent=True,
+    )
+    assert decision == expected
+
+
+@pytest.mark.parametrize("status", [None, 500, 503, 429, 408, 200, 404])
+def test_a_permanent_failure_is_never_retryable(status: int | None) -> None:
+    assert is_retryable(status, permanent=True) is False
+
+
+@pytest.mark.parametrize("status", [None, 500, 429])
+def test_without_the_permanent_flag_the_same_outcome_is_retried(status: int | None) -> None:
+    decision = decide(status=status, attempt=1, schedule=SCHEDULE, now=NOW, rand=lambda: 0.5)
+    assert decision.state == "pending"
+
+
 # --- retryable outcomes --------------------------------------------------------------------------
 
 RETRYABLE = [408, 425, 429, 500, 502, 503, 504, 599, None]

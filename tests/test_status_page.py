@@ -20,6 +20,7 @@ import pytest
 from cdp import CHROMIUM, Page, PageError, chromium
 from conftest import EnvBuilder, ReceiverFactory
 
+from relay import service
 from relay.receiver import Received, Response
 from relay.simulator import Simulator
 
@@ -147,6 +148,16 @@ async def test_status_page_shows_live_numbers_and_charts(running: Any, tmp_path:
             "[...document.querySelectorAll('polyline.failed')].some((p) => p.dataset.max > 0)"
         )
         save(tmp_path / "status-page.png", await page.screenshot(tmp_path / "status-page.png"))
+
+        # Each endpoint's state, and pause / resume from the page (the relay's own state).
+        state = "document.querySelector('tr[data-endpoint=\"crm\"] .pill').textContent"
+        assert await page.eval(state) == "active"
+        await click_until(page, '[aria-label="Pause crm"]', f"{state} === 'paused'", tries=5)
+        listed = {e["name"]: e for e in await service.endpoints(relay.store, relay.settings)}
+        assert listed["crm"]["state"] == "paused" and listed["archive"]["state"] == "active"
+        await click_until(page, '[aria-label="Resume crm"]', f"{state} === 'active'", tries=5)
+        listed = {e["name"]: e for e in await service.endpoints(relay.store, relay.settings)}
+        assert listed["crm"]["state"] == "active"
 
         # Usable at 375 px: nothing wider than the screen but the tables' own scroll boxes.
         await page.resize(375, 800)

@@ -333,3 +333,25 @@ def test_without_the_extra_tracing_is_a_configuration_error(
         tracing.from_environment()
     assert caught.value.variable == "OTEL_EXPORTER_OTLP_ENDPOINT"
     assert "sfox-relay[otel]" in caught.value.reason
+
+
+async def test_an_alert_is_stored_under_a_relay_alert_span_its_attempt_links_to(
+    otlp: OtlpReceiver, sim: Simulator, receiver: Receiver, relay_env: EnvBuilder
+) -> None:
+    endpoints = [{"name": "gone", "url": "http://127.0.0.1:9/hook"}]
+    env = relay_env(
+        RELAY_ENDPOINTS=json.dumps(endpoints),
+        RELAY_ALERT_URL=receiver.url + "/alerts",
+        RELAY_BREAKER_THRESHOLD="2",
+    )
+    async with run_relay(env):
+        await receiver.wait_for(1, timeout=15)  # endpoint.opened, at the alert endpoint
+    (got,) = [r for r in receiver.received if json.loads(r.body)["type"] == "endpoint.opened"]
+    assert got.headers["relay-source"] == "relay"
+    alert_spans = {(s.trace_id, s.span_id): s for s in otlp.named("relay.alert")}
+    assert alert_spans
+    delivered = {(s.trace_id, s.span_id): s for s in otlp.named("relay.deliver")}
+    span = delivered[_traceparent(got.headers["traceparent"])]
+    assert span.attributes["relay.endpoint"] == "alerts"
+    assert span.attributes["relay.event_id"] == got.headers["webhook-id"]
+    assert len(span.links) == 1 and span.links[0] in alert_spans
