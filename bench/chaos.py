@@ -37,7 +37,7 @@ import time
 import uuid
 import warnings
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,8 +59,14 @@ from bench.audit import (  # noqa: E402
     postgres_deliveries,
     sqlite_deliveries,
 )
-from bench.procs import child_env, eventually, new_key, new_whsec  # noqa: E402
-from relay.app import Relay  # noqa: E402
+from bench.procs import (  # noqa: E402
+    eventually,
+    in_process,
+    new_key,
+    new_whsec,
+    relay_cli,
+    start_relay_run,
+)
 from relay.config import load_settings, secret_values  # noqa: E402
 from relay.errors import ConfigError  # noqa: E402
 from relay.events import USERS_FEED  # noqa: E402
@@ -94,7 +100,6 @@ __all__ = [
     "store_full",
 ]
 
-RELAY = (sys.executable, "-m", "relay")
 #: Short enough that a scenario drains in seconds; long enough to see every retry path.
 SHORT_SCHEDULE = "0s,100ms,200ms,300ms,500ms,1s"
 SCHEDULE_STEPS = 6
@@ -356,16 +361,7 @@ class RelayProcess:
 
     @classmethod
     async def start(cls, env: Mapping[str, str], log: Path) -> RelayProcess:
-        with log.open("wb") as sink:
-            proc = await asyncio.create_subprocess_exec(
-                *RELAY,
-                "run",
-                env=child_env(env),
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=sink,
-                stderr=asyncio.subprocess.STDOUT,
-            )
-        return cls(proc, log)
+        return cls(await start_relay_run(env, log), log)
 
     @property
     def running(self) -> bool:
@@ -394,81 +390,8 @@ class RelayProcess:
 
 async def cli(*args: str, env: Mapping[str, str], timeout: float = 20.0) -> tuple[int, str, str]:
     """Run one ``relay`` command; (exit code, stdout, stderr)."""
-    proc = await asyncio.create_subprocess_exec(
-        *RELAY,
-        *args,
-        env=child_env(env),
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        async with asyncio.timeout(timeout):
-            out, err = await proc.communicate()
-    except TimeoutError:
-        proc.kill()
-        await proc.communicate()
-        raise AssertionError(f"relay {' '.join(args)} still running after {timeout:g}s") from None
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(errors="replace"), err.decode(errors="replace")
-
-
-@dataclass
-class Running:
-    """A relay running in this event loop."""
-
-    relay: Relay
-    task: asyncio.Task[None]
-
-    @property
-    def admin(self) -> str:
-        return f"http://127.0.0.1:{self.relay.admin.port}"
-
-    def alive(self) -> bool:
-        return not self.task.done()
-
-    def metric(self, name: str, **labels: str) -> float:
-        return self.relay.metrics.registry.get_sample_value(name, labels or None) or 0.0
-
-
-@contextlib.asynccontextmanager
-async def in_process(
-    env: Mapping[str, str], *, timeout: float = 15.0, **parts: Any
-) -> AsyncIterator[Running]:
-    """``Relay(load_settings(env), **parts)`` in this loop; the phased stop on exit, re-raising
-    whatever the run raised (a crashed relay fails the scenario)."""
-    relay = Relay(load_settings(dict(env), for_run=True), **parts)
-    task = asyncio.create_task(relay.run(), name="chaos-relay")
-    started = asyncio.create_task(relay.started.wait())
-    try:
-        await asyncio.wait({task, started}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        started.cancel()
-    if task.done():
-        task.result()
-        raise AssertionError("relay.run() returned during start-up")
-    if not relay.started.is_set():
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        raise AssertionError(f"relay did not start within {timeout:g}s")
-    try:
-        yield Running(relay, task)
-    finally:
-        relay.request_stop()
-        try:
-            async with asyncio.timeout(timeout):
-                await task
-        except TimeoutError as exc:
-            stacks = io.StringIO()
-            for stuck in asyncio.all_tasks():
-                stuck.print_stack(file=stacks)
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-            raise AssertionError(
-                f"relay did not stop within {timeout:g}s; its tasks:\n{stacks.getvalue()}"
-            ) from exc  # whatever the scenario raised shows as the timeout's context
+    done = await relay_cli(*args, env=env, timeout=timeout)
+    return done.code, done.stdout, done.stderr
 
 
 async def readyz(http: httpx.AsyncClient) -> tuple[int, dict[str, str]]:

@@ -16,6 +16,7 @@ import contextlib
 import ctypes
 import http.client
 import inspect
+import io
 import os
 import signal
 import socket
@@ -23,29 +24,38 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from relay.app import Relay
 
 ROOT = Path(__file__).resolve().parent.parent
 LOOPBACK = "127.0.0.1"
 
 __all__ = [
     "LOOPBACK",
+    "RELAY",
     "ROOT",
+    "Done",
     "HarnessError",
     "Proc",
     "Procs",
     "RssSampler",
+    "Running",
     "child_env",
     "eventually",
     "free_port",
     "http_get",
+    "in_process",
     "metric",
     "new_key",
     "new_whsec",
     "parse_metrics",
+    "relay_cli",
+    "start_relay_run",
     "wait_until",
 ]
 
@@ -382,3 +392,114 @@ def json_safe(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [json_safe(v) for v in value]
     return value
+
+
+# -- the relay as a process, or in this event loop (tests and bench/chaos.py alike) --------
+
+#: ``relay`` as a subprocess, from this checkout.
+RELAY = (sys.executable, "-m", "relay")
+
+
+@dataclass(frozen=True, slots=True)
+class Done:
+    """A finished ``relay`` command."""
+
+    code: int
+    stdout: str
+    stderr: str
+
+
+async def relay_cli(*args: str, env: Mapping[str, str], timeout: float = 20.0) -> Done:
+    """Run one ``relay`` command to completion (the event loop keeps serving meanwhile)."""
+    proc = await asyncio.create_subprocess_exec(
+        *RELAY,
+        *args,
+        env=child_env(env),
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        async with asyncio.timeout(timeout):
+            out, err = await proc.communicate()
+    except TimeoutError:
+        proc.kill()
+        await proc.communicate()
+        raise AssertionError(f"relay {' '.join(args)} still running after {timeout:g}s") from None
+    assert proc.returncode is not None
+    return Done(proc.returncode, out.decode(errors="replace"), err.decode(errors="replace"))
+
+
+async def start_relay_run(env: Mapping[str, str], log: Path) -> asyncio.subprocess.Process:
+    """``relay run`` as a subprocess, its stdout and stderr in the file ``log``."""
+    with log.open("wb") as sink:
+        return await asyncio.create_subprocess_exec(
+            *RELAY,
+            "run",
+            env=child_env(env),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=sink,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+
+
+@dataclass
+class Running:
+    """A relay running in this event loop."""
+
+    relay: Relay
+    task: asyncio.Task[None]
+
+    @property
+    def admin(self) -> str:
+        return f"http://127.0.0.1:{self.relay.admin.port}"
+
+    def alive(self) -> bool:
+        return not self.task.done()
+
+    def metric(self, name: str, **labels: str) -> float:
+        return self.relay.metrics.registry.get_sample_value(name, labels or None) or 0.0
+
+
+@contextlib.asynccontextmanager
+async def in_process(
+    env: Mapping[str, str], *, timeout: float = 15.0, **parts: Any
+) -> AsyncIterator[Running]:
+    """``Relay(load_settings(env, for_run=True), **parts)`` in this loop, yielded once it
+    started (store open, admin port bound); on exit the phased stop, re-raising whatever the
+    run raised (a crashed relay fails the test or scenario)."""
+    from relay.app import Relay
+    from relay.config import load_settings
+
+    relay = Relay(load_settings(dict(env), for_run=True), **parts)
+    task = asyncio.create_task(relay.run(), name="relay-under-test")
+    started = asyncio.create_task(relay.started.wait())
+    try:
+        await asyncio.wait({task, started}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        started.cancel()
+    if task.done():
+        task.result()  # raises what made the start-up fail
+        raise AssertionError("relay.run() returned during start-up")
+    if not relay.started.is_set():
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        raise AssertionError(f"relay did not start within {timeout:g}s")
+    try:
+        yield Running(relay, task)
+    finally:
+        relay.request_stop()
+        try:
+            async with asyncio.timeout(timeout):
+                await task
+        except TimeoutError as exc:
+            stacks = io.StringIO()
+            for stuck in asyncio.all_tasks():
+                stuck.print_stack(file=stacks)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            raise AssertionError(
+                f"relay did not stop within {timeout:g}s; its tasks:\n{stacks.getvalue()}"
+            ) from exc  # whatever the test raised shows as the timeout's context

@@ -7,7 +7,6 @@ event loop; the relay under test runs either in-process (:func:`run_relay`) or a
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import contextlib
 import json
@@ -21,7 +20,6 @@ from typing import Any
 import pytest
 
 from relay.app import Relay
-from relay.config import load_settings
 from relay.receiver import Behaviour, Receiver
 from relay.signing import decode_secret
 from relay.simulator import Faults, Simulator
@@ -31,7 +29,7 @@ if str(ROOT) not in sys.path:  # the helpers tests and bench share live in bench
     sys.path.insert(0, str(ROOT))
 
 from bench.audit import expected_event_id  # noqa: E402
-from bench.procs import eventually, new_key, new_whsec  # noqa: E402
+from bench.procs import eventually, in_process, new_key, new_whsec  # noqa: E402
 
 __all__ = ["eventually", "expected_event_id", "new_key", "new_whsec"]
 
@@ -206,30 +204,5 @@ async def run_relay(
     Yields once the relay has started (store open, admin port bound). On exit it asks for the
     phased shutdown and waits for it, re-raising whatever the run raised.
     """
-    relay = Relay(load_settings(dict(env), for_run=True), **parts)
-    task = asyncio.create_task(relay.run(), name="test-relay")
-    started = asyncio.create_task(relay.started.wait())
-    try:
-        await asyncio.wait({task, started}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        started.cancel()
-    if task.done():
-        task.result()  # raises what made the start-up fail
-        raise AssertionError("relay.run() returned during start-up")
-    if not relay.started.is_set():
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        raise AssertionError(f"relay did not start within {timeout}s")
-    try:
-        yield relay
-    finally:
-        relay.request_stop()
-        try:
-            async with asyncio.timeout(timeout):
-                await task
-        except TimeoutError:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-            raise AssertionError(f"relay did not stop within {timeout}s") from None
+    async with in_process(env, timeout=timeout, **parts) as running:
+        yield running.relay

@@ -20,8 +20,9 @@ from typing import Any
 import pytest
 from conftest import new_key, new_whsec
 from store_suite import CRM, dead, retry, user_event
-from test_process import RELAY, child_env, cli
 
+from bench.procs import relay_cli as cli
+from bench.procs import start_relay_run
 from relay.receiver import Receiver
 from relay.simulator import Simulator
 from relay.store.sqlite import SQLiteStore
@@ -210,15 +211,7 @@ async def test_run_logs_the_warnings_and_its_store_at_start_up(
     endpoint = {"url": receiver.url + "/webhooks/sfox", "statuses": ["verified", "DONE"]}
     env = relay_env(RELAY_ENDPOINTS=json.dumps([endpoint]), RELAY_LOG_LEVEL="INFO")
     log = tmp_path / "run.log"
-    with log.open("wb") as sink:
-        proc = await asyncio.create_subprocess_exec(
-            *RELAY,
-            "run",
-            env=child_env(env),
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=sink,
-            stderr=asyncio.subprocess.STDOUT,
-        )
+    proc = await start_relay_run(env, log)
     try:
         await receiver.wait_for(1, timeout=15)
     finally:

@@ -9,62 +9,21 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
-import sys
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from conftest import expected_event_id, new_key, new_whsec, query, store_path
 
+from bench.procs import relay_cli as cli
+from bench.procs import start_relay_run
 from relay.receiver import Received, Receiver, Response
 from relay.simulator import Simulator
 from relay.store.sqlite import SQLiteStore
 
 pytestmark = pytest.mark.slow
-
-RELAY = (sys.executable, "-m", "relay")
-
-
-def child_env(env: Mapping[str, str]) -> dict[str, str]:
-    """The test's environment without any RELAY_* of its own, plus ``env``."""
-    base = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith("RELAY_") and k != "ENTERPRISE_API_KEY"
-    }
-    return {**base, **env, "PYTHONUNBUFFERED": "1"}
-
-
-@dataclass
-class Done:
-    code: int
-    stdout: str
-    stderr: str
-
-
-async def cli(*args: str, env: Mapping[str, str], timeout: float = 15.0) -> Done:
-    """Run one ``relay`` command to completion (the event loop keeps serving meanwhile)."""
-    proc = await asyncio.create_subprocess_exec(
-        *RELAY,
-        *args,
-        env=child_env(env),
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        async with asyncio.timeout(timeout):
-            out, err = await proc.communicate()
-    except TimeoutError:
-        proc.kill()
-        await proc.communicate()
-        raise AssertionError(f"relay {' '.join(args)} still running after {timeout}s") from None
-    assert proc.returncode is not None
-    return Done(proc.returncode, out.decode(), err.decode())
 
 
 class Daemon:
@@ -109,16 +68,7 @@ async def daemons(tmp_path: Path) -> AsyncIterator[list[Daemon]]:
 def start_daemon(daemons: list[Daemon], tmp_path: Path):
     async def start(env: Mapping[str, str]) -> Daemon:
         log = tmp_path / f"relay-run-{len(daemons)}.log"
-        with log.open("wb") as sink:
-            proc = await asyncio.create_subprocess_exec(
-                *RELAY,
-                "run",
-                env=child_env(env),
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=sink,
-                stderr=asyncio.subprocess.STDOUT,
-            )
-        daemon = Daemon(proc, log)
+        daemon = Daemon(await start_relay_run(env, log), log)
         daemons.append(daemon)
         return daemon
 
