@@ -19,7 +19,7 @@ from typing import TypeVar
 
 from relay import events, service
 from relay.admin import AdminServer, create_app
-from relay.config import Settings, secret_values
+from relay.config import Settings, endpoint_renames, secret_values
 from relay.dispatch import Dispatcher
 from relay.errors import StoreUnavailableError
 from relay.events import BadFrame, Message, NewEvent
@@ -378,6 +378,7 @@ class Relay:
         await self.admin.start()  # bind first: an address in use creates nothing
         try:
             await self.store.open(daemon=True)
+            await self._rename_endpoints()
         except BaseException:
             await self.admin.stop()
             raise
@@ -399,6 +400,22 @@ class Relay:
             await self.tracing.close()  # export the last spans
         if self.supervisor.error is not None:
             raise self.supervisor.error
+
+    async def _rename_endpoints(self) -> None:
+        """Deliveries stored under an endpoint's former default name (the URL's host and path
+        as they were, before names were slugs) move to its name now, once."""
+        for old, new in endpoint_renames(self.settings):
+            moved = await self.store.rename_endpoint(old, new)
+            if moved:
+                log.info(
+                    "deliveries stored under an endpoint's former name renamed",
+                    extra={
+                        "event": "store.endpoint_renamed",
+                        "from": old,
+                        "to": new,
+                        "count": moved,
+                    },
+                )
 
     async def _serve(self) -> None:
         supervise = self.supervisor.add

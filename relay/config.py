@@ -456,21 +456,42 @@ def _endpoint_items(value: object) -> list[object]:
 
 
 def _default_name(url: object) -> str | None:
-    """Host (with any port) and path of ``url``, without credentials; None if unparsable."""
+    """A slug of ``url``'s host (with any port) and path, or of a broker's destination;
+    never its credentials; None if unparsable."""
     text = url.get_secret_value() if isinstance(url, SecretStr) else url
     if not isinstance(text, str):
-        return None
-    try:
-        parts = urlsplit(text.strip())
-    except ValueError:
         return None
     if brokers.is_broker(text):
         try:
             return brokers.default_name(brokers.parse(text.strip()))
         except ValueError:
             return None  # the url validator reports it
+    former = former_default_name(text)
+    return None if former is None else brokers.slug(former)
+
+
+def former_default_name(url: str) -> str | None:
+    """What an http(s) endpoint was named by default before names were slugs: its host (with
+    any port) and path as they are. Deliveries stored under it are renamed at start-up."""
+    try:
+        parts = urlsplit(url.strip())
+    except ValueError:
+        return None
     host = parts.netloc.rpartition("@")[2].lower()
     return f"{host}{parts.path.rstrip('/')}" if host else None
+
+
+def endpoint_renames(settings: Settings) -> list[tuple[str, str]]:
+    """(former default name, name now) of each http(s) endpoint whose work may be stored
+    under its former default name (CONTRACT 3: a migration renames those deliveries)."""
+    names = {ep.name for ep in settings.all_endpoints}
+    renames = []
+    for endpoint in settings.all_endpoints:
+        url = endpoint.url.get_secret_value()
+        former = None if brokers.is_broker(url) else former_default_name(url)
+        if former is not None and former != endpoint.name and former not in names:
+            renames.append((former, endpoint.name))
+    return renames
 
 
 def _is_postgres(store: SecretStr) -> bool:
@@ -544,7 +565,10 @@ class EndpointConfig(BaseModel):
     @field_validator("name", mode="before")
     @classmethod
     def _check_name(cls, value: object) -> str:
-        return _text(value)
+        name = _text(value)
+        if not brokers.NAME.fullmatch(name):
+            raise _Invalid("only letters, digits and . _ : - (e.g. crm-prod)")
+        return name
 
     @field_validator("secrets", mode="before")
     @classmethod

@@ -1485,6 +1485,25 @@ class StoreContract:
         # claim above still had its first attempt ahead of it (claim.attempts == 0).
         assert (info.info.attempts, len(info.attempts)) == (2, 2)
 
+    async def test_an_endpoint_renamed_keeps_its_work_and_state(
+        self, store: Store, now: float
+    ) -> None:
+        old, new = "crm.example/hook", "crm.example-hook"
+        await store.append([user_event(USER_A, 1), user_event(USER_B, 2)], [Target(old)], now)
+        (claim,) = await store.claim(old, now, 1)
+        await store.record(
+            [Outcome(claim.delivery_id, "delivered", now, Attempt(now, 204, 0.01))], now
+        )
+        await store.health_write("endpoint", old, HealthRow("paused", 0, "{}"), now)
+
+        assert await store.rename_endpoint(old, new) == 2
+        stats = {s.endpoint: s for s in await store.endpoint_stats()}
+        assert old not in stats and stats[new].delivered == 1 and stats[new].pending == 1
+        assert (await store.health_rows("endpoint"))[new].state == "paused"
+        assert old not in await store.health_rows("endpoint")
+        assert len(await store.claim(new, now, 10)) == 1
+        assert await store.rename_endpoint(old, new) == 0  # once: nothing left under it
+
     async def test_a_probe_claims_nothing_when_the_row_moved(
         self, store: Store, now: float
     ) -> None:

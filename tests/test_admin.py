@@ -848,7 +848,7 @@ async def test_a_running_relay_serves_the_whole_admin_port(
                 return (await http.get("/readyz")).status_code == 200
 
             await eventually(ready, 10)
-            name = f"127.0.0.1:{receiver.port}/webhooks/sfox"
+            name = f"127.0.0.1:{receiver.port}-webhooks-sfox"
 
             async def all_delivered() -> Any:
                 found = (await http.get("/api/endpoints", headers=AUTH)).json()

@@ -15,6 +15,7 @@ from relay.config import (
     EndpointConfig,
     Settings,
     describe,
+    endpoint_renames,
     load_settings,
     parse_duration,
     secret_values,
@@ -290,7 +291,8 @@ def test_endpoints_as_comma_separated_urls_take_the_global_defaults() -> None:
         }
     )
     first, second = settings.endpoints
-    assert (first.name, second.name) == ("hooks.example.com/sfox", "127.0.0.1:9001/a")
+    # Default names: a slug of host, port and path (CONTRACT 3).
+    assert (first.name, second.name) == ("hooks.example.com-sfox", "127.0.0.1:9001-a")
     assert first.url.get_secret_value() == "https://Hooks.Example.com/sfox/"
     assert first.signing_keys == (SIGNING_KEY,)
     assert (first.user_token, first.token_key, first.feeds, first.statuses) == (
@@ -431,7 +433,7 @@ def test_endpoint_list_errors(value: str, variable: str, reason: str) -> None:
 def test_duplicate_default_names_are_resolved_with_explicit_names() -> None:
     value = endpoints_json({"url": "http://a/x"}, {"url": "http://a/x", "name": "copy"})
     settings = load_settings({**SIGNED, "RELAY_ENDPOINTS": value})
-    assert [endpoint.name for endpoint in settings.endpoints] == ["a/x", "copy"]
+    assert [endpoint.name for endpoint in settings.endpoints] == ["a-x", "copy"]
 
 
 def test_an_endpoint_without_any_secret_needs_allow_unsigned() -> None:
@@ -758,7 +760,7 @@ def test_endpoint_config_defaults_when_built_directly() -> None:
     endpoint = EndpointConfig.model_validate(
         {"url": "https://user:pw@hooks.example.com/sfox?token=abc", "secrets": [SIGNING_SECRET]}
     )
-    assert endpoint.name == "hooks.example.com/sfox"
+    assert endpoint.name == "hooks.example.com-sfox"
     assert endpoint.signing_keys == (SIGNING_KEY,)
     assert endpoint.display_url == "https://***@hooks.example.com/sfox?token=***"
     assert (endpoint.user_token, endpoint.timeout, endpoint.max_in_flight) == ("strip", 15, 64)
@@ -1158,3 +1160,33 @@ def test_credentials_in_the_sfox_urls_are_secrets() -> None:
     for secret in ("wspass_Q8r4T6y2", "apipass_K3j5H7g9", "wsuser", "apiuser"):
         assert secret not in shown
         assert any(secret in value for value in secret_values(settings))
+
+
+@pytest.mark.parametrize("name", ["crm/prod", "crm prod", "crm\u00e9", "a" * 3 + "?"])
+def test_an_endpoint_name_outside_the_allowed_characters_is_refused(name: str) -> None:
+    env = {
+        "RELAY_ENDPOINTS": json.dumps([{"url": "https://a.example/h", "name": name}]),
+        "RELAY_ALLOW_UNSIGNED": "true",
+    }
+    with pytest.raises(ConfigError, match=r"RELAY_ENDPOINTS\[0\]\.name"):
+        load_settings(env)
+
+
+def test_renames_move_work_from_former_default_names_only() -> None:
+    endpoints = [
+        {"url": "https://hooks.example.com/sfox/v1"},  # default name now a slug
+        {"url": "https://crm.example.com/in", "name": "crm"},  # named later
+        {"url": "https://plain.example.com"},  # no path: the same name before and now
+    ]
+    settings = load_settings(
+        {"RELAY_ENDPOINTS": json.dumps(endpoints), "RELAY_ALLOW_UNSIGNED": "true"}
+    )
+    assert [e.name for e in settings.endpoints] == [
+        "hooks.example.com-sfox-v1",
+        "crm",
+        "plain.example.com",
+    ]
+    assert endpoint_renames(settings) == [
+        ("hooks.example.com/sfox/v1", "hooks.example.com-sfox-v1"),
+        ("crm.example.com/in", "crm"),
+    ]

@@ -439,7 +439,7 @@ async def test_admin_port_shows_readiness_and_metrics(
 ) -> None:
     env = relay_env()
     db = store_path(env)
-    endpoint = f"127.0.0.1:{receiver.port}/webhooks/sfox"
+    endpoint = f"127.0.0.1:{receiver.port}-webhooks-sfox"
     async with run_relay(env) as relay:
         await receiver.wait_for(40, timeout=10)
         await eventually(lambda: all_delivered(db, 40), 5, message=lambda: delivery_states(db))
@@ -467,7 +467,7 @@ async def test_admin_api_lists_deliveries_with_the_admin_token(
     admin_token = "adm-" + new_key()
     env = relay_env(RELAY_ADMIN_TOKEN=admin_token)
     db = store_path(env)
-    endpoint = f"127.0.0.1:{receiver.port}/webhooks/sfox"
+    endpoint = f"127.0.0.1:{receiver.port}-webhooks-sfox"
     async with run_relay(env) as relay:
         await receiver.wait_for(40, timeout=10)
         await eventually(lambda: all_delivered(db, 40), 5, message=lambda: delivery_states(db))

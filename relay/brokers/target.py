@@ -20,7 +20,9 @@ __all__ = [
     "NatsTarget",
     "RedisTarget",
     "Target",
+    "NAME",
     "default_name",
+    "slug",
     "is_broker",
     "message_headers",
     "parse",
@@ -55,6 +57,13 @@ MESSAGE_HEADERS = (
 )
 _SUBJECT_TOKEN = re.compile(r"[^\s.*>]+")
 _SLUG = re.compile(r"[^A-Za-z0-9._:-]")
+#: What an endpoint name is made of (CONTRACT 3).
+NAME = re.compile(r"[A-Za-z0-9._:-]+")
+
+
+def slug(text: str) -> str:
+    """``text`` as an endpoint name: every character outside :data:`NAME`'s set becomes -."""
+    return _SLUG.sub("-", text)
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,7 +195,7 @@ def default_name(target: Target) -> str:
         pieces.append(target.subject)
     else:
         pieces.append(target.stream)
-    return _SLUG.sub("-", "-".join(pieces))
+    return slug("-".join(pieces))
 
 
 def message_headers(headers: Mapping[str, str], own: Iterable[str]) -> list[tuple[str, str]]:

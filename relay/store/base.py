@@ -199,6 +199,10 @@ class AdminStore(HealthStore, Protocol):
     async def endpoint_stats(self) -> list[EndpointStats]:
         """Full per-endpoint numbers (API, status page, `relay check`)."""
 
+    async def rename_endpoint(self, old: str, new: str) -> int:
+        """Move an endpoint's deliveries and state rows from name ``old`` to ``new`` (state
+        already under ``new`` wins); returns how many deliveries moved."""
+
     async def purge(self, *, delivered_before: float, dead_before: float, batch: int) -> int:
         """Delete up to ``batch`` old finished deliveries, and up to ``batch`` old events no
         delivery refers to any more; returns how many deliveries and events were deleted."""

@@ -895,6 +895,15 @@ class PostgresStore:
 
         return await self._run(replay)
 
+    async def rename_endpoint(self, old: str, new: str) -> int:
+        async def rename(conn: Conn) -> int:
+            moved = int((await conn.execute(sql.RENAME_ENDPOINT[0], old, new)).split()[-1])
+            for statement in sql.RENAME_ENDPOINT[1:]:
+                await conn.execute(statement, old, new)
+            return moved
+
+        return await self._run(rename)
+
     async def retry_now(self, *, now: float, **selection: Unpack[records.Selection]) -> int:
         statement, args = sql.retry_now(selection, now)
 

@@ -34,6 +34,7 @@ __all__ = [
     "MARK_BASELINE",
     "PENDING_STATS",
     "RELEASE_ENDPOINT",
+    "RENAME_ENDPOINT",
     "REPLAY",
     "SETTLE",
     "UPSERT_HEALTH",
@@ -327,3 +328,17 @@ class Filters:
     def next_mark(self) -> str:
         """The mark of the next parameter (for a trailing LIMIT)."""
         return f"{self.mark}{len(self.args) + 1}"
+
+
+#: An endpoint's work and state moved from a former name ($1) to its name now ($2): names
+#: were once the URL's host and path as they are, and are slugs now. State rows already
+#: under the new name win over the old ones.
+RENAME_ENDPOINT = (
+    "UPDATE deliveries SET endpoint = $2 WHERE endpoint = $1",
+    "UPDATE endpoint_health SET endpoint = $2 WHERE endpoint = $1 "
+    "AND NOT EXISTS (SELECT 1 FROM endpoint_health WHERE endpoint = $2)",
+    "DELETE FROM endpoint_health WHERE endpoint = $1 AND endpoint <> $2",
+    "UPDATE health SET name = $2 WHERE kind <> 'feed' AND name = $1 "
+    "AND NOT EXISTS (SELECT 1 FROM health h WHERE h.kind = health.kind AND h.name = $2)",
+    "DELETE FROM health WHERE kind <> 'feed' AND name = $1 AND name <> $2",
+)

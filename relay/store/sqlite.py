@@ -743,6 +743,16 @@ class SQLiteStore:
 
         return await self._run(replay)
 
+    async def rename_endpoint(self, old: str, new: str) -> int:
+        def rename(conn: sqlite3.Connection) -> int:
+            with self._tx(conn):
+                moved = conn.execute(sql.for_sqlite(sql.RENAME_ENDPOINT[0]), (old, new)).rowcount
+                for statement in sql.RENAME_ENDPOINT[1:]:
+                    conn.execute(sql.for_sqlite(statement), (old, new))
+                return moved
+
+        return await self._run(rename)
+
     async def retry_now(self, *, now: float, **selection: Unpack[records.Selection]) -> int:
         statement, args = sql.retry_now(selection, now, mark="?")
 
