@@ -228,6 +228,10 @@ class Monitor:
         self._feed_down = False
         self._changed = asyncio.Event()
         self._resize(1)
+        # With replicas, a newcomer's heartbeat is seen by the others within one poll; until
+        # then they still take its share too, so it claims nothing rate-limited that long.
+        self._settle = poll if settings.store.get_secret_value().startswith("postgres") else 0.0
+        self._joined: float | None = None  # loop time of this replica's first heartbeat
 
     # -- what the dispatcher asks -----------------------------------------------------------
 
@@ -256,6 +260,9 @@ class Monitor:
         limiter = self._limiters.get(name)
         if limiter is None:
             return None
+        loop_now = asyncio.get_running_loop().time()
+        if self._joined is None or loop_now < self._joined + self._settle:
+            return 0
         return 1 if limiter.has_capacity() else 0
 
     async def spend(self, name: str) -> None:
@@ -376,6 +383,8 @@ class Monitor:
             if current.state == "open":
                 await self._endpoint_transit(name, disable)
         self._resize(await self._store.beat(self.replica, now, self._ttl))
+        if self._joined is None:
+            self._joined = asyncio.get_running_loop().time()
         await self._watch_feed(now)
         await self._alert_dead(now)
         self._export()
