@@ -1,6 +1,6 @@
 """The chaos audit: what the store holds against what the endpoints received, and what leaked.
 
-Written once, used by ``bench/chaos.py`` (the full run) and ``tests/test_chaos.py`` (its short
+Written once, used by ``bench/chaos/`` (the full run) and ``tests/test_chaos.py`` (its short
 version in CI). It checks the README from the outside, after a scenario has drained:
 
 - every event the relay stored has a delivery for every matching endpoint, and each of those

@@ -394,7 +394,7 @@ def json_safe(value: Any) -> Any:
     return value
 
 
-# -- the relay as a process, or in this event loop (tests and bench/chaos.py alike) --------
+# -- the relay as a process, or in this event loop (tests and bench/chaos/ alike) --------
 
 #: ``relay`` as a subprocess, from this checkout.
 RELAY = (sys.executable, "-m", "relay")

@@ -1,8 +1,8 @@
-"""Chaos in CI: the scenarios of ``bench/chaos.py`` at small sizes, each ending with the audit
+"""Chaos in CI: the scenarios of ``bench/chaos/`` at small sizes, each ending with the audit
 of ``bench/audit.py`` (every stored event delivered to every endpoint, per-user order, no
 duplicates but those in flight at a kill -9, no secret anywhere).
 
-``python bench/chaos.py`` runs the same scenarios at full size and writes
+``python -m bench.chaos`` runs the same scenarios at full size and writes
 ``bench/results/chaos.md``. Findings the relay still has are ``xfail(strict=True)`` with
 "BUG:" and where to fix them, so that the fix turns them into failures to un-mark.
 """
