@@ -37,6 +37,7 @@ LOOPBACK = "127.0.0.1"
 
 __all__ = [
     "LOOPBACK",
+    "PG_URL",
     "RELAY",
     "ROOT",
     "Done",
@@ -398,6 +399,8 @@ def json_safe(value: Any) -> Any:
 
 #: ``relay`` as a subprocess, from this checkout.
 RELAY = (sys.executable, "-m", "relay")
+#: The PostgreSQL server tests and chaos scenarios create schemas and databases in.
+PG_URL = os.environ.get("SFOX_RELAY_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 
 
 @dataclass(frozen=True, slots=True)

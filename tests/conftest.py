@@ -13,6 +13,7 @@ import json
 import os
 import sqlite3
 import sys
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -29,9 +30,34 @@ if str(ROOT) not in sys.path:  # the helpers tests and bench share live in bench
     sys.path.insert(0, str(ROOT))
 
 from bench.audit import expected_event_id  # noqa: E402
-from bench.procs import eventually, in_process, new_key, new_whsec  # noqa: E402
+from bench.procs import PG_URL, eventually, in_process, new_key, new_whsec  # noqa: E402
 
 __all__ = ["eventually", "expected_event_id", "new_key", "new_whsec"]
+
+#: CONTRACT.md section 6: the metrics /metrics exposes (at least), counters with the
+#: ``_total`` Prometheus gives them.
+CONTRACT_METRICS = (
+    "relay_feed_connected",
+    "relay_feed_state",
+    "relay_feed_last_message_age_seconds",
+    "relay_feed_messages_total",
+    "relay_feed_reconnects_total",
+    "relay_feed_sequence_gaps_total",
+    "relay_feed_bad_frames_total",
+    "relay_events_stored_total",
+    "relay_events_duplicate_total",
+    "relay_deliveries_total",
+    "relay_delivery_duration_seconds",
+    "relay_outbox_pending",
+    "relay_outbox_oldest_age_seconds",
+    "relay_reconcile_runs_total",
+    "relay_reconcile_events_total",
+    "relay_reconcile_last_success_timestamp_seconds",
+    "relay_endpoint_state",
+    "relay_alerts_total",
+    "relay_outbox_dead",
+    "relay_build_info",
+)
 
 # Shared suites imported by several test files get pytest's assertion messages everywhere.
 pytest.register_assert_rewrite("store_suite")
@@ -206,3 +232,23 @@ async def run_relay(
     """
     async with in_process(env, timeout=timeout, **parts) as running:
         yield running.relay
+
+
+@pytest.fixture
+async def database() -> AsyncIterator[str]:
+    """A fresh PostgreSQL database for this test (dropped afterwards); its URL. Skips, naming
+    the variable to set, when no server answers."""
+    import asyncpg
+
+    try:
+        admin = await asyncpg.connect(PG_URL, timeout=3)
+    except (OSError, asyncpg.PostgresError) as exc:
+        pytest.skip(f"PostgreSQL unreachable ({type(exc).__name__}); set SFOX_RELAY_TEST_PG")
+    name = f"relay_test_{uuid.uuid4().hex[:10]}"
+    await admin.execute(f"CREATE DATABASE {name}")
+    base, _, _ = PG_URL.rpartition("/")
+    try:
+        yield f"{base}/{name}"
+    finally:
+        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        await admin.close()

@@ -20,7 +20,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import EnvBuilder
+from conftest import CONTRACT_METRICS, EnvBuilder
 
 import relay.admin
 from relay import __version__, service
@@ -52,27 +52,6 @@ PASSWORD = "pw-Zq81xTk4"  # inside the endpoint URL: must never be shown
 QUERY_SECRET = "qs-Lm52bNv7Yc"
 CRM_URL = f"https://relay:{PASSWORD}@crm.example/hook?key={QUERY_SECRET}"
 
-#: The metrics the README lists, counters with the ``_total`` Prometheus gives them.
-METRIC_NAMES = (
-    "relay_feed_connected",
-    "relay_feed_state",
-    "relay_feed_last_message_age_seconds",
-    "relay_feed_messages_total",
-    "relay_feed_reconnects_total",
-    "relay_feed_sequence_gaps_total",
-    "relay_feed_bad_frames_total",
-    "relay_events_stored_total",
-    "relay_events_duplicate_total",
-    "relay_deliveries_total",
-    "relay_delivery_duration_seconds",
-    "relay_outbox_pending",
-    "relay_outbox_oldest_age_seconds",
-    "relay_reconcile_runs_total",
-    "relay_reconcile_events_total",
-    "relay_reconcile_last_success_timestamp_seconds",
-    "relay_outbox_dead",
-    "relay_build_info",
-)
 
 #: Every /api route, as (method, path) with a real delivery id where one is needed.
 API_ROUTES = (
@@ -306,10 +285,10 @@ async def test_metrics_has_every_contract_metric(client: httpx.AsyncClient) -> N
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/plain")
     families = metric_families(response.text)
-    missing = [name for name in METRIC_NAMES if name not in families]
+    missing = [name for name in CONTRACT_METRICS if name not in families]
     assert not missing, f"missing from /metrics: {missing}"
     assert families["relay_delivery_duration_seconds"] == "histogram"
-    assert all(families[n] == "counter" for n in METRIC_NAMES if n.endswith("_total"))
+    assert all(families[n] == "counter" for n in CONTRACT_METRICS if n.endswith("_total"))
     # One relay_feed_state series per state, 1 for the current one.
     states = re.findall(r'^relay_feed_state\{state="(\w+)"\} (\S+)$', response.text, re.M)
     assert len(states) >= 5 and [s for s, v in states if float(v) == 1.0] == ["stopped"]
@@ -865,7 +844,7 @@ async def test_a_running_relay_serves_the_whole_admin_port(
 
             text = await eventually(metrics_settled, 10)
             families = metric_families(text)
-            assert [n for n in METRIC_NAMES if n not in families] == []
+            assert [n for n in CONTRACT_METRICS if n not in families] == []
             assert "relay_feed_connected 1.0" in text
             assert f'relay_outbox_dead{{endpoint="{name}"}} 0.0' in text
             assert 'relay_feed_state{state="subscribed"} 1.0' in text

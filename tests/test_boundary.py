@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
-import os
 import secrets
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
@@ -21,6 +20,7 @@ import asyncpg
 import pytest
 import pytest_asyncio
 
+from bench.procs import PG_URL
 from relay.app import Ingest
 from relay.config import EndpointConfig
 from relay.dispatch import Dispatcher
@@ -35,7 +35,6 @@ from relay.store.postgres import PostgresStore
 from relay.store.sqlite import SQLiteStore
 from relay.transport import AiohttpSender, HttpxSender, Sender, SendResult
 
-PG_URL = os.environ.get("RELAY_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 CRM = Target("crm")
 TS = 1_717_005_327_995_988_841
 NOW = 1_717_005_400.0

@@ -19,7 +19,7 @@ import aiohttp
 import kubernetes_validate
 import pytest
 import yaml
-from conftest import EnvBuilder, run_relay
+from conftest import CONTRACT_METRICS, EnvBuilder, run_relay
 
 from relay.config import load_settings, parse_duration
 from relay.receiver import Receiver
@@ -32,29 +32,6 @@ DASHBOARD = ROOT / "deploy" / "grafana" / "sfox-relay.json"
 KUBERNETES_VERSION = "1.32.0"
 SECRETS_DIR = "/etc/sfox-relay/secrets"
 
-#: CONTRACT.md section 6: the metrics /metrics exposes (at least).
-CONTRACT_METRICS = {
-    "relay_feed_connected",
-    "relay_feed_state",
-    "relay_feed_last_message_age_seconds",
-    "relay_feed_messages_total",
-    "relay_feed_reconnects_total",
-    "relay_feed_sequence_gaps_total",
-    "relay_feed_bad_frames_total",
-    "relay_events_stored_total",
-    "relay_events_duplicate_total",
-    "relay_deliveries_total",
-    "relay_delivery_duration_seconds",
-    "relay_outbox_pending",
-    "relay_outbox_oldest_age_seconds",
-    "relay_reconcile_runs_total",
-    "relay_reconcile_events_total",
-    "relay_reconcile_last_success_timestamp_seconds",
-    "relay_endpoint_state",
-    "relay_alerts_total",
-    "relay_outbox_dead",
-    "relay_build_info",
-}
 #: Secret inputs (CONTRACT.md 3): only ever given to the pod as <NAME>_FILE.
 SECRET_VARIABLES = {
     "RELAY_API_KEY",

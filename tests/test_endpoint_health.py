@@ -14,14 +14,12 @@ import json
 import os
 import sys
 import time
-import uuid
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import httpx
 import pytest
 from conftest import eventually, run_relay
@@ -42,7 +40,6 @@ from relay.store.postgres import PostgresStore
 from relay.store.sqlite import SQLiteStore
 from relay.transport import AiohttpSender, SendResult
 
-PG_URL = os.environ.get("RELAY_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 SECRET = "whsec_" + "c2lnbmluZyBzZWNyZXQgZm9yIGhlYWx0aCB0ZXN0cyE="
 USERS = [f"client_{n:04d}" for n in range(20)]
 
@@ -406,23 +403,6 @@ async def test_a_disabled_endpoint_keeps_its_backlog_across_a_restart(
         "endpoint.resumed",
     ]
     assert bodies[1]["data"]["pending"] == 10
-
-
-@pytest.fixture
-async def database() -> AsyncIterator[str]:
-    """A fresh PostgreSQL database for this test; its URL."""
-    try:
-        admin = await asyncpg.connect(PG_URL, timeout=3)
-    except (OSError, asyncpg.PostgresError) as exc:
-        pytest.skip(f"PostgreSQL unreachable ({type(exc).__name__}); set RELAY_TEST_PG")
-    name = f"relay_health_{uuid.uuid4().hex[:10]}"
-    await admin.execute(f"CREATE DATABASE {name}")
-    base, _, _ = PG_URL.rpartition("/")
-    try:
-        yield f"{base}/{name}"
-    finally:
-        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        await admin.close()
 
 
 @pytest.mark.postgres

@@ -11,9 +11,8 @@ import os
 import signal
 import subprocess
 import sys
-import uuid
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import asyncpg
@@ -23,25 +22,7 @@ from conftest import eventually, expected_event_id
 from relay.receiver import Receiver, Response
 from relay.simulator import Simulator
 
-PG_URL = os.environ.get("SFOX_RELAY_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
-
-
-@pytest.fixture
-async def database() -> AsyncIterator[str]:
-    """A fresh database for this test; its URL."""
-    try:
-        admin = await asyncpg.connect(PG_URL, timeout=3)
-    except (OSError, asyncpg.PostgresError) as exc:
-        pytest.skip(f"PostgreSQL unreachable ({type(exc).__name__}); set SFOX_RELAY_TEST_PG")
-    name = f"relay_replicas_{uuid.uuid4().hex[:10]}"
-    await admin.execute(f"CREATE DATABASE {name}")
-    base, _, _ = PG_URL.rpartition("/")
-    try:
-        yield f"{base}/{name}"
-    finally:
-        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        await admin.close()
 
 
 def replica_env(

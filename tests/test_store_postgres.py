@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import os
 import random
 import secrets
 from collections.abc import AsyncIterator, Callable
@@ -19,6 +18,7 @@ import asyncpg
 import pytest
 import pytest_asyncio
 
+from bench.procs import PG_URL
 from relay.app import Ingest
 from relay.codec import loads
 from relay.errors import StoreError, StoreSchemaError, StoreUnavailableError
@@ -51,7 +51,6 @@ from store_suite import (  # noqa: E402
     user_event,
 )
 
-PG_URL = os.environ.get("SFOX_RELAY_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 NOW = 1_717_005_400.0
 #: The suite's clock is injected, so a long lease costs no waiting; it must exceed the hour
 #: ``test_claim_marks_deliveries_in_flight`` waits while expecting its claims to hold.

@@ -35,7 +35,7 @@ from bench.audit import (
     postgres_deliveries,
     sqlite_deliveries,
 )
-from bench.procs import relay_cli, start_relay_run
+from bench.procs import PG_URL, relay_cli, start_relay_run
 from relay.events import USERS_FEED
 from relay.feed import FeedOptions
 from relay.receiver import Received, Receiver, Response
@@ -46,7 +46,6 @@ from relay.simulator import Simulator
 SHORT_SCHEDULE = "0s,100ms,200ms,300ms,500ms,1s"
 SCHEDULE_STEPS = 6
 DELIVERY_TIMEOUT = 1.0
-PG_URL = os.environ.get("SFOX_RELAY_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 
 
 @dataclass(frozen=True)
