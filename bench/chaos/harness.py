@@ -35,7 +35,7 @@ from bench.audit import (
     postgres_deliveries,
     sqlite_deliveries,
 )
-from bench.procs import PG_URL, relay_cli, start_relay_run
+from bench.procs import PG_URL, eventually, relay_cli, start_relay_run
 from relay.events import USERS_FEED
 from relay.feed import FeedOptions
 from relay.receiver import Received, Receiver, Response
@@ -338,6 +338,17 @@ async def cli(*args: str, env: Mapping[str, str], timeout: float = 20.0) -> tupl
 async def readyz(http: httpx.AsyncClient) -> tuple[int, dict[str, str]]:
     response = await http.get("/readyz")
     return response.status_code, response.json().get("checks", {})
+
+
+async def seconds_until_ready(http: httpx.AsyncClient, timeout: float, what: str) -> float:
+    """How long until /readyz answers 200 again (a store came back), rounded to 10 ms."""
+    started = time.monotonic()
+
+    async def up() -> bool:
+        return (await readyz(http))[0] == 200
+
+    await eventually(up, timeout, what)
+    return round(time.monotonic() - started, 2)
 
 
 def fast_feed(sim: Any, **overrides: Any) -> FeedOptions:

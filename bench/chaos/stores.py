@@ -34,6 +34,7 @@ from bench.chaos.harness import (
     postgres_available,
     readyz,
     relay_env,
+    seconds_until_ready,
     sent_ids,
     settle,
     sqlite_probe,
@@ -124,13 +125,9 @@ async def store_full(workdir: Path, *, outage: float, rate: float = 200.0) -> Ou
                 facts["readyz_samples"] = len(ready_codes)
                 facts["alive_during_outage"] = running.alive()
                 filler.unlink()
-                t0 = time.monotonic()
-
-                async def up() -> bool:
-                    return (await readyz(http))[0] == 200
-
-                await eventually(up, 20, "/readyz 200 once space returned")
-                facts["recovered_after_s"] = round(time.monotonic() - t0, 2)
+                facts["recovered_after_s"] = await seconds_until_ready(
+                    http, 20, "/readyz 200 once space returned"
+                )
                 await asyncio.sleep(1.0)
                 sim.pause()
                 await settle(sqlite_probe(sim, db), timeout=30)
@@ -346,13 +343,9 @@ async def postgres_cut(workdir: Path, *, outage: float, rate: float = 200.0) -> 
                 facts["taken_growth_in_second_half"] = taken[-1] - taken[len(taken) // 2]
                 facts["alive_during_outage"] = running.alive()
                 proxy.restore()
-                t0 = time.monotonic()
-
-                async def up() -> bool:
-                    return (await readyz(http))[0] == 200
-
-                await eventually(up, 30, "/readyz 200 after PostgreSQL came back")
-                facts["recovered_after_s"] = round(time.monotonic() - t0, 2)
+                facts["recovered_after_s"] = await seconds_until_ready(
+                    http, 30, "/readyz 200 after PostgreSQL came back"
+                )
                 await asyncio.sleep(1.0)
                 sim.pause()
                 await settle(probe, timeout=30)
