@@ -674,6 +674,7 @@ def scenario_live(bench: Bench) -> None:
             sim = start_simulator(bench, procs, count=n)
             all_stored: list[int] = []  # time.time_ns() when the relay had stored every event
             on_poll: Callable[[], None] | None = None
+            profiler: _Profiler | None = None
             if who == "relay":
                 relay = start_relay(
                     bench,
@@ -685,6 +686,7 @@ def scenario_live(bench: Bench) -> None:
                 )
                 rss = relay.rss
                 on_poll = _watch_stored(relay, n, all_stored)
+                profiler = _start_profiler(bench, procs, relay, "live") if bench.profile else None
             else:
                 rss = RssSampler(start_naive(procs, sim, receiver.url).pid)
             rss.mark("live")
@@ -701,6 +703,8 @@ def scenario_live(bench: Bench) -> None:
             except Incomplete as exc:
                 result["incomplete"] = str(exc)
                 bench.notes.append(f"live run incomplete: {exc}")
+            if profiler is not None:
+                _finish_profiler(bench, profiler)
             rss.stop()
             data = receiver.finish()
             arrivals = data["arrivals_ns"]
@@ -1583,7 +1587,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--profile",
         action="store_true",
-        help="py-spy the relay during ingest and drain (bench/results/*-profile.txt)",
+        help="py-spy the relay during ingest, drain and live (bench/results/*-profile.txt)",
     )
     parser.add_argument(
         "--results",

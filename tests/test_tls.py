@@ -433,17 +433,21 @@ async def test_a_refused_client_certificate_is_named(
 
     def serve_one() -> None:
         conn, _ = listener.accept()
+        # Not wrap_socket's own handshake: when that fails it closes the socket at once,
+        # and the reset for the unread request could overtake the alert.
+        tls = server_ctx.wrap_socket(conn, server_side=True, do_handshake_on_connect=False)
         with contextlib.suppress(ssl.SSLError, OSError):
-            server_ctx.wrap_socket(conn, server_side=True).close()
+            tls.do_handshake()  # fails, sending the alert
+        raw = socket.socket(fileno=tls.detach())
         # A lingering close, as nginx does: what the client sent after its handshake is read
         # before the socket closes, or the kernel would answer it with a reset that can
         # overtake the alert.
         with contextlib.suppress(OSError):
-            conn.settimeout(5)
-            conn.shutdown(socket.SHUT_WR)
-            while conn.recv(65536):
+            raw.settimeout(5)
+            raw.shutdown(socket.SHUT_WR)
+            while raw.recv(65536):
                 pass
-        conn.close()
+        raw.close()
 
     thread = threading.Thread(target=serve_one, daemon=True)
     thread.start()

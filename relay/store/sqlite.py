@@ -7,7 +7,6 @@ transaction, a page of claims one statement, a batch of outcomes one transaction
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import fcntl
 import logging
@@ -16,7 +15,6 @@ import sqlite3
 import threading
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar, Unpack
 
@@ -24,6 +22,7 @@ from relay.errors import StoreError, StoreLockedError, StoreSchemaError, StoreUn
 from relay.events import BadFrame, NewEvent
 from relay.store import core, records, sql
 from relay.store.records import HealthRow, HealthWrite
+from relay.store.worker import Priority, Worker
 
 __all__ = ["MIGRATIONS", "SQLiteStore"]
 
@@ -221,7 +220,7 @@ class SQLiteStore:
         self._read_only = read_only
         self.display = f"sqlite:///{self.path}"
         self._busy_timeout = busy_timeout
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relay-sqlite")
+        self._worker = Worker("relay-sqlite")
         self._conn: sqlite3.Connection | None = None
         self._lock_fd: int | None = None
         self._closed = False
@@ -231,9 +230,10 @@ class SQLiteStore:
 
     # -- plumbing ---------------------------------------------------------------------------
 
-    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._call, fn)
+    async def _run(
+        self, fn: Callable[[sqlite3.Connection], T], priority: Priority = Priority.OTHER
+    ) -> T:
+        return await self._worker.run(priority, lambda: self._call(fn))
 
     def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         if self._conn is None:
@@ -300,8 +300,7 @@ class SQLiteStore:
     # -- lifecycle --------------------------------------------------------------------------
 
     async def open(self, *, daemon: bool) -> None:
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._executor, self._open, daemon)
+        await self._worker.run(Priority.OTHER, lambda: self._open(daemon))
 
     def _open(self, daemon: bool) -> None:
         if self._read_only:
@@ -423,9 +422,8 @@ class SQLiteStore:
         if self._closed:
             return
         self._closed = True
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._executor, self._close)
-        self._executor.shutdown(wait=True)
+        await self._worker.run(Priority.INGEST, self._close)  # after whatever is queued
+        self._worker.shutdown()
 
     def _close(self) -> None:
         if self._checkpointer is not None:
@@ -453,7 +451,7 @@ class SQLiteStore:
     async def append(
         self, events: Sequence[NewEvent], targets: Sequence[records.Target], now: float
     ) -> records.AppendResult:
-        return await self._run(lambda c: self._append(c, events, targets, now))
+        return await self._run(lambda c: self._append(c, events, targets, now), Priority.INGEST)
 
     def mark_subscribed(self, now: float) -> None:
         """One feed per store: its events arrive in sFOX's order, nothing to wait for."""
@@ -573,7 +571,7 @@ class SQLiteStore:
                     (now, frame.reason, frame.text),
                 )
 
-        await self._run(insert)
+        await self._run(insert, Priority.INGEST)
 
     # -- dispatch ---------------------------------------------------------------------------
 
@@ -602,7 +600,7 @@ class SQLiteStore:
             claims.sort(key=lambda c: c.delivery_id)
             return claims
 
-        return await self._run(claim)
+        return await self._run(claim, Priority.DELIVERY)
 
     async def next_due(self, endpoints: Sequence[str]) -> float | None:
         def query(conn: sqlite3.Connection) -> float | None:
@@ -616,10 +614,10 @@ class SQLiteStore:
             known = [float(d) for d in due if d is not None]
             return min(known) if known else None
 
-        return await self._run(query)
+        return await self._run(query, Priority.DELIVERY)
 
     async def record(self, outcomes: Sequence[records.Outcome], now: float) -> dict[str, int]:
-        return await self._run(lambda c: self._record(c, outcomes, now))
+        return await self._run(lambda c: self._record(c, outcomes, now), Priority.DELIVERY)
 
     def _record(
         self, conn: sqlite3.Connection, outcomes: Sequence[records.Outcome], now: float
@@ -936,7 +934,7 @@ class SQLiteStore:
                 ).fetchone()
             return core.claim({**picked, **event}, endpoint)
 
-        return await self._run(claim)
+        return await self._run(claim, Priority.DELIVERY)
 
     async def dead_summary(self, endpoint: str, since: float) -> records.DeadSummary | None:
         def query(conn: sqlite3.Connection) -> records.DeadSummary | None:
