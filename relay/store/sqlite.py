@@ -14,7 +14,7 @@ import os
 import sqlite3
 import threading
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TypeVar, Unpack
 
@@ -161,6 +161,19 @@ _INSERT_DELIVERY = sql.insert_deliveries("VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7
 
 #: Repeated verbatim so SQLite can use the partial index ``deliveries_finished``.
 _FINISHED = "state IN ('delivered', 'superseded', 'dead')"
+
+
+def _each(conn: sqlite3.Connection, statement: str, rows: Iterable[Sequence[object]]) -> int:
+    """Run ``statement`` once per row; the rows changed.
+
+    Never ``executemany``: it gives up the GIL at each row in a way that, while the event loop
+    is busy (the feed being stored), waits a whole switch interval to get it back. 500 rows
+    took 13 s that way, 3 ms as single executes (Python 3.11, measured beside a busy loop).
+    """
+    changed = 0
+    for row in rows:
+        changed += conn.execute(statement, row).rowcount
+    return changed
 
 
 def _marks(values: Sequence[object]) -> str:
@@ -490,14 +503,16 @@ class SQLiteStore:
                     stored.append(event)
                 plan = core.fan_out(new, targets, states, now)
                 superseded.update(plan.superseded)
-                conn.executemany(
+                _each(
+                    conn,
                     _UPSERT_USER_STATE,
                     [(*s.values(), now) for s in plan.states],
                 )
                 rows, delivered = self._heads(conn, users, plan)
                 placed, changes, moved = core.place(plan.deliveries, rows, delivered, now)
                 superseded.update(moved)
-                conn.executemany(
+                _each(
+                    conn,
                     _INSERT_DELIVERY,
                     [
                         (
@@ -539,7 +554,8 @@ class SQLiteStore:
 
     @staticmethod
     def _apply(conn: sqlite3.Connection, changes: Sequence[core.Change], now: float) -> None:
-        conn.executemany(
+        _each(
+            conn,
             sql.for_sqlite(sql.SETTLE),
             [(c.state.value, c.next_at, now, c.id, c.was) for c in changes],
         )
@@ -622,8 +638,8 @@ class SQLiteStore:
     def _record(
         self, conn: sqlite3.Connection, outcomes: Sequence[records.Outcome], now: float
     ) -> dict[str, int]:
-        # Set-wise with executemany: this runs for every delivery, so per-row Python work
-        # here competes with the event loop for the GIL.
+        # Set-wise where it can: this runs for every delivery, so per-row Python work here
+        # competes with the event loop for the GIL.
         released = [
             (out.next_at, now, out.delivery_id)
             for out in outcomes
@@ -632,7 +648,8 @@ class SQLiteStore:
         tried = [out for out in outcomes if out.state != "released" and out.attempt is not None]
         with self._tx(conn, durable=False):
             if released:
-                conn.executemany(
+                _each(
+                    conn,
                     "UPDATE deliveries SET state = 'pending', next_at = ?, updated_at = ? "
                     "WHERE id = ? AND state = 'inflight'",
                     released,
@@ -653,7 +670,8 @@ class SQLiteStore:
                 for out in tried
                 if out.delivery_id in lanes and out.attempt is not None  # not purged meanwhile
             ]
-            conn.executemany(
+            _each(
+                conn,
                 "UPDATE deliveries SET state = ?, attempts = attempts + ?, next_at = ?, "
                 "updated_at = ?, last_status = ?, last_error = ? WHERE id = ?",
                 [
@@ -669,7 +687,8 @@ class SQLiteStore:
                     for out, a in attempts
                 ],
             )
-            conn.executemany(
+            _each(
+                conn,
                 "INSERT INTO attempts (delivery_id, n, at, status, latency, error, excerpt) "
                 "VALUES (?1, (SELECT COALESCE(MAX(n), 0) + 1 FROM attempts "
                 "WHERE delivery_id = ?1), ?2, ?3, ?4, ?5, ?6)",
@@ -684,7 +703,7 @@ class SQLiteStore:
                     for out, a in attempts
                 ]
             )
-            conn.executemany(sql.for_sqlite(sql.UPSERT_HEALTH), [h.values() for h in health])
+            _each(conn, sql.for_sqlite(sql.UPSERT_HEALTH), [h.values() for h in health])
             finished = core.finished_lanes(
                 (*lanes[out.delivery_id][:2], out.state) for out, _ in attempts
             )
@@ -732,7 +751,8 @@ class SQLiteStore:
                     (top + len(rows),),
                 )
                 plan = core.replay_plan(rows, range(top + 1, top + 1 + len(rows)))
-                conn.executemany(
+                _each(
+                    conn,
                     sql.for_sqlite(sql.REPLAY),
                     [(r.id, r.state.value, r.ord, now, r.ts) for r in plan],
                 )
@@ -791,7 +811,8 @@ class SQLiteStore:
         def insert(conn: sqlite3.Connection) -> int:
             with self._tx(conn):
                 conn.execute(sql.for_sqlite(sql.MARK_BASELINE), (str(now),))
-                cur = conn.executemany(
+                return _each(
+                    conn,
                     "INSERT OR IGNORE INTO user_state (user_id, status, requirements, event_id, "
                     "source, updated_at) VALUES (?,?,?,?,?,?)",
                     [
@@ -799,7 +820,6 @@ class SQLiteStore:
                         for s in states
                     ],
                 )
-                return cur.rowcount
 
         return await self._run(insert)
 
