@@ -77,6 +77,8 @@ def _run_until_signal(
         def on_signal() -> None:
             signals["count"] += 1
             if signals["count"] > 1:
+                for handler in logging.getLogger().handlers:
+                    handler.flush()  # the lines queued this loop iteration
                 os._exit(1)  # committed data is safe: the store is durable
             stop()
 

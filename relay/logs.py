@@ -11,6 +11,8 @@ characters is masked wherever it appears. A shorter secret (a header value such 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import re
@@ -101,10 +103,22 @@ def _masked(key: str, value: Any) -> Any:
     return value
 
 
+#: Field name -> whether it names a secret; names come from the code, so this stays small.
+_SECRET_NAMES: dict[str, bool] = {}
+
+
 def _fields(record: logging.LogRecord) -> dict[str, Any]:
-    return {
-        k: _masked(k, v) for k, v in record.__dict__.items() if k not in _RESERVED and v is not None
-    }
+    fields: dict[str, Any] = {}
+    for k, v in record.__dict__.items():
+        if v is None or k in _RESERVED:
+            continue
+        secret = _SECRET_NAMES.get(k)
+        if secret is None:
+            secret = k.lower() in _SECRET_FIELDS
+            if len(_SECRET_NAMES) < 4096:
+                _SECRET_NAMES[k] = secret
+        fields[k] = _MASK if secret else _masked(k, v) if isinstance(v, dict) else v
+    return fields
 
 
 class JsonFormatter(logging.Formatter):
@@ -113,10 +127,20 @@ class JsonFormatter(logging.Formatter):
     def __init__(self, redactor: Redactor) -> None:
         super().__init__()
         self._redact = redactor
+        self._second = -1
+        self._prefix = ""
+
+    def _timestamp(self, created: float) -> str:
+        """ISO 8601 in UTC to the millisecond; the date and time are formatted once a second."""
+        second = int(created)
+        if second != self._second:
+            self._prefix = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+            self._second = second
+        return f"{self._prefix}.{int((created - second) * 1000):03d}+00:00"
 
     def format(self, record: logging.LogRecord) -> str:
         line: dict[str, Any] = {
-            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "ts": self._timestamp(record.created),
             "level": record.levelname,
             "logger": record.name,
             "msg": record.getMessage(),
@@ -151,15 +175,61 @@ class ConsoleFormatter(logging.Formatter):
 
 
 class _Handler(logging.StreamHandler):  # type: ignore[type-arg]
-    """A stream handler whose own error report cannot print a record's raw arguments."""
+    """A stream handler that writes the event loop's lines together, once per loop iteration.
+
+    Every event logs a line when it is stored and another when it is delivered; written one
+    by one, each line was a system call (and a chance for the store's thread to take the GIL
+    and keep it for a switch interval) on the event loop's thread. A line logged on the
+    loop's thread is queued and written when the callbacks already scheduled have run: within
+    the same iteration, in order. Lines from other threads, or with no loop running, are
+    written at once (after what is queued). ``flush()`` writes what is queued; logging's
+    shutdown at exit calls it, so only a SIGKILL can lose the last iteration's lines.
+    """
 
     _relay = True
 
-    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 (stdlib name)
-        self.stream.write(
-            f'{{"level":"ERROR","logger":"relay.logs","msg":"log record '
-            f'from {record.name} could not be formatted and was dropped"}}\n'
-        )
+    def __init__(self, stream: TextIO) -> None:
+        super().__init__(stream)
+        self._queued: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record) + self.terminator
+        except Exception:
+            self.handleError(record)
+            return
+        loop = asyncio._get_running_loop()
+        with self.lock:  # type: ignore[union-attr]  # set by Handler.__init__
+            if loop is None:
+                self._write([*self._queued, line])
+                self._queued.clear()
+                return
+            self._queued.append(line)
+            if len(self._queued) > 1:
+                return
+        loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        with self.lock:  # type: ignore[union-attr]
+            queued, self._queued = self._queued, []
+            self._write(queued)
+
+    def _write(self, lines: list[str]) -> None:
+        try:
+            if lines:
+                self.stream.write("".join(lines))
+            if hasattr(self.stream, "flush"):
+                self.stream.flush()
+        except Exception:  # a closed or broken stream: as StreamHandler, never the caller's end
+            self.handleError(None)
+
+    def handleError(self, record: logging.LogRecord | None) -> None:  # noqa: N802 (stdlib name)
+        what = f"log record from {record.name}" if record is not None else "log lines"
+        with contextlib.suppress(Exception):
+            self.stream.write(
+                f'{{"level":"ERROR","logger":"relay.logs","msg":"{what} '
+                f'could not be formatted or written and were dropped"}}\n'
+            )
 
 
 def setup_logging(
@@ -175,6 +245,7 @@ def setup_logging(
     root = logging.getLogger()
     for old in list(root.handlers):
         if getattr(old, "_relay", False):
+            old.flush()
             root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())

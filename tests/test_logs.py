@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
 import re
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import PurePosixPath
@@ -344,6 +346,7 @@ async def test_each_stored_event_is_logged_at_info(
         caplog.set_level(logging.INFO, logger="relay.app")
         await ingest.on_messages([message])
         await ingest.on_messages([message])  # a duplicate is not stored again
+        await ingest.flush()
     finally:
         await store.close()
     [record] = [r for r in caplog.records if getattr(r, "event", "") == "event.stored"]
@@ -375,3 +378,36 @@ def test_credentials_in_the_sfox_urls_never_reach_a_log_line(capture: Capture) -
     text = stream.getvalue()
     for secret in ("feedpass_Q8r4T6y2", "feeduser", "ZmVlZHVzZXI6ZmVlZHBhc3NfUThyNFQ2eTI="):
         assert secret not in text
+
+
+async def test_the_event_loops_lines_are_written_together_once_per_iteration(
+    capture: Capture,
+) -> None:
+    stream = capture()
+    for n in range(3):
+        log.info("line %d", n)
+    assert stream.getvalue() == ""  # queued: one write when this iteration's callbacks ran
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert [line["msg"] for line in _lines(stream)] == ["line 0", "line 1", "line 2"]
+
+
+async def test_a_line_from_another_thread_is_written_at_once_after_the_queued_ones(
+    capture: Capture,
+) -> None:
+    stream = capture()
+    log.info("from the loop")
+    await asyncio.to_thread(log.info, "from the store's thread")
+    assert [line["msg"] for line in _lines(stream)] == ["from the loop", "from the store's thread"]
+
+
+def test_queued_lines_are_flushed_by_logging_shutdown(capture: Capture) -> None:
+    stream = capture()
+
+    async def main() -> None:
+        log.info("the last line before the loop ended")
+
+    asyncio.run(main())  # the loop closed before the write was due
+    ours = [h for h in logging.getLogger().handlers if getattr(h, "_relay", False)]
+    logging.shutdown([weakref.ref(h) for h in ours])  # what the interpreter does at exit
+    assert [line["msg"] for line in _lines(stream)] == ["the last line before the loop ended"]
