@@ -9,6 +9,7 @@ attempt, commit every verdict, close the store.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import socket
@@ -109,22 +110,56 @@ class Ingest:
     store_ok: bool = True
     _subscribed_hooks: list[Callable[[], None]] = field(default_factory=list)
     tracing: Tracing = OFF
+    _writing: asyncio.Task[None] | None = field(default=None, init=False, repr=False)
 
     async def on_messages(self, messages: list[Message]) -> None:
+        """Prepare a batch and hand it to the store; return once the batch before it is
+        committed. So one batch commits while the feed reads and prepares the next (the store's
+        thread and the event loop work side by side), and the feed still stops reading while
+        the store is down. :meth:`flush` waits for the last one."""
+        prepared: list[NewEvent] = []
+        for message in messages:
+            try:
+                prepared.append(events.prepare(message, seal_key=self.seal_key))
+            except Exception as exc:  # the boundary admitted it: one message, not the batch
+                log.exception(
+                    "feed message could not be prepared; quarantined",
+                    extra={"event": "ingest.unprepared", "error": type(exc).__name__},
+                )
+                reason = f"could not be prepared: {type(exc).__name__}"
+                await self._keep_bad(BadFrame(reason, events.redact(message.raw)))
+        sequences = {e.event_id: m.sequence for e, m in zip(prepared, messages, strict=False)}
+        await self.flush()
+        self._writing = asyncio.create_task(
+            self._write(prepared, sequences, len(messages)), name="relay-ingest-write"
+        )
+        await asyncio.sleep(0)  # let the write reach the store's queue before reading on
+
+    async def abandon(self) -> None:
+        """Cancel the write in flight (shutdown, with the store down past the grace period)."""
+        writing, self._writing = self._writing, None
+        if writing is not None and not writing.done():
+            writing.cancel()
+        if writing is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await writing
+
+    async def flush(self) -> None:
+        """Wait until the batch the feed handed over last is committed (or raise what its
+        write raised). Cancelling the caller cancels that write."""
+        writing = self._writing
+        if writing is not None:
+            try:
+                await writing
+            finally:
+                if writing.done():
+                    self._writing = None
+
+    async def _write(
+        self, prepared: Sequence[NewEvent], sequences: Mapping[str, int | None], received: int
+    ) -> None:
         with self.tracing.source("relay.ingest") as span:
-            span.set("relay.messages", len(messages))
-            prepared: list[NewEvent] = []
-            for message in messages:
-                try:
-                    prepared.append(events.prepare(message, seal_key=self.seal_key))
-                except Exception as exc:  # the boundary admitted it: one message, not the batch
-                    log.exception(
-                        "feed message could not be prepared; quarantined",
-                        extra={"event": "ingest.unprepared", "error": type(exc).__name__},
-                    )
-                    reason = f"could not be prepared: {type(exc).__name__}"
-                    await self._keep_bad(BadFrame(reason, events.redact(message.raw)))
-            sequences = {e.event_id: m.sequence for e, m in zip(prepared, messages, strict=False)}
+            span.set("relay.messages", received)
             stored = await self.append(prepared, sequences)
             span.set("relay.stored", stored)
 
@@ -452,8 +487,9 @@ class Relay:
         await self.supervisor.stop("admin")
         try:
             async with asyncio.timeout_at(deadline):
-                await self.feed.stop()  # commits what was received, if the store takes it
+                await self.feed.stop()
                 await self.supervisor.stop("feed")
+                await self._flush_ingest()  # commits what was received, if the store takes it
         except TimeoutError:
             # The store is down and the batch in hand cannot be committed: it was never
             # acknowledged, and reconciliation after the next start recovers it.
@@ -463,6 +499,7 @@ class Relay:
                 extra={"event": "relay.stop_uncommitted"},
             )
             await self.supervisor.stop("feed", timeout=0)
+            await self._flush_ingest(abandon=True)
         remaining = max(0.0, deadline - asyncio.get_running_loop().time())
         await self.dispatcher.shutdown(remaining)
         await self.supervisor.stop("dispatch")
@@ -476,6 +513,12 @@ class Relay:
             )
         await self.supervisor.close()  # the background loops
         log.info("relay stopped", extra={"event": "relay.stopped"})
+
+    async def _flush_ingest(self, *, abandon: bool = False) -> None:
+        try:
+            await (self.ingest.abandon() if abandon else self.ingest.flush())
+        except Exception:  # its batch was not committed: reconciliation recovers it
+            log.exception("the last feed batch failed to commit", extra={"event": "ingest.failed"})
 
     async def _retention_loop(self) -> None:
         """Purge what retention allows, a little and often (every tenth of it, at most 1 min)."""

@@ -154,6 +154,7 @@ async def test_hostile_frames_are_quarantined_and_the_batch_is_stored(store: Sto
     for bad in (p for p in parsed if isinstance(p, BadFrame)):
         await ingest.on_bad_frame(bad)
     await ingest.on_messages(good)
+    await ingest.flush()
     assert [m.user_id for m in good] == ["u-1", "u-token", "u-6"]
     assert len(await stored_ids(store)) == 3
     quarantined = await bad_frames(store)
