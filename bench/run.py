@@ -417,6 +417,11 @@ def _watch_stored(relay: RelayHandle, n: int, when: list[int]) -> Callable[[], N
     return poll
 
 
+#: The least share of the live feed delivered after storing ended for that phase's rate to
+#: stand for "delivery alone"; below it the drain scenario's rate of the same run does.
+AFTER_SHARE = 0.1
+
+
 def _split_at(arrivals: list[int], t_ns: int) -> dict[str, Any]:
     """Delivery rates while the feed was still being ingested, and after."""
     before = [t for t in arrivals if t <= t_ns]
@@ -425,9 +430,21 @@ def _split_at(arrivals: list[int], t_ns: int) -> dict[str, Any]:
     return {
         "ingesting_s": ingest_s,
         "delivered_while_ingesting": len(before),
+        "delivered_after_ingest": len(after),
         "events_per_s_while_ingesting": len(before) / ingest_s if ingest_s > 0 else None,
         "events_per_s_after_ingest": rate_of(after),
     }
+
+
+def _delivery_alone(r: dict[str, Any]) -> tuple[float | None, str]:
+    """The relay's delivery rate with no feed to store, and where it comes from: the live
+    run after storing ended, when enough was left to deliver then; else (delivery kept pace
+    with storing) the drain scenario of the same run."""
+    live = r.get("live_relay", {})
+    after = live.get("delivered_after_ingest", 0)
+    if after and after >= AFTER_SHARE * live.get("events", 0):
+        return live.get("events_per_s_after_ingest"), "after storing"
+    return _get(r, "drain", "events_per_s"), "drain: delivery kept pace, little was left after"
 
 
 # -- scenarios --------------------------------------------------------------------------------
@@ -1138,15 +1155,15 @@ def build_rows(bench: Bench) -> list[Row]:
         )
 
     during = _get(r, "live_relay", "events_per_s_while_ingesting")
-    after = _get(r, "live_relay", "events_per_s_after_ingest")
+    after, reference = _delivery_alone(r)
     if during is not None or after is not None:
         share = None if during is None or not after else during / after
         rows.append(
             Row(
-                "Delivery while the live feed is still being stored, vs after (events/s)",
-                f"{fmt_rate(during)} vs {fmt_rate(after)}",
-                ratio="-" if share is None else f"{share:.2f}x after",
-                target=f">= {TARGET_WHILE_INGESTING:g}x after",
+                "Delivery while the live feed is still being stored, vs delivery alone (events/s)",
+                f"{fmt_rate(during)} vs {fmt_rate(after)} ({reference})",
+                ratio="-" if share is None else f"{share:.2f}x alone",
+                target=f">= {TARGET_WHILE_INGESTING:g}x alone",
                 verdict=_verdict(None if share is None else share >= TARGET_WHILE_INGESTING),
             )
         )
@@ -1460,8 +1477,14 @@ def _notes(bench: Bench) -> list[str]:
         notes.append(
             f"live: the relay stored the whole feed {live['ingesting_s']:.1f} s after its first "
             f"delivery; until then it delivered {fmt_rate(live['events_per_s_while_ingesting'])}"
-            f", afterwards {fmt_rate(live['events_per_s_after_ingest'])} (ingest and delivery "
-            "share one event loop and one SQLite thread)."
+            + (
+                f", afterwards {fmt_rate(live['events_per_s_after_ingest'])}"
+                if live.get("delivered_after_ingest", 0) >= AFTER_SHARE * live.get("events", 0)
+                else f"; {live.get('delivered_after_ingest', 0):,} events were left to deliver "
+                "after (delivery kept pace with storing)"
+            )
+            + " (ingest and delivery share one event loop and one SQLite thread, where "
+            "delivery goes first: the store commits the feed in slices while it delivers)."
         )
     reconnect = r.get("reconnect", {})
     if reconnect.get("seconds"):

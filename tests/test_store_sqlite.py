@@ -8,13 +8,14 @@ import sqlite3
 import stat
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_asyncio
 
 from relay.errors import StoreLockedError, StoreSchemaError, StoreUnavailableError
 from relay.store.base import Store
-from relay.store.sqlite import MIGRATIONS, SQLiteStore
+from relay.store.sqlite import DELIVERING_SLICE, MIGRATIONS, SQLiteStore
 
 # The suite's plain asserts explain their failures too (it is imported, not collected).
 pytest.register_assert_rewrite("store_suite")
@@ -298,3 +299,29 @@ async def test_store_files_are_readable_by_their_owner_only(tmp_path: Path) -> N
     finally:
         os.umask(old)
     assert modes == {"relay.db": 0o600, "relay.db-wal": 0o600, "relay.db-shm": 0o600}
+
+
+async def test_while_the_dispatcher_works_a_batch_commits_in_slices(
+    store: SQLiteStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A claim or verdict then waits for one slice on the store's thread, not a whole batch;
+    with nothing being delivered a feed batch stays one commit."""
+    commits: list[int] = []
+    append = store._append
+
+    def counting(conn: sqlite3.Connection, **kw: Any) -> Any:
+        commits.append(len(kw["events"]))
+        return append(conn, **kw)
+
+    monkeypatch.setattr(store, "_append", counting)
+    first = [user_event(f"u-{n}", n) for n in range(DELIVERING_SLICE + 50)]
+    result = await store.append(first, [CRM], NOW)
+    assert commits == [len(first)] and len(result.stored) == len(first)
+
+    assert await store.claim("crm", NOW + 60, 10)  # the dispatcher found work just now
+    commits.clear()
+    second = [user_event(f"u-{n}", 1000 + n) for n in range(2 * DELIVERING_SLICE + 1)]
+    result = await store.append([*second, second[0]], [CRM], NOW)
+    assert commits == [DELIVERING_SLICE, DELIVERING_SLICE, 2]
+    assert [e.event_id for e in result.stored] == [e.event_id for e in second]
+    assert result.duplicates == 1  # counted across slices

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal, TypedDict
@@ -71,6 +72,21 @@ class AppendResult:
     duplicates: int = 0
     stale: int = 0  # reconciled events whose base state changed meanwhile (not stored)
     superseded: dict[str, int] = field(default_factory=dict)  # endpoint -> deliveries
+
+    @classmethod
+    def merged(cls, results: Sequence[AppendResult]) -> AppendResult:
+        """What several commits of one batch did, together."""
+        if len(results) == 1:
+            return results[0]
+        superseded: Counter[str] = Counter()
+        for result in results:
+            superseded.update(result.superseded)
+        return cls(
+            [event for result in results for event in result.stored],
+            sum(result.duplicates for result in results),
+            sum(result.stale for result in results),
+            dict(superseded),
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import logging
 import os
 import sqlite3
 import threading
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -159,6 +161,13 @@ _UPSERT_USER_STATE = sql.upsert_user_states("VALUES (?, ?, ?, ?, ?, ?, ?)")
 
 _INSERT_DELIVERY = sql.insert_deliveries("VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, ?8, ?9)")
 
+#: Events per commit while the dispatcher uses the store (else a feed batch is one commit):
+#: live delivery while the feed was stored went from 0.33x to 1x of the rate after (bench),
+#: ingest alone stays at full batches.
+DELIVERING_SLICE = 100
+#: The dispatcher "uses the store" when it claimed or recorded something this recently (s).
+_DELIVERING_LATELY = 0.25
+
 #: Repeated verbatim so SQLite can use the partial index ``deliveries_finished``.
 _FINISHED = "state IN ('delivered', 'superseded', 'dead')"
 
@@ -240,6 +249,7 @@ class SQLiteStore:
         self._durable = True
         self._checkpointer: _Checkpointer | None = None
         self._disk_was_full = False
+        self._delivered_at = -1e9  # monotonic: the last claim that found work, or verdicts
 
     # -- plumbing ---------------------------------------------------------------------------
 
@@ -464,7 +474,18 @@ class SQLiteStore:
     async def append(
         self, events: Sequence[NewEvent], targets: Sequence[records.Target], now: float
     ) -> records.AppendResult:
-        return await self._run(lambda c: self._append(c, events, targets, now), Priority.INGEST)
+        """One commit, or, while the dispatcher is using the store, one per slice of
+        :data:`DELIVERING_SLICE` events: a claim or a verdict then waits for a slice (a few
+        milliseconds), never for a whole batch. Each event commits with its deliveries."""
+        results: list[records.AppendResult] = []
+        rest = events
+        while rest:
+            busy = time.monotonic() - self._delivered_at < _DELIVERING_LATELY
+            size = DELIVERING_SLICE if busy else len(rest)
+            part, rest = rest[:size], rest[size:]
+            write = functools.partial(self._append, events=part, targets=targets, now=now)
+            results.append(await self._run(write, Priority.INGEST))
+        return records.AppendResult.merged(results)
 
     def mark_subscribed(self, now: float) -> None:
         """One feed per store: its events arrive in sFOX's order, nothing to wait for."""
@@ -603,6 +624,7 @@ class SQLiteStore:
                 ).fetchall()
                 if not rows:
                     return []
+                self._delivered_at = time.monotonic()
                 seqs = sorted({row["event_seq"] for row in rows})
                 bodies = {
                     e["seq"]: e
@@ -646,6 +668,7 @@ class SQLiteStore:
             if out.state == "released" or out.attempt is None
         ]
         tried = [out for out in outcomes if out.state != "released" and out.attempt is not None]
+        self._delivered_at = time.monotonic()
         with self._tx(conn, durable=False):
             if released:
                 _each(
