@@ -1,8 +1,8 @@
 """JSON exactly as the contract wants it: integers exact, compact, or canonical for ids.
 
 Frames are parsed with the standard library: ``orjson`` would silently turn a 20-digit
-integer into a float. Serialising uses ``orjson`` where it can (it is several times faster)
-and falls back to the standard library for integers beyond 64 bits.
+integer into a float. Serialising uses ``orjson`` where its bytes are provably the standard
+library's (it is several times faster) and the standard library for the rest.
 """
 
 from __future__ import annotations
@@ -43,11 +43,30 @@ def compact_json(obj: Any) -> bytes:
         return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
 
 
+def _has_float(obj: Any) -> bool:
+    if isinstance(obj, float):
+        return True
+    if isinstance(obj, dict):
+        return any(_has_float(v) for v in obj.values())
+    if isinstance(obj, list | tuple):
+        return any(_has_float(v) for v in obj)
+    return False
+
+
 def canonical_json(obj: Any) -> bytes:
     """Sorted keys, no spaces, UTF-8, integers exact: the input of every event id.
 
-    Always the standard library, so anyone can recompute an id with ``json.dumps(...,
-    sort_keys=True, separators=(",", ":"), ensure_ascii=False)`` (orjson writes some floats
-    differently); it runs once per event, so speed does not matter here.
+    Byte for byte ``json.dumps(obj, sort_keys=True, separators=(",", ":"),
+    ensure_ascii=False).encode()``, so anyone can recompute an id with the standard library.
+    orjson (twice as fast; it runs twice per event) writes the same bytes for every code
+    point, for integers within 64 bits and for keys sorted by UTF-8 bytes, which is code point
+    order (tests/test_codec.py checks all three). Floats it writes differently (``1e+16``):
+    a document with one, and what orjson refuses (wider integers, a lone surrogate), goes to
+    the standard library.
     """
+    if not _has_float(obj):
+        try:
+            return orjson.dumps(obj, option=orjson.OPT_SORT_KEYS)
+        except TypeError:
+            pass
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
