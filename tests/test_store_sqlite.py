@@ -305,12 +305,14 @@ async def test_while_the_dispatcher_works_a_batch_commits_in_slices(
     store: SQLiteStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A claim or verdict then waits for one slice on the store's thread, not a whole batch;
-    with nothing being delivered a feed batch stays one commit."""
+    with nothing being delivered a feed batch stays one commit (and one fsync)."""
     commits: list[int] = []
+    fsynced: list[bool] = []
     append = store._append
 
     def counting(conn: sqlite3.Connection, **kw: Any) -> Any:
         commits.append(len(kw["events"]))
+        fsynced.append(kw["durable"])
         return append(conn, **kw)
 
     monkeypatch.setattr(store, "_append", counting)
@@ -323,5 +325,6 @@ async def test_while_the_dispatcher_works_a_batch_commits_in_slices(
     second = [user_event(f"u-{n}", 1000 + n) for n in range(2 * DELIVERING_SLICE + 1)]
     result = await store.append([*second, second[0]], [CRM], NOW)
     assert commits == [DELIVERING_SLICE, DELIVERING_SLICE, 2]
+    assert fsynced == [True, False, False, True]  # the last commit makes its batch durable
     assert [e.event_id for e in result.stored] == [e.event_id for e in second]
     assert result.duplicates == 1  # counted across slices
