@@ -20,6 +20,8 @@ from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TypeVar, Unpack
 
+import orjson
+
 from relay.errors import StoreError, StoreLockedError, StoreSchemaError, StoreUnavailableError
 from relay.events import BadFrame, NewEvent
 from relay.store import core, records, sql
@@ -185,8 +187,15 @@ def _each(conn: sqlite3.Connection, statement: str, rows: Iterable[Sequence[obje
     return changed
 
 
-def _marks(values: Sequence[object]) -> str:
-    return ",".join("?" * len(values))
+#: ``IN`` a list given as one JSON array parameter (:func:`_listed`): one statement text
+#: whatever the list's length, so it is prepared once; ``IN (?, ?, ...)`` was a new
+#: statement for every length, prepared again on each commit once the cache had churned.
+_IN_LIST = "IN (SELECT value FROM json_each(?))"
+
+
+def _listed(values: Iterable[str | int]) -> tuple[str]:
+    """The parameter of :data:`_IN_LIST`."""
+    return (orjson.dumps(list(values)).decode(),)
 
 
 class _Checkpointer:
@@ -512,9 +521,8 @@ class SQLiteStore:
                 states = {
                     row["user_id"]: core.state_row(row)
                     for row in conn.execute(
-                        f"SELECT {sql.USER_STATE_COLUMNS} FROM user_state "
-                        f"WHERE user_id IN ({_marks(users)})",
-                        users,
+                        f"SELECT {sql.USER_STATE_COLUMNS} FROM user_state WHERE user_id {_IN_LIST}",
+                        _listed(users),
                     )
                 }
                 new: list[tuple[int, NewEvent]] = []
@@ -569,14 +577,14 @@ class SQLiteStore:
         rows += SQLiteStore._rows(conn, core.overtaking(plan.deliveries, rows), sql.WAITING_STATES)
         if not plan.late:
             return rows, {}
-        high = conn.execute(sql.delivered_high(f"IN ({_marks(plan.late)})"), plan.late)
+        high = conn.execute(sql.delivered_high(_IN_LIST), _listed(plan.late))
         return rows, core.delivered_high(high)
 
     @staticmethod
     def _rows(conn: sqlite3.Connection, users: Sequence[str], states: str) -> list[core.LaneRow]:
         if not users:
             return []
-        found = conn.execute(sql.lane_rows(f"IN ({_marks(users)})", states), list(users))
+        found = conn.execute(sql.lane_rows(_IN_LIST, states), _listed(users))
         return [core.lane_row(row) for row in found]
 
     @staticmethod
@@ -636,8 +644,8 @@ class SQLiteStore:
                     e["seq"]: e
                     for e in conn.execute(
                         "SELECT seq, event_id, source, body, has_token FROM events "
-                        f"WHERE seq IN ({_marks(seqs)})",
-                        seqs,
+                        f"WHERE seq {_IN_LIST}",
+                        _listed(seqs),
                     )
                 }
             claims = [core.claim({**row, **bodies[row["event_seq"]]}, endpoint) for row in rows]
@@ -689,9 +697,8 @@ class SQLiteStore:
             lanes: dict[int, tuple[str, str | None, int | None]] = {
                 row[0]: (row[1], row[2], row[3])
                 for row in conn.execute(
-                    "SELECT id, endpoint, user_id, feed_ts FROM deliveries "
-                    f"WHERE id IN ({_marks(ids)})",
-                    ids,
+                    f"SELECT id, endpoint, user_id, feed_ts FROM deliveries WHERE id {_IN_LIST}",
+                    _listed(ids),
                 )
             }
             attempts = [
@@ -885,9 +892,8 @@ class SQLiteStore:
                 ]
                 removed = len(ids)
                 if ids:
-                    marks = ",".join("?" * len(ids))
-                    conn.execute(f"DELETE FROM attempts WHERE delivery_id IN ({marks})", ids)
-                    conn.execute(f"DELETE FROM deliveries WHERE id IN ({marks})", ids)
+                    conn.execute(f"DELETE FROM attempts WHERE delivery_id {_IN_LIST}", _listed(ids))
+                    conn.execute(f"DELETE FROM deliveries WHERE id {_IN_LIST}", _listed(ids))
                 # Events no delivery refers to any more (or that matched no endpoint); their
                 # ids stop deduplicating now, long after sFOX could resend them.
                 removed += conn.execute(
