@@ -43,7 +43,14 @@ from relay.config import EndpointConfig
 from relay.dispatch import Dispatcher, build_request, sfox_timestamp
 from relay.events import EXCERPT_BYTES, USERS_FEED, Message, NewEvent, parse_frame, prepare
 from relay.metrics import Metrics
-from relay.store.base import Claim, DeliveryDetail, DeliveryInfo, Target, parse_delivery_id
+from relay.store.base import (
+    Claim,
+    DeliveryDetail,
+    DeliveryInfo,
+    Outcome,
+    Target,
+    parse_delivery_id,
+)
 from relay.store.sqlite import SQLiteStore
 from relay.transport import HttpxSender, SendResult
 
@@ -154,6 +161,7 @@ class SpyStore(SQLiteStore):
         self.claims: list[tuple[str, float, int]] = []
         self.hold: asyncio.Event | None = None
         self.held = asyncio.Event()
+        self.record_hold: asyncio.Event | None = None  # parks the recorder's commits
 
     async def claim(self, endpoint: str, now: float, limit: int) -> list[Claim]:
         if self.hold is not None and endpoint != PROBE.name:
@@ -165,6 +173,11 @@ class SpyStore(SQLiteStore):
 
     def probe_rounds(self) -> int:
         return sum(1 for name, _, _ in self.claims if name == PROBE.name)
+
+    async def record(self, outcomes: Sequence[Outcome], now: float) -> dict[str, int]:
+        if self.record_hold is not None:
+            await self.record_hold.wait()
+        return await super().record(outcomes, now)
 
 
 @dataclass
@@ -691,6 +704,34 @@ async def test_max_in_flight_caps_concurrent_requests(h: Harness) -> None:
 
     await eventually(all_done)
     assert peak == 2
+    assert sorted(started) == sorted(e.event_id for e in events)
+
+
+async def test_claims_whose_verdict_is_not_committed_are_capped_at_twice_max_in_flight(
+    h: Harness,
+) -> None:
+    """A recorder that lags holds claims: at most 2 x max_in_flight wait for their verdict,
+    so a crash re-sends a bounded number of deliveries (tests/test_replicas.py)."""
+    started: list[str] = []
+
+    async def respond(request: httpx.Request) -> httpx.Response:
+        started.append(request.headers["webhook-id"])
+        return httpx.Response(200)
+
+    h.router.post(CRM_URL).mock(side_effect=respond)
+    h.store.record_hold = asyncio.Event()
+    events = [new_event(f"user-{n}", n) for n in range(8)]  # eight lanes, all due at once
+    await h.append(events)
+    h.start(endpoint(max_in_flight=2))
+    await eventually(lambda: len(started) == 4)
+    await h.full_rounds(2)  # it had every chance to claim a fifth
+    assert len(started) == 4
+    h.store.record_hold.set()
+
+    async def all_done() -> bool:
+        return all(d.state == "delivered" for d in await h.deliveries("crm"))
+
+    await eventually(all_done)
     assert sorted(started) == sorted(e.event_id for e in events)
 
 

@@ -139,8 +139,10 @@ async def test_a_killed_replicas_claims_are_taken_over_within_the_lease(
     missing, arrivals = await audit(sim, receiver, database)
     assert not missing
     duplicates = [event_id for event_id, n in arrivals.items() if n > 1]
-    # Only what the killed replica had in flight may arrive twice (max_in_flight is 64).
-    assert len(duplicates) <= 64
+    # Only what the killed replica had claimed without a committed verdict may arrive twice:
+    # requests in flight and verdicts queued for its recorder, together at most twice
+    # max_in_flight (64). In flight alone was 65 once, on a loaded machine.
+    assert len(duplicates) <= 2 * 64
     for proc in replicas[1:]:
         proc.send_signal(signal.SIGTERM)
     assert [proc.wait(timeout=20) for proc in replicas[1:]] == [0, 0]
