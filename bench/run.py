@@ -436,13 +436,18 @@ def _split_at(arrivals: list[int], t_ns: int) -> dict[str, Any]:
     }
 
 
+def _enough_after(live: dict[str, Any]) -> bool:
+    """Whether enough of the live feed was delivered after storing ended to rate that phase."""
+    after = live.get("delivered_after_ingest", 0)
+    return bool(after) and after >= AFTER_SHARE * live.get("events", 0)
+
+
 def _delivery_alone(r: dict[str, Any]) -> tuple[float | None, str]:
     """The relay's delivery rate with no feed to store, and where it comes from: the live
     run after storing ended, when enough was left to deliver then; else (delivery kept pace
     with storing) the drain scenario of the same run."""
     live = r.get("live_relay", {})
-    after = live.get("delivered_after_ingest", 0)
-    if after and after >= AFTER_SHARE * live.get("events", 0):
+    if _enough_after(live):
         return live.get("events_per_s_after_ingest"), "after storing"
     return _get(r, "drain", "events_per_s"), "drain: delivery kept pace, little was left after"
 
@@ -592,7 +597,7 @@ def scenario_ingest(bench: Bench) -> None:
             store=bench.store("ingest"),
         )
         relay.rss.mark("ingest")
-        profiler = _start_profiler(bench, procs, relay, "ingest") if bench.profile else None
+        profiler = _start_profiler(bench, procs, relay, "ingest")
         timeline: list[tuple[float, float]] = []
         wait_until(
             lambda: _poll_stored(relay, n, timeline),
@@ -600,8 +605,7 @@ def scenario_ingest(bench: Bench) -> None:
             what=f"{n:,} events stored",
             procs=procs,
         )
-        if profiler is not None:
-            _finish_profiler(bench, profiler)
+        _finish_profiler(bench, profiler)
         relay.rss.mark("backlog")
         time.sleep(1.0)
         relay.rss.mark("backlog")
@@ -644,7 +648,7 @@ def scenario_drain(bench: Bench) -> None:
         relay.rss.mark("drain")
         receiver = start_receiver(procs, port=endpoint_port)
         up = time.time_ns()
-        profiler = _start_profiler(bench, procs, relay, "drain") if bench.profile else None
+        profiler = _start_profiler(bench, procs, relay, "drain")
         result: dict[str, Any] = {"events": n}
         try:
             wait_delivered(
@@ -676,8 +680,7 @@ def scenario_drain(bench: Bench) -> None:
         )
         bench.results["drain"] = result
         bench.series.setdefault("throughput", {})[f"relay, drain of {n:,} stored"] = arrivals
-        if profiler is not None:
-            _finish_profiler(bench, profiler)
+        _finish_profiler(bench, profiler)
         if not data["unique"]:
             raise HarnessError("nothing was delivered from the stored backlog")
         relay.stop()
@@ -703,7 +706,7 @@ def scenario_live(bench: Bench) -> None:
                 )
                 rss = relay.rss
                 on_poll = _watch_stored(relay, n, all_stored)
-                profiler = _start_profiler(bench, procs, relay, "live") if bench.profile else None
+                profiler = _start_profiler(bench, procs, relay, "live")
             else:
                 rss = RssSampler(start_naive(procs, sim, receiver.url).pid)
             rss.mark("live")
@@ -720,8 +723,7 @@ def scenario_live(bench: Bench) -> None:
             except Incomplete as exc:
                 result["incomplete"] = str(exc)
                 bench.notes.append(f"live run incomplete: {exc}")
-            if profiler is not None:
-                _finish_profiler(bench, profiler)
+            _finish_profiler(bench, profiler)
             rss.stop()
             data = receiver.finish()
             arrivals = data["arrivals_ns"]
@@ -1015,6 +1017,9 @@ class _Profiler:
 
 
 def _start_profiler(bench: Bench, procs: Procs, relay: RelayHandle, label: str) -> _Profiler | None:
+    """py-spy on the relay, when ``--profile`` asked for it (else None)."""
+    if not bench.profile:
+        return None
     spy = shutil.which("py-spy") or str(Path(PY).parent / "py-spy")
     if not Path(spy).exists():
         bench.notes.append("--profile: py-spy is not installed (pip install py-spy)")
@@ -1025,7 +1030,9 @@ def _start_profiler(bench: Bench, procs: Procs, relay: RelayHandle, label: str) 
     return _Profiler(procs.start(f"py-spy-{label}", argv, child_env()), out, label)
 
 
-def _finish_profiler(bench: Bench, profiler: _Profiler) -> None:
+def _finish_profiler(bench: Bench, profiler: _Profiler | None) -> None:
+    if profiler is None:
+        return
     # SIGINT makes py-spy write what it has sampled so far.
     with contextlib.suppress(ProcessLookupError):
         profiler.proc.popen.send_signal(signal.SIGINT)
@@ -1479,7 +1486,7 @@ def _notes(bench: Bench) -> list[str]:
             f"delivery; until then it delivered {fmt_rate(live['events_per_s_while_ingesting'])}"
             + (
                 f", afterwards {fmt_rate(live['events_per_s_after_ingest'])}"
-                if live.get("delivered_after_ingest", 0) >= AFTER_SHARE * live.get("events", 0)
+                if _enough_after(live)
                 else f"; {live.get('delivered_after_ingest', 0):,} events were left to deliver "
                 "after (delivery kept pace with storing)"
             )

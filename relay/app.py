@@ -138,11 +138,11 @@ class Ingest:
     async def abandon(self) -> None:
         """Cancel the write in flight (shutdown, with the store down past the grace period)."""
         writing, self._writing = self._writing, None
-        if writing is not None and not writing.done():
-            writing.cancel()
-        if writing is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await writing
+        if writing is None:
+            return
+        writing.cancel()  # nothing if it is done
+        with contextlib.suppress(asyncio.CancelledError):
+            await writing
 
     async def flush(self) -> None:
         """Wait until the batch the feed handed over last is committed (or raise what its

@@ -146,10 +146,9 @@ class Dispatcher:
         self._unsent_log = Throttle(10.0)
         self._inflight: dict[str, int] = dict.fromkeys(self._endpoints, 0)
         # Claims whose verdict is not committed yet (requests in flight and verdicts queued
-        # for the recorder), per endpoint: at most twice max_in_flight, so that a crash
-        # re-sends a bounded number of deliveries even when the recorder lags behind.
-        self._unrecorded: dict[str, int] = dict.fromkeys(self._endpoints, 0)
-        self._claimed_by: dict[int, str] = {}  # delivery id -> endpoint, until recorded
+        # for the recorder): delivery id -> endpoint. At most twice max_in_flight per endpoint,
+        # so that a crash re-sends a bounded number even when the recorder lags behind.
+        self._claimed_by: dict[int, str] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._outcomes: list[Outcome] = []
         self._wake = asyncio.Event()
@@ -262,7 +261,8 @@ class Dispatcher:
 
     def _free(self, endpoint: EndpointConfig) -> int:
         cap = endpoint.max_in_flight
-        return min(cap - self._inflight[endpoint.name], 2 * cap - self._unrecorded[endpoint.name])
+        unrecorded = sum(1 for name in self._claimed_by.values() if name == endpoint.name)
+        return min(cap - self._inflight[endpoint.name], 2 * cap - unrecorded)
 
     def _open(self, name: str) -> bool:
         """Whether due work of the endpoint would be claimed now (health and rate limit)."""
@@ -306,7 +306,6 @@ class Dispatcher:
 
     def _start(self, endpoint: EndpointConfig, claim: Claim, *, probe: bool = False) -> None:
         self._inflight[endpoint.name] += 1
-        self._unrecorded[endpoint.name] += 1
         self._claimed_by[claim.delivery_id] = endpoint.name
         task = asyncio.create_task(self._deliver(endpoint, claim, probe=probe))
         self._tasks.add(task)
@@ -465,9 +464,7 @@ class Dispatcher:
                 self._outcomes[:0] = batch  # kept, in order, for the restarted recorder
                 raise
             for outcome in batch:
-                name = self._claimed_by.pop(outcome.delivery_id, None)
-                if name is not None:
-                    self._unrecorded[name] -= 1
+                self._claimed_by.pop(outcome.delivery_id, None)
             self._wake.set()
 
     async def _record(self, batch: Sequence[Outcome]) -> None:
