@@ -16,9 +16,8 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import httpx
 from tenacity import (
     AsyncRetrying,
     RetryCallState,
@@ -34,6 +33,9 @@ from relay.metrics import Metrics
 from relay.retry import parse_retry_after
 from relay.store.base import ReconcileStore, UserState
 from relay.tracing import OFF, Tracing
+
+if TYPE_CHECKING:
+    import httpx
 
 __all__ = ["Change", "ReconcileError", "Reconciler", "Report", "diff"]
 
@@ -165,20 +167,31 @@ class Reconciler:
         self._clock = clock
         self._attempts = attempts
         self._sleep = sleep
-        self._client = httpx.AsyncClient(
-            base_url=api_url,
-            headers={"authorization": f"Bearer {api_key}", "accept": "application/json"},
-            timeout=request_timeout,
-            transport=transport,
-            trust_env=True,
-            follow_redirects=False,
-        )
+        self._client_options: dict[str, Any] = {
+            "base_url": api_url,
+            "headers": {"authorization": f"Bearer {api_key}", "accept": "application/json"},
+            "timeout": request_timeout,
+            "transport": transport,
+            "trust_env": True,
+            "follow_redirects": False,
+        }
+        self._http: httpx.AsyncClient | None = None
         self._wanted = asyncio.Event()
         self._poke = asyncio.Event()
         self._last_run: float | None = None
 
+    def _client(self) -> httpx.AsyncClient:
+        """Made at the first run: with reconciliation off (``interval=None``, no
+        ``relay reconcile``), httpx is never even imported (~6 MB of the daemon's memory)."""
+        if self._http is None:
+            import httpx
+
+            self._http = httpx.AsyncClient(**self._client_options)
+        return self._http
+
     async def close(self) -> None:
-        await self._client.aclose()
+        if self._http is not None:
+            await self._http.aclose()
 
     # -- scheduling -------------------------------------------------------------------------
 
@@ -313,8 +326,10 @@ class Reconciler:
 
     async def _get_users(self) -> Any:
         """The parsed answer, read up to :data:`MAX_REST_BYTES` (decoded)."""
+        import httpx  # loaded with the client (see _client)
+
         try:
-            async with self._client.stream("GET", USERS_PATH) as response:
+            async with self._client().stream("GET", USERS_PATH) as response:
                 if response.status_code == 429:
                     ra = parse_retry_after(response.headers.get("retry-after"), self._clock())
                     raise _Retryable("HTTP 429", max(ra or 0.0, RATE_LIMIT_WAIT))

@@ -27,7 +27,6 @@ from typing import TYPE_CHECKING, Protocol
 from urllib.parse import urlsplit
 
 import aiohttp
-import httpx
 from aiohttp.helpers import get_env_proxy_for_url
 from yarl import URL
 
@@ -36,6 +35,8 @@ from relay.events import EXCERPT_BYTES
 from relay.limits import out_of_descriptors
 
 if TYPE_CHECKING:
+    import httpx
+
     from relay.config import EndpointConfig
 
 __all__ = [
@@ -308,6 +309,8 @@ class HttpxSender:
     """httpx behind the seam (pass ``transport=`` for tests; respx mocks it too)."""
 
     def __init__(self, *, transport: httpx.AsyncBaseTransport | None = None) -> None:
+        import httpx  # only here: the daemon's own senders never load it
+
         self._client = httpx.AsyncClient(
             transport=transport,
             follow_redirects=False,
@@ -319,6 +322,8 @@ class HttpxSender:
     async def post(
         self, url: str, body: bytes, headers: Mapping[str, str], timeout: float
     ) -> SendResult:
+        import httpx
+
         start = time.perf_counter()
         try:
             async with self._client.stream(

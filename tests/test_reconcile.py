@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import subprocess
+import sys
 from typing import Any
 
 import httpx
@@ -437,3 +439,19 @@ async def test_a_change_seen_both_ways_is_delivered_once(
         ("feed", "VERIFIED"),
     ]
     assert forward_mine[-1].json["payload"]["user_token"] == token
+
+
+def test_nothing_loads_httpx_or_the_simulator_until_used() -> None:
+    """``relay run`` with reconciliation off never uses httpx nor the simulator: neither is
+    loaded (the daemon's memory, bench: RSS idle), not even to build the command line."""
+    code = (
+        "import sys\n"
+        "from relay.__main__ import _parser\n"
+        "import relay.app, relay.transport, relay.reconcile\n"
+        "_parser()\n"
+        "print(sorted(m for m in ('httpx', 'relay.simulator') if m in sys.modules))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.strip() == "[]"

@@ -17,12 +17,12 @@ from conftest import eventually
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosedError
 
+from relay.__main__ import simulate_arguments
 from relay.events import USERS_FEED, BadFrame, Message, parse_frame
 from relay.simulator import (
     FAKE_TOKEN,
     Faults,
     Simulator,
-    add_arguments,
     max_per_window,
     run_from_args,
 )
@@ -443,7 +443,7 @@ def test_cli_arguments(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("RELAY_API_KEY", raising=False)
     monkeypatch.setenv("ENTERPRISE_API_KEY", "from-env")
     parser = argparse.ArgumentParser()
-    add_arguments(parser)
+    simulate_arguments(parser)
     args = parser.parse_args([])
     assert (args.host, args.port, args.api_key) == ("127.0.0.1", 8765, "from-env")
     assert args.rate is None and args.count is None and not args.lose_while_disconnected
@@ -456,7 +456,7 @@ def test_cli_arguments(monkeypatch: pytest.MonkeyPatch) -> None:
 
 async def test_run_from_args_serves_until_cancelled() -> None:
     parser = argparse.ArgumentParser()
-    add_arguments(parser)
+    simulate_arguments(parser)
     args = parser.parse_args(["--port", "0", "--api-key", KEY, "--count", "3"])
     task = asyncio.create_task(run_from_args(args))
     await asyncio.sleep(0.1)
