@@ -458,14 +458,32 @@ class Dispatcher:
         while self._outcomes:
             batch = self._outcomes
             self._outcomes = []
-            try:
-                await write_isolating(batch, self._record, self._refused)
-            except BaseException:
-                self._outcomes[:0] = batch  # kept, in order, for the restarted recorder
-                raise
-            for outcome in batch:
-                self._claimed_by.pop(outcome.delivery_id, None)
+            await self._commit(batch)
             self._wake.set()
+
+    async def _commit(self, batch: list[Outcome]) -> None:
+        """Record a group, isolating what the store refuses. Interrupted (cancelled), only
+        what is not committed yet goes back to the queue, in order, for the restarted
+        recorder: a half the bisection already wrote would otherwise be recorded twice."""
+        done: set[int] = set()  # id() of each verdict committed, or settled as refused
+
+        async def write(part: Sequence[Outcome]) -> None:
+            await self._record(part)
+            done.update(map(id, part))
+
+        async def refused(outcome: Outcome, exc: Exception) -> None:
+            await self._refused(outcome, exc)
+            done.add(id(outcome))
+
+        try:
+            await write_isolating(batch, write, refused)
+        except BaseException:
+            self._outcomes[:0] = [o for o in batch if id(o) not in done]
+            raise
+        finally:
+            for outcome in batch:
+                if id(outcome) in done:
+                    self._claimed_by.pop(outcome.delivery_id, None)
 
     async def _record(self, batch: Sequence[Outcome]) -> None:
         """Commit verdicts, waiting while the store is down, and count the waiting deliveries

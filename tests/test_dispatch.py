@@ -44,6 +44,7 @@ from relay.dispatch import Dispatcher, build_request, sfox_timestamp
 from relay.events import EXCERPT_BYTES, USERS_FEED, Message, NewEvent, parse_frame, prepare
 from relay.metrics import Metrics
 from relay.store.base import (
+    Attempt,
     Claim,
     DeliveryDetail,
     DeliveryInfo,
@@ -1206,3 +1207,36 @@ async def test_a_verdict_that_cannot_be_built_still_frees_the_lane(h: Harness) -
     dispatcher._redact = broken
     info = await h.wait_for(event, "pending", 1)
     assert info.next_attempt_at == pytest.approx(h.t0 + 60.0, abs=1e-6)
+
+
+class CutOffStore:
+    """Refuses a group of verdicts as a data error (so the recorder bisects it), commits a
+    lone verdict, and is cancelled while committing ``cut_at``: a shutdown mid-bisection."""
+
+    def __init__(self, cut_at: int) -> None:
+        self.cut_at = cut_at
+        self.committed: list[int] = []
+
+    async def record(self, outcomes: Sequence[Outcome], now: float) -> dict[str, int]:
+        if len(outcomes) > 1:
+            raise ValueError("refused as a group")
+        if outcomes[0].delivery_id == self.cut_at:
+            raise asyncio.CancelledError
+        self.committed.append(outcomes[0].delivery_id)
+        return {}
+
+
+async def test_a_recorder_cut_off_mid_bisection_keeps_only_what_it_did_not_commit() -> None:
+    store = CutOffStore(cut_at=3)
+    ep = EndpointConfig(name="a", url="http://a.test/hook")
+    dispatcher = Dispatcher(store, [ep], HttpxSender(), Metrics())  # type: ignore[arg-type]
+    attempt = Attempt(at=1.0, status=200, latency=0.01, error=None, excerpt=None)
+    for delivery_id in (1, 2, 3, 4):
+        dispatcher._push(Outcome(delivery_id, "delivered", 0.0, attempt))
+    with pytest.raises(asyncio.CancelledError):
+        await dispatcher._flush()
+    assert store.committed == [1, 2]
+    assert dispatcher.unrecorded == 2  # 3 and 4, not 1 and 2 a second time
+    store.cut_at = 0
+    await dispatcher._flush()  # the restarted recorder
+    assert store.committed == [1, 2, 3, 4]
