@@ -153,6 +153,8 @@ class Bench:
     users: int
     tmp: Path
     profile: bool
+    #: Where --profile's summaries go (--results).
+    out: Path = ROOT / "bench" / "results"
     results: dict[str, Any] = field(default_factory=dict)
     series: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
@@ -1042,11 +1044,10 @@ def _finish_profiler(bench: Bench, profiler: _Profiler | None) -> None:
         bench.notes.append(f"--profile: py-spy wrote nothing:\n{profiler.proc.tail()}")
         return
     summary = summarise_profile(profiler.out.read_text(), profiler.label)
-    target = ROOT / "bench" / "results" / f"{profiler.label}-profile.txt"
+    target = bench.out / f"{profiler.label}-profile.txt"
     target.write_text(summary)
-    bench.notes.append(
-        f"py-spy profile of the relay ({profiler.label}): {target.relative_to(ROOT)}"
-    )
+    shown = target.relative_to(ROOT) if target.is_relative_to(ROOT) else target
+    bench.notes.append(f"py-spy profile of the relay ({profiler.label}): {shown}")
 
 
 _FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^()]*?)(?::\d+)?\)$")
@@ -1617,7 +1618,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--profile",
         action="store_true",
-        help="py-spy the relay during ingest, drain and live (bench/results/*-profile.txt)",
+        help="py-spy the relay during ingest, drain and live (*-profile.txt beside the results)",
     )
     parser.add_argument(
         "--results",
@@ -1640,7 +1641,7 @@ def main(argv: list[str] | None = None) -> int:
     command = " ".join(["python -m bench", *(argv if argv is not None else sys.argv[1:])])
     args.results.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="sfox-relay-bench-"))
-    bench = Bench(QUICK if args.quick else FULL, args.users, tmp, args.profile)
+    bench = Bench(QUICK if args.quick else FULL, args.users, tmp, args.profile, args.results)
     bench.load_at_start = _loadavg()
     busy = _cpu_busy_seconds()
     if busy is not None:
