@@ -238,19 +238,19 @@ def audit(
             if key in seen:
                 continue
             seen.add(key)
-            d = by_key.get(key)
-            if d is None or d.user_id is None:
+            found = by_key.get(key)
+            if found is None or found.user_id is None:
                 continue
-            lane = (d.endpoint, d.user_id)
-            top = highest.get(lane)
-            if top is not None and d.position < top[0]:
+            lane = (found.endpoint, found.user_id)
+            latest = highest.get(lane)
+            if latest is not None and found.position < latest[0]:
                 report.order_violations += 1
                 report.problem(
-                    f"{d.endpoint}, user {d.user_id}: {d.event_id} first {which} after "
-                    f"{top[1]}, which comes later in its lane"
+                    f"{found.endpoint}, user {found.user_id}: {found.event_id} first {which} "
+                    f"after {latest[1]}, which comes later in its lane"
                 )
             else:
-                highest[lane] = (d.position, d.event_id)
+                highest[lane] = (found.position, found.event_id)
 
     vanished = set(committed) - events
     if vanished:

@@ -126,8 +126,8 @@ def markdown(
             "|---|---:|---:|---:|",
         ]
         for q in ratios:
-            cells = (q.figure, q.relay, q.vs_naive, q.vs_limit)
-            lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
+            ratio_cells = (q.figure, q.relay, q.vs_naive, q.vs_limit)
+            lines.append("| " + " | ".join(c.replace("|", "/") for c in ratio_cells) + " |")
     if notes:
         lines += ["", "Notes:", ""]
         lines += [f"- {note}" for note in notes]

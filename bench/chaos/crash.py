@@ -80,8 +80,12 @@ async def crash_loop(
             if n >= len(KILL_MODES) and rng.random() < 0.25:
                 await asyncio.sleep(rng.uniform(0.2, 2.0))
             else:
+
+                def resubscribed(before: int = subscribes) -> bool:
+                    return sim.subscribes > before
+
                 with contextlib.suppress(AssertionError):
-                    await eventually(lambda s=subscribes: sim.subscribes > s, 15)
+                    await eventually(resubscribed, 15)
                 await asyncio.sleep(rng.uniform(0.1, dwell))
             killed_while_subscribed += sim.subscribed > 0
             mode = KILL_MODES[n] if n < len(KILL_MODES) else rng.choice(KILL_MODES * 2 + ["kill"])

@@ -42,7 +42,9 @@ class Frame:
     token: str | None = None
 
 
-def _good_message(uid: str, seq: Any, ts: int, status: Any, extra: dict[str, Any]) -> dict:
+def _good_message(
+    uid: str, seq: Any, ts: int, status: Any, extra: dict[str, Any]
+) -> dict[str, Any]:
     payload = {"user_id": uid, **extra, "status": status, "requirements": {"sms": False}}
     return {"sequence": seq, "recipient": USERS_FEED, "timestamp": ts, "payload": payload}
 
@@ -294,7 +296,7 @@ async def hostile_frames(
     specs = generate_specs(frames, seed)
     secret = new_whsec()
     facts: dict[str, Any] = {"generated": len(specs)}
-    expected = {"good": set(), "either": set()}
+    expected: dict[str, set[str]] = {"good": set(), "either": set()}
     n_bad = n_either_no_id = n_control = 0
     tokens: list[str] = []
     kinds: dict[str, int] = {}

@@ -170,7 +170,7 @@ async def leak_audit(
         for name, data in store_bytes(db.parent, db.name).items():
             outputs[f"store file {name}"] = data
         tokens = sent_tokens(sim)
-        deliveries, events = sqlite_deliveries(db)
+        deliveries, stored_events = sqlite_deliveries(db)
         bad_frames = count(db, "SELECT COUNT(*) FROM bad_frames")
 
     secrets = {
@@ -205,7 +205,7 @@ async def leak_audit(
         deliveries,
         crm.arrivals + vault.arrivals,
         endpoints=[crm.name, vault.name],
-        stored_events=events,
+        stored_events=stored_events,
         sent=sent_ids(sim),
         must_store_sent=True,
         dead_ok=lambda d: d.endpoint == crm.name and d.attempts >= SCHEDULE_STEPS,

@@ -12,7 +12,7 @@ import shutil
 import subprocess
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,6 @@ import httpx
 
 from bench.audit import audit, expected_event_id, postgres_deliveries, sqlite_deliveries
 from bench.chaos.harness import (
-    PG_URL,
     UNFINISHED,
     Outcome,
     RawFeed,
@@ -39,12 +38,12 @@ from bench.chaos.harness import (
     settle,
     sqlite_probe,
 )
-from bench.procs import eventually, in_process, new_whsec
+from bench.procs import PG_URL, eventually, in_process, new_whsec
 from relay.simulator import Faults
 
 
 @contextlib.contextmanager
-def tmpfs(directory: Path, size: str) -> Iterable[Path]:
+def tmpfs(directory: Path, size: str) -> Iterator[Path]:
     """A small tmpfs mounted at ``directory`` (root only); ScenarioSkipped if refused."""
     directory.mkdir(parents=True, exist_ok=True)
     if os.geteuid() != 0 or shutil.which("mount") is None:
