@@ -16,16 +16,18 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
+import aiohttp
 from tenacity import (
     AsyncRetrying,
     RetryCallState,
     retry_if_exception_type,
     stop_after_attempt,
 )
+from yarl import URL
 
-from relay import events
+from relay import events, tls
 from relay.codec import canonical_json, loads
 from relay.errors import RelayError, StoreError
 from relay.events import NewEvent
@@ -33,9 +35,7 @@ from relay.metrics import Metrics
 from relay.retry import parse_retry_after
 from relay.store.base import ReconcileStore, UserState
 from relay.tracing import OFF, Tracing
-
-if TYPE_CHECKING:
-    import httpx
+from relay.transport import env_proxy
 
 __all__ = ["Change", "ReconcileError", "Reconciler", "Report", "diff"]
 
@@ -151,7 +151,6 @@ class Reconciler:
         api_key: str,
         interval: float | None,
         min_gap: float = 300.0,
-        transport: httpx.AsyncBaseTransport | None = None,
         clock: Callable[[], float] = time.time,
         attempts: int = 3,
         request_timeout: float = 30.0,
@@ -167,31 +166,32 @@ class Reconciler:
         self._clock = clock
         self._attempts = attempts
         self._sleep = sleep
-        self._client_options: dict[str, Any] = {
-            "base_url": api_url,
-            "headers": {"authorization": f"Bearer {api_key}", "accept": "application/json"},
-            "timeout": request_timeout,
-            "transport": transport,
-            "trust_env": True,
-            "follow_redirects": False,
-        }
-        self._http: httpx.AsyncClient | None = None
+        self._url = URL(api_url.rstrip("/") + USERS_PATH)
+        self._headers = {"authorization": f"Bearer {api_key}", "accept": "application/json"}
+        # Each connect and each read may take this long, not the whole answer (64 MiB on a
+        # slow link).
+        self._timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=request_timeout, sock_read=request_timeout
+        )
+        self._session: aiohttp.ClientSession | None = None
         self._wanted = asyncio.Event()
         self._poke = asyncio.Event()
         self._last_run: float | None = None
 
-    def _client(self) -> httpx.AsyncClient:
-        """Made at the first run: with reconciliation off (``interval=None``, no
-        ``relay reconcile``), httpx is never even imported (~6 MB of the daemon's memory)."""
-        if self._http is None:
-            import httpx
-
-            self._http = httpx.AsyncClient(**self._client_options)
-        return self._http
+    def _client(self) -> aiohttp.ClientSession:
+        """aiohttp, the client the senders already load (httpx was ~5 MB more), made at the
+        first run. Verified like the senders' TLS (``SSL_CERT_FILE``, else the system's CAs);
+        proxies from the environment, resolved per request (trust_env would also read
+        ~/.netrc, whose credentials must not replace the API key)."""
+        if self._session is None:
+            connector = aiohttp.TCPConnector(ssl=tls.context())
+            self._session = aiohttp.ClientSession(connector=connector, trust_env=False)
+        return self._session
 
     async def close(self) -> None:
-        if self._http is not None:
-            await self._http.aclose()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
 
     # -- scheduling -------------------------------------------------------------------------
 
@@ -326,25 +326,30 @@ class Reconciler:
 
     async def _get_users(self) -> Any:
         """The parsed answer, read up to :data:`MAX_REST_BYTES` (decoded)."""
-        import httpx  # loaded with the client (see _client)
-
+        body = bytearray()
         try:
-            async with self._client().stream("GET", USERS_PATH) as response:
-                if response.status_code == 429:
+            async with self._client().get(
+                self._url,
+                headers=self._headers,
+                proxy=env_proxy(self._url),
+                allow_redirects=False,
+                timeout=self._timeout,
+            ) as response:
+                if response.status == 429:
                     ra = parse_retry_after(response.headers.get("retry-after"), self._clock())
                     raise _Retryable("HTTP 429", max(ra or 0.0, RATE_LIMIT_WAIT))
-                if response.status_code >= 500:
-                    raise _Retryable(f"HTTP {response.status_code}", 5.0)
-                if response.status_code != 200:
-                    raise ReconcileError(f"REST users list answered HTTP {response.status_code}")
-                body = bytearray()
-                async for chunk in response.aiter_bytes():
+                if response.status >= 500:
+                    raise _Retryable(f"HTTP {response.status}", 5.0)
+                if response.status != 200:
+                    raise ReconcileError(f"REST users list answered HTTP {response.status}")
+                async for chunk in response.content.iter_any():
                     body += chunk
                     if len(body) > MAX_REST_BYTES:
                         raise ReconcileError(
                             f"REST users list larger than {MAX_REST_BYTES // 2**20} MiB"
                         )
-        except httpx.TransportError as exc:  # also a connection lost mid-body, or bad gzip
+        # Also a connection lost mid-body, or a bad gzip body (ClientPayloadError).
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise _Retryable(f"{type(exc).__name__}", 5.0) from None
         try:
             return loads(bytes(body))

@@ -46,6 +46,7 @@ __all__ = [
     "SendResult",
     "Sender",
     "Senders",
+    "env_proxy",
     "sender_for",
 ]
 
@@ -145,6 +146,18 @@ class Senders:
 
 def _ssl_context() -> ssl.SSLContext:
     return tls.context()
+
+
+def env_proxy(url: URL) -> URL | None:
+    """The proxy ``HTTPS_PROXY``/``HTTP_PROXY``/``NO_PROXY`` choose for ``url`` (None: go
+    direct), its credentials in the URL (aiohttp's ``proxy_auth`` is deprecated)."""
+    try:
+        proxy, auth = get_env_proxy_for_url(url)
+    except LookupError:
+        return None
+    if auth is not None:
+        proxy = proxy.with_user(auth.login).with_password(auth.password)
+    return proxy
 
 
 def _excerpt(data: bytes) -> str | None:
@@ -258,14 +271,7 @@ class AiohttpSender:
         target = URL(url)
         key = (target.scheme, target.host or "")
         if key not in self._proxies:
-            try:
-                proxy, auth = get_env_proxy_for_url(target)
-            except LookupError:
-                self._proxies[key] = None
-            else:
-                if auth is not None:
-                    proxy = proxy.with_user(auth.login).with_password(auth.password)
-                self._proxies[key] = proxy
+            self._proxies[key] = env_proxy(target)
         return self._proxies[key]
 
     async def post(

@@ -5,12 +5,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import socket
 import subprocess
 import sys
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import httpx
 import pytest
+from aiohttp import web
 from conftest import EnvBuilder, eventually, run_relay
 
 from relay.codec import canonical_json
@@ -98,24 +101,93 @@ async def store(tmp_path: Any) -> Any:
     await s.close()
 
 
-def reconciler(store: SQLiteStore, handler: Any, sleep: Recorder, metrics: Metrics) -> Reconciler:
-    async def append(events: Any) -> int:
-        result = await store.append(events, [Target("ep")], 1.0)
-        return len(result.stored)
-
-    return Reconciler(
-        store,
-        append,
-        metrics,
-        api_url="http://sfox.test",
-        api_key="the-api-key-123456",
-        interval=None,
-        transport=httpx.MockTransport(handler),
-        sleep=sleep,
-    )
+Handler = Callable[[httpx.Request], httpx.Response]
+Serve = Callable[[Handler], Awaitable[str]]
 
 
-async def test_rate_limited_rest_waits_at_least_60s_then_succeeds(store: SQLiteStore) -> None:
+@pytest.fixture
+async def rest() -> AsyncIterator[Serve]:
+    """``await rest(handler)``: a real HTTP server on port 0 and its URL. The handler sees
+    each request as an ``httpx.Request`` and answers an ``httpx.Response`` (httpx only as
+    the tests' data model), streamed as it reads when it carries a byte stream."""
+    runners: list[web.AppRunner] = []
+
+    async def serve(handler: Handler) -> str:
+        async def answer(request: web.Request) -> web.StreamResponse:
+            seen = httpx.Request(request.method, str(request.url), headers=dict(request.headers))
+            response = handler(seen)
+            headers = {
+                k: v
+                for k, v in response.headers.items()
+                if k.lower() not in ("content-length", "transfer-encoding")
+            }
+            out = web.StreamResponse(status=response.status_code, headers=headers)
+            await out.prepare(request)
+            with contextlib.suppress(ConnectionError):
+                try:
+                    await out.write(response.content)
+                except httpx.ResponseNotRead:  # a stream: as much as the client reads
+                    async for chunk in response.aiter_raw():
+                        await out.write(chunk)
+                await out.write_eof()
+            return out
+
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", answer)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        runners.append(runner)
+        port = runner.addresses[0][1]
+        return f"http://127.0.0.1:{port}"
+
+    yield serve
+    for runner in runners:
+        await runner.cleanup()
+
+
+@pytest.fixture
+def refused_url() -> Iterator[str]:
+    """A port that refuses connections: bound (so nothing else takes it), not listening."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+Make = Callable[[SQLiteStore, str, Recorder, Metrics], Reconciler]
+
+
+@pytest.fixture
+async def reconciler() -> AsyncIterator[Make]:
+    """``reconciler(store, url, sleep, metrics)``: a Reconciler of ``url``, closed after."""
+    made: list[Reconciler] = []
+
+    def make(store: SQLiteStore, url: str, sleep: Recorder, metrics: Metrics) -> Reconciler:
+        async def append(events: Any) -> int:
+            result = await store.append(events, [Target("ep")], 1.0)
+            return len(result.stored)
+
+        rec = Reconciler(
+            store,
+            append,
+            metrics,
+            api_url=url,
+            api_key="the-api-key-123456",
+            interval=None,
+            sleep=sleep,
+        )
+        made.append(rec)
+        return rec
+
+    yield make
+    for rec in made:
+        await rec.close()
+
+
+async def test_rate_limited_rest_waits_at_least_60s_then_succeeds(
+    store: SQLiteStore, reconciler: Make, rest: Serve
+) -> None:
     answers = iter([httpx.Response(429, headers={"retry-after": "5"}), None])
     seen: list[httpx.Request] = []
 
@@ -125,7 +197,7 @@ async def test_rate_limited_rest_waits_at_least_60s_then_succeeds(store: SQLiteS
         return answer or httpx.Response(200, json={"data": [user("u1", "PENDING", True)]})
 
     sleep, metrics = Recorder(), Metrics()
-    report = await reconciler(store, handler, sleep, metrics).run_once()
+    report = await reconciler(store, await rest(handler), sleep, metrics).run_once()
     assert report.outcome == "baseline"
     assert sleep.sleeps == [60.0]  # sFOX: after a 429, wait 60 s
     assert seen[0].headers["authorization"] == "Bearer the-api-key-123456"
@@ -136,12 +208,11 @@ async def test_rate_limited_rest_waits_at_least_60s_then_succeeds(store: SQLiteS
     )
 
 
-async def test_rest_down_is_an_error_outcome_never_an_exception(store: SQLiteStore) -> None:
-    def handler(request: httpx.Request) -> httpx.Response:
-        raise httpx.ConnectError("refused")
-
+async def test_rest_down_is_an_error_outcome_never_an_exception(
+    store: SQLiteStore, reconciler: Make, refused_url: str
+) -> None:
     sleep, metrics = Recorder(), Metrics()
-    report = await reconciler(store, handler, sleep, metrics).run_once()
+    report = await reconciler(store, refused_url, sleep, metrics).run_once()
     assert report.outcome == "error"
     assert "the-api-key" not in (report.error or "")
     assert len(sleep.sleeps) == 2  # three attempts
@@ -153,16 +224,38 @@ async def test_rest_down_is_an_error_outcome_never_an_exception(store: SQLiteSto
     )
 
 
+async def test_rest_goes_through_the_environments_proxy(
+    store: SQLiteStore, reconciler: Make, rest: Serve, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[httpx.Request] = []
+
+    def proxy(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, json={"data": [user("u1", "PENDING")]})
+
+    monkeypatch.setenv("HTTP_PROXY", await rest(proxy))
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    report = await reconciler(store, "http://sfox.invalid", Recorder(), Metrics()).run_once()
+    assert report.outcome == "baseline"
+    assert [str(r.url) for r in seen] == ["http://sfox.invalid/v1/enterprise/users"]
+    assert seen[0].headers["authorization"] == "Bearer the-api-key-123456"
+
+
 @pytest.mark.parametrize(
     "response",
     [
         httpx.Response(401, json={"error": "no"}),
+        httpx.Response(302, headers={"location": "http://elsewhere.invalid/users"}),
         httpx.Response(200, text="not json"),
         httpx.Response(200, json={"users": []}),
     ],
 )
-async def test_bad_rest_answers_are_errors(store: SQLiteStore, response: httpx.Response) -> None:
-    report = await reconciler(store, lambda r: response, Recorder(), Metrics()).run_once()
+async def test_bad_rest_answers_are_errors(
+    store: SQLiteStore, reconciler: Make, rest: Serve, response: httpx.Response
+) -> None:
+    url = await rest(lambda r: response)
+    report = await reconciler(store, url, Recorder(), Metrics()).run_once()
     assert report.outcome == "error"
 
 
@@ -183,7 +276,13 @@ class Clock:
 
 
 async def scheduled_runs(
-    store: SQLiteStore, clock: Clock, *, interval: float, runs: int, trigger: int = 0
+    store: SQLiteStore,
+    rest: Serve,
+    clock: Clock,
+    *,
+    interval: float,
+    runs: int,
+    trigger: int = 0,
 ) -> list[float]:
     """Run the reconciler's loop until ``runs`` REST requests; the clock at each."""
     seen: list[float] = []
@@ -199,10 +298,9 @@ async def scheduled_runs(
         store,
         append,
         Metrics(),
-        api_url="http://sfox.test",
+        api_url=await rest(handler),
         api_key="k" * 16,
         interval=interval,
-        transport=httpx.MockTransport(handler),
         clock=clock,
         sleep=clock.sleep,
     )
@@ -211,9 +309,11 @@ async def scheduled_runs(
     task = asyncio.create_task(rec.run())
     try:
         async with asyncio.timeout(5):
+            resubscribed = False
             while len(seen) < runs:
-                if trigger and len(seen) == 1:
+                if trigger and len(seen) == 1 and not resubscribed:
                     rec.trigger()  # a resubscription right after the first run
+                    resubscribed = True
                 await asyncio.sleep(0)
     finally:
         task.cancel()
@@ -223,19 +323,22 @@ async def scheduled_runs(
     return [t - 1_000_000.0 for t in seen]
 
 
-async def test_an_explicit_interval_is_honoured_as_set(store: SQLiteStore) -> None:
+async def test_an_explicit_interval_is_honoured_as_set(store: SQLiteStore, rest: Serve) -> None:
     # RELAY_RECONCILE_INTERVAL=10s used to run every 5 minutes (the subscription deferral).
-    assert await scheduled_runs(store, Clock(), interval=10.0, runs=3) == [10.0, 20.0, 30.0]
+    runs = await scheduled_runs(store, rest, Clock(), interval=10.0, runs=3)
+    assert runs == [10.0, 20.0, 30.0]
 
 
 async def test_a_triggered_run_within_5_minutes_of_the_last_is_deferred(
-    store: SQLiteStore,
+    store: SQLiteStore, rest: Serve
 ) -> None:
-    runs = await scheduled_runs(store, Clock(), interval=3600.0, runs=3, trigger=1)
+    runs = await scheduled_runs(store, rest, Clock(), interval=3600.0, runs=3, trigger=1)
     assert runs == [0.0, 300.0, 3900.0]  # subscribed, resubscribed (deferred), the interval
 
 
-async def test_a_retry_after_of_400_digits_waits_an_hour_not_forever(store: SQLiteStore) -> None:
+async def test_a_retry_after_of_400_digits_waits_an_hour_not_forever(
+    store: SQLiteStore, reconciler: Make, rest: Serve
+) -> None:
     answers = iter([httpx.Response(429, headers={"retry-after": "9" * 400}), None])
 
     def handler(request: httpx.Request) -> httpx.Response:
@@ -243,12 +346,14 @@ async def test_a_retry_after_of_400_digits_waits_an_hour_not_forever(store: SQLi
         return answer or httpx.Response(200, json={"data": [user("u1", "PENDING", True)]})
 
     sleep = Recorder()
-    report = await reconciler(store, handler, sleep, Metrics()).run_once()
+    report = await reconciler(store, await rest(handler), sleep, Metrics()).run_once()
     assert report.outcome == "baseline"
     assert sleep.sleeps == [3600.0]
 
 
-async def test_rest_users_pass_the_input_boundary(store: SQLiteStore) -> None:
+async def test_rest_users_pass_the_input_boundary(
+    store: SQLiteStore, reconciler: Make, rest: Serve
+) -> None:
     hostile = [
         user("u\x00nul", "PENDING"),
         user("u" * 5000, "PENDING"),
@@ -256,38 +361,40 @@ async def test_rest_users_pass_the_input_boundary(store: SQLiteStore) -> None:
         user("u-status", "PEN\x00DING"),
         {"user_id": 7},
     ]
-    rest = {"data": [user("u1", "PENDING"), *hostile, user("u2", "VERIFIED")]}
+    answer = {"data": [user("u1", "PENDING"), *hostile, user("u2", "VERIFIED")]}
     sleep, metrics = Recorder(), Metrics()
-    rec = reconciler(store, lambda r: httpx.Response(200, json=rest), sleep, metrics)
+    url = await rest(lambda r: httpx.Response(200, json=answer))
+    rec = reconciler(store, url, sleep, metrics)
     assert (await rec.run_once()).outcome == "baseline"
-    rest["data"].append(user("u3", "VERIFIED"))
+    answer["data"].append(user("u3", "VERIFIED"))
     report = await rec.run_once()
     assert (report.outcome, report.emitted, report.bad_users) == ("success", 1, 5)
     assert set(await store.user_states()) == {"u1", "u2", "u3"}
 
 
 async def test_a_store_error_in_a_run_is_an_error_outcome_never_the_tasks_end(
-    store: SQLiteStore,
+    store: SQLiteStore, rest: Serve
 ) -> None:
     async def refuse(events: Any) -> int:
         raise StoreError("sqlite:///x: refused")
 
-    rest = {"data": [user("u1", "PENDING")]}
+    answer = {"data": [user("u1", "PENDING")]}
     rec = Reconciler(
         store,
         refuse,
         Metrics(),
-        api_url="http://sfox.test",
+        api_url=await rest(lambda r: httpx.Response(200, json=answer)),
         api_key="k" * 16,
         interval=None,
-        transport=httpx.MockTransport(lambda r: httpx.Response(200, json=rest)),
         sleep=Recorder(),
     )
     assert (await rec.run_once(emit_all=True)).outcome == "error"
     await rec.close()
 
 
-async def test_a_rest_answer_over_64_mib_is_an_error(store: SQLiteStore) -> None:
+async def test_a_rest_answer_over_64_mib_is_an_error(
+    store: SQLiteStore, reconciler: Make, rest: Serve
+) -> None:
     class Endless(httpx.AsyncByteStream):
         def __init__(self) -> None:
             self.sent = 0
@@ -299,14 +406,16 @@ async def test_a_rest_answer_over_64_mib_is_an_error(store: SQLiteStore) -> None
                 yield b"x" * (1 << 20)
 
     stream = Endless()
-    rec = reconciler(store, lambda r: httpx.Response(200, stream=stream), Recorder(), Metrics())
+    url = await rest(lambda r: httpx.Response(200, stream=stream))
+    rec = reconciler(store, url, Recorder(), Metrics())
     report = await rec.run_once()
     assert report.outcome == "error" and "64 MiB" in (report.error or "")
-    assert stream.sent <= 65 << 20
+    # It stops reading at 64 MiB; the server is ahead of it by what the sockets buffer.
+    assert stream.sent <= 96 << 20
 
 
 async def test_first_run_is_a_baseline_then_changes_are_emitted_once(
-    store: SQLiteStore,
+    store: SQLiteStore, reconciler: Make, rest: Serve
 ) -> None:
     users = [user("u1", "PENDING", True), user("u2", "PENDING", True)]
 
@@ -314,7 +423,7 @@ async def test_first_run_is_a_baseline_then_changes_are_emitted_once(
         return httpx.Response(200, json={"data": users})
 
     metrics = Metrics()
-    rec = reconciler(store, handler, Recorder(), metrics)
+    rec = reconciler(store, await rest(handler), Recorder(), metrics)
     assert (await rec.run_once()).baseline == 2
     assert await store.list_deliveries() == []
     users[0] = user("u1", "VERIFIED", False)
@@ -441,9 +550,10 @@ async def test_a_change_seen_both_ways_is_delivered_once(
     assert forward_mine[-1].json["payload"]["user_token"] == token
 
 
-def test_nothing_loads_httpx_or_the_simulator_until_used() -> None:
-    """``relay run`` with reconciliation off never uses httpx nor the simulator: neither is
-    loaded (the daemon's memory, bench: RSS idle), not even to build the command line."""
+def test_the_daemon_loads_neither_httpx_nor_the_simulator() -> None:
+    """``relay run`` uses neither httpx (its senders and the reconciler are aiohttp) nor the
+    simulator: neither is loaded (the daemon's memory, bench: RSS idle), not even to build
+    the command line."""
     code = (
         "import sys\n"
         "from relay.__main__ import _parser\n"
