@@ -6,9 +6,11 @@ import asyncio
 import contextlib
 import json
 import socket
+import ssl
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -16,6 +18,7 @@ import pytest
 from aiohttp import web
 from conftest import EnvBuilder, eventually, run_relay
 
+from bench.certs import make_certs
 from relay.codec import canonical_json
 from relay.errors import StoreError
 from relay.events import USERS_FEED, reconcile_event_id
@@ -102,7 +105,7 @@ async def store(tmp_path: Any) -> Any:
 
 
 Handler = Callable[[httpx.Request], httpx.Response]
-Serve = Callable[[Handler], Awaitable[str]]
+Serve = Callable[..., Awaitable[str]]
 
 
 @pytest.fixture
@@ -112,7 +115,7 @@ async def rest() -> AsyncIterator[Serve]:
     the tests' data model), streamed as it reads when it carries a byte stream."""
     runners: list[web.AppRunner] = []
 
-    async def serve(handler: Handler) -> str:
+    async def serve(handler: Handler, tls: ssl.SSLContext | None = None) -> str:
         async def answer(request: web.Request) -> web.StreamResponse:
             seen = httpx.Request(request.method, str(request.url), headers=dict(request.headers))
             response = handler(seen)
@@ -136,11 +139,11 @@ async def rest() -> AsyncIterator[Serve]:
         app.router.add_route("*", "/{tail:.*}", answer)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
+        site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=tls)
         await site.start()
         runners.append(runner)
         port = runner.addresses[0][1]
-        return f"http://127.0.0.1:{port}"
+        return f"{'https' if tls else 'http'}://127.0.0.1:{port}"
 
     yield serve
     for runner in runners:
@@ -240,6 +243,26 @@ async def test_rest_goes_through_the_environments_proxy(
     assert report.outcome == "baseline"
     assert [str(r.url) for r in seen] == ["http://sfox.invalid/v1/enterprise/users"]
     assert seen[0].headers["authorization"] == "Bearer the-api-key-123456"
+
+
+async def test_rest_over_tls_is_verified_against_ssl_cert_file(
+    store: SQLiteStore,
+    reconciler: Make,
+    rest: Serve,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    pki = make_certs(tmp_path / "pki")
+    answer = httpx.Response(200, json={"data": [user("u1", "PENDING")]})
+    url = await rest(lambda r: answer, pki.server_context())
+    for name in ("HTTPS_PROXY", "https_proxy", "SSL_CERT_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    untrusted = await reconciler(store, url, Recorder(), Metrics()).run_once()
+    assert untrusted.outcome == "error"
+    assert untrusted.error == ("REST users list unavailable: ClientConnectorCertificateError")
+    monkeypatch.setenv("SSL_CERT_FILE", str(pki.ca))
+    trusted = await reconciler(store, url, Recorder(), Metrics()).run_once()
+    assert trusted.outcome == "baseline"
 
 
 @pytest.mark.parametrize(
