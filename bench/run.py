@@ -39,6 +39,7 @@ import re
 import secrets
 import shutil
 import signal
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -419,6 +420,37 @@ def _watch_stored(relay: RelayHandle, n: int, when: list[int]) -> Callable[[], N
     return poll
 
 
+def _lag_behind_storing(store: Path, until: float) -> dict[str, Any] | None:
+    """How long each event stored before ``until`` (epoch seconds) waited from its commit to
+    its first delivery attempt, from the relay's own SQLite store: a delivery's ``created_at``
+    (the time its batch was handed to the store) and its first attempt's ``at``."""
+    try:
+        conn = sqlite3.connect(f"file:{store}?mode=ro", uri=True)
+    except sqlite3.Error:
+        return None
+    try:
+        waits = sorted(
+            wait
+            for (wait,) in conn.execute(
+                "SELECT a.at - d.created_at FROM deliveries d JOIN attempts a "
+                "ON a.delivery_id = d.id AND a.n = 1 WHERE d.created_at <= ?",
+                (until,),
+            )
+        )
+    except sqlite3.Error:
+        return None
+    finally:
+        conn.close()
+    if not waits:
+        return None
+    return {
+        "events": len(waits),
+        "wait_s_p50": percentile(waits, 50),
+        "wait_s_p99": percentile(waits, 99),
+        "wait_s_max": waits[-1],
+    }
+
+
 #: The least share of the live feed delivered after storing ended for that phase's rate to
 #: stand for "delivery alone"; below it the drain scenario's rate of the same run does.
 AFTER_SHARE = 0.1
@@ -740,6 +772,10 @@ def scenario_live(bench: Bench) -> None:
             )
             if all_stored and arrivals:
                 result.update(_split_at(arrivals, all_stored[0]))
+                if who == "relay":
+                    result["lag_behind_storing"] = _lag_behind_storing(
+                        bench.store("live-relay"), all_stored[0] / 1e9
+                    )
             bench.results[f"live_{who}"] = result
             bench.series.setdefault("throughput", {})[f"{who}, live feed"] = arrivals
             if not data["unique"]:
@@ -1493,6 +1529,15 @@ def _notes(bench: Bench) -> list[str]:
             )
             + " (ingest and delivery share one event loop and one SQLite thread, where "
             "delivery goes first: the store commits the feed in slices while it delivers)."
+        )
+    lag = live.get("lag_behind_storing") or {}
+    if lag.get("wait_s_max") is not None:
+        p50, p99, top = (fmt_ms(lag[k] * 1e9) for k in ("wait_s_p50", "wait_s_p99", "wait_s_max"))
+        notes.append(
+            f"live: from the moment its batch reached the store to its first delivery attempt, "
+            f"each of the {lag['events']:,} events stored while the feed was still arriving "
+            f"waited {p50} (median), {p99} (p99), at most {top} (the relay's own store: a "
+            "delivery's created_at to its first attempt's time)."
         )
     reconnect = r.get("reconnect", {})
     if reconnect.get("seconds"):
