@@ -35,7 +35,7 @@ from relay.metrics import Metrics
 from relay.retry import parse_retry_after
 from relay.store.base import ReconcileStore, UserState
 from relay.tracing import OFF, Tracing
-from relay.transport import env_proxy
+from relay.transport import env_proxy, failure
 
 __all__ = ["Change", "ReconcileError", "Reconciler", "Report", "diff"]
 
@@ -348,9 +348,12 @@ class Reconciler:
                         raise ReconcileError(
                             f"REST users list larger than {MAX_REST_BYTES // 2**20} MiB"
                         )
+        except TimeoutError:
+            raise _Retryable(f"no answer within {self._timeout.sock_read:g}s", 5.0) from None
         # Also a connection lost mid-body, or a bad gzip body (ClientPayloadError).
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            raise _Retryable(f"{type(exc).__name__}", 5.0) from None
+        except (aiohttp.ClientError, OSError) as exc:
+            tls = self._url.scheme == "https"
+            raise _Retryable(failure(exc, over_tls=tls, peer="sFOX"), 5.0) from None
         try:
             return loads(bytes(body))
         except (ValueError, RecursionError):

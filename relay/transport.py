@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import io
+import os
 import ssl
 import time
 from collections.abc import Iterable, Mapping
@@ -47,6 +48,7 @@ __all__ = [
     "Sender",
     "Senders",
     "env_proxy",
+    "failure",
     "sender_for",
 ]
 
@@ -167,8 +169,8 @@ def _excerpt(data: bytes) -> str | None:
     return data[:READ_BYTES].decode("utf-8", "replace")
 
 
-def _failure(exc: BaseException, *, over_tls: bool) -> str:
-    """Why an aiohttp request got no answer, in words an operator can act on.
+def failure(exc: BaseException, *, over_tls: bool, peer: str = "the endpoint") -> str:
+    """Why an aiohttp request to ``peer`` got no answer, in words an operator can act on.
 
     Built from exception types, OpenSSL's reason codes and errno texts only: aiohttp's own
     messages name the host and may name the proxy URL, credentials included.
@@ -176,7 +178,7 @@ def _failure(exc: BaseException, *, over_tls: bool) -> str:
     if isinstance(exc, aiohttp.ClientConnectorCertificateError):
         cert_error = exc.certificate_error
         detail = getattr(cert_error, "verify_message", None) or _ssl_reason(cert_error)
-        return f"TLS: the endpoint's certificate is not trusted ({detail})"
+        return f"TLS: {peer}'s certificate is not trusted ({detail})"
     if isinstance(exc, aiohttp.ClientHttpProxyError):
         return f"proxy refused the connection: {exc.status}"
     tls_error = _ssl_error(exc)
@@ -186,12 +188,12 @@ def _failure(exc: BaseException, *, over_tls: bool) -> str:
         return f"proxy connection failed: {_os_reason(exc.os_error)}"
     if isinstance(exc, aiohttp.ClientConnectorError):
         if over_tls and isinstance(exc.os_error, ConnectionResetError):
-            return "TLS handshake failed: connection reset by the endpoint"
+            return f"TLS handshake failed: connection reset by {peer}"
         return f"connection failed: {_os_reason(exc.os_error)}"
     if isinstance(exc, aiohttp.ServerDisconnectedError):
-        return "connection closed by the endpoint"
+        return f"connection closed by {peer}"
     if isinstance(exc, aiohttp.ClientOSError) and exc.errno == errno.ECONNRESET:
-        return "connection reset by the endpoint"
+        return f"connection reset by {peer}"
     return f"request failed: {type(exc).__name__}"
 
 
@@ -210,6 +212,10 @@ def _ssl_reason(error: BaseException) -> str:
 
 
 def _os_reason(error: OSError) -> str:
+    """The errno's text: asyncio's own ``strerror`` names the address ("Connect call failed
+    ('10.0.0.7', 443)")."""
+    if error.errno:
+        return os.strerror(error.errno)
     return error.strerror or type(error).__name__
 
 
@@ -302,7 +308,7 @@ class AiohttpSender:
         except (aiohttp.ClientError, OSError) as exc:
             if out_of_descriptors(exc):
                 return _unsent(start)
-            error = _failure(exc, over_tls=url[:6].lower() == "https:")
+            error = failure(exc, over_tls=url[:6].lower() == "https:")
         return SendResult(status=None, latency=time.perf_counter() - start, error=error)
 
     async def close(self) -> None:

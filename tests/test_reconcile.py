@@ -217,6 +217,7 @@ async def test_rest_down_is_an_error_outcome_never_an_exception(
     sleep, metrics = Recorder(), Metrics()
     report = await reconciler(store, refused_url, sleep, metrics).run_once()
     assert report.outcome == "error"
+    assert report.error == "REST users list unavailable: connection failed: Connection refused"
     assert "the-api-key" not in (report.error or "")
     assert len(sleep.sleeps) == 2  # three attempts
     assert (
@@ -259,7 +260,10 @@ async def test_rest_over_tls_is_verified_against_ssl_cert_file(
         monkeypatch.delenv(name, raising=False)
     untrusted = await reconciler(store, url, Recorder(), Metrics()).run_once()
     assert untrusted.outcome == "error"
-    assert untrusted.error == ("REST users list unavailable: ClientConnectorCertificateError")
+    assert untrusted.error == (
+        "REST users list unavailable: "
+        "TLS: sFOX's certificate is not trusted (unable to get local issuer certificate)"
+    )
     monkeypatch.setenv("SSL_CERT_FILE", str(pki.ca))
     trusted = await reconciler(store, url, Recorder(), Metrics()).run_once()
     assert trusted.outcome == "baseline"
