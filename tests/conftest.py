@@ -119,6 +119,20 @@ def run_relay_fixture() -> Callable[..., contextlib.AbstractAsyncContextManager[
 
 
 @pytest.fixture
+async def closing() -> AsyncIterator[Callable[[Any], Any]]:
+    """``closing(thing)``: closed (``await thing.close()``) after the test; returns it."""
+    opened: list[Any] = []
+
+    def track(thing: Any) -> Any:
+        opened.append(thing)
+        return thing
+
+    yield track
+    for thing in opened:
+        await thing.close()
+
+
+@pytest.fixture
 def whsec() -> Callable[[], str]:
     """Factory of fresh ``whsec_`` secrets."""
     return new_whsec

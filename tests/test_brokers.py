@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import os
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -83,20 +83,6 @@ MESSAGE_ORDER = [
 async def post(sender: Any, body: bytes = BODY, timeout: float = 5.0, **kw: Any) -> SendResult:
     result: SendResult = await sender.post("ignored", body, headers(**kw), timeout)
     return result
-
-
-@pytest.fixture
-async def closing() -> AsyncIterator[Callable[[Any], Any]]:
-    """Close each sender a test opens."""
-    opened: list[Any] = []
-
-    def track(sender: Any) -> Any:
-        opened.append(sender)
-        return sender
-
-    yield track
-    for sender in opened:
-        await sender.close()
 
 
 # -- each broker: what a message carries ----------------------------------------------------------

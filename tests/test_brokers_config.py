@@ -176,10 +176,14 @@ def test_sender_for_picks_the_broker_by_scheme_and_http_keeps_the_pool() -> None
     assert sender_for(settings.endpoints[0], pool) is pool
 
 
-def test_an_http_only_relay_loads_no_broker_client() -> None:
+def test_an_http_only_relay_loads_no_client_it_does_not_use() -> None:
+    """No broker client, no httpx (its senders and the reconciler are aiohttp), no simulator
+    (the daemon's memory, bench: RSS idle), not even to build the command line."""
+    unused = ("aio_pika", "aiormq", "nats", "redis", "httpx", "relay.simulator")
     code = (
-        "import sys, relay.app, relay.__main__, relay.transport, relay.config;"
-        "print(sorted(m for m in ('aio_pika', 'aiormq', 'nats', 'redis') if m in sys.modules))"
+        "import sys, relay.app, relay.__main__, relay.transport, relay.config, relay.reconcile;"
+        "relay.__main__._parser();"
+        f"print(sorted(m for m in {unused!r} if m in sys.modules))"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True

@@ -7,8 +7,6 @@ import contextlib
 import json
 import socket
 import ssl
-import subprocess
-import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -162,9 +160,8 @@ Make = Callable[[SQLiteStore, str, Recorder, Metrics], Reconciler]
 
 
 @pytest.fixture
-async def reconciler() -> AsyncIterator[Make]:
+def reconciler(closing: Callable[[Any], Any]) -> Make:
     """``reconciler(store, url, sleep, metrics)``: a Reconciler of ``url``, closed after."""
-    made: list[Reconciler] = []
 
     def make(store: SQLiteStore, url: str, sleep: Recorder, metrics: Metrics) -> Reconciler:
         async def append(events: Any) -> int:
@@ -180,12 +177,10 @@ async def reconciler() -> AsyncIterator[Make]:
             interval=None,
             sleep=sleep,
         )
-        made.append(rec)
+        closing(rec)
         return rec
 
-    yield make
-    for rec in made:
-        await rec.close()
+    return make
 
 
 async def test_rate_limited_rest_waits_at_least_60s_then_succeeds(
@@ -575,20 +570,3 @@ async def test_a_change_seen_both_ways_is_delivered_once(
         ("feed", "VERIFIED"),
     ]
     assert forward_mine[-1].json["payload"]["user_token"] == token
-
-
-def test_the_daemon_loads_neither_httpx_nor_the_simulator() -> None:
-    """``relay run`` uses neither httpx (its senders and the reconciler are aiohttp) nor the
-    simulator: neither is loaded (the daemon's memory, bench: RSS idle), not even to build
-    the command line."""
-    code = (
-        "import sys\n"
-        "from relay.__main__ import _parser\n"
-        "import relay.app, relay.transport, relay.reconcile\n"
-        "_parser()\n"
-        "print(sorted(m for m in ('httpx', 'relay.simulator') if m in sys.modules))\n"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True
-    ).stdout
-    assert out.strip() == "[]"
