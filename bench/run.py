@@ -727,6 +727,7 @@ def scenario_live(bench: Bench) -> None:
             receiver = start_receiver(procs)
             sim = start_simulator(bench, procs, count=n)
             all_stored: list[int] = []  # time.time_ns() when the relay had stored every event
+            store = bench.store(f"live-{who}")  # the relay's (the naive one keeps none)
             on_poll: Callable[[], None] | None = None
             profiler: _Profiler | None = None
             if who == "relay":
@@ -736,7 +737,7 @@ def scenario_live(bench: Bench) -> None:
                     sim_port=sim,
                     endpoint_url=receiver.url,
                     schedule="0s,5s,5m,30m,2h,5h,10h,10h",
-                    store=bench.store(f"live-{who}"),
+                    store=store,
                 )
                 rss = relay.rss
                 on_poll = _watch_stored(relay, n, all_stored)
@@ -772,10 +773,7 @@ def scenario_live(bench: Bench) -> None:
             )
             if all_stored and arrivals:
                 result.update(_split_at(arrivals, all_stored[0]))
-                if who == "relay":
-                    result["lag_behind_storing"] = _lag_behind_storing(
-                        bench.store("live-relay"), all_stored[0] / 1e9
-                    )
+                result["lag_behind_storing"] = _lag_behind_storing(store, all_stored[0] / 1e9)
             bench.results[f"live_{who}"] = result
             bench.series.setdefault("throughput", {})[f"{who}, live feed"] = arrivals
             if not data["unique"]:

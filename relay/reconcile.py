@@ -352,8 +352,8 @@ class Reconciler:
             raise _Retryable(f"no answer within {self._timeout.sock_read:g}s", 5.0) from None
         # Also a connection lost mid-body, or a bad gzip body (ClientPayloadError).
         except (aiohttp.ClientError, OSError) as exc:
-            tls = self._url.scheme == "https"
-            raise _Retryable(failure(exc, over_tls=tls, peer="sFOX"), 5.0) from None
+            over_tls = self._url.scheme == "https"
+            raise _Retryable(failure(exc, over_tls=over_tls, peer="sFOX"), 5.0) from None
         try:
             return loads(bytes(body))
         except (ValueError, RecursionError):
