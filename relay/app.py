@@ -180,6 +180,9 @@ class Ingest:
             self._refused,
         )
         stored = [event for result in results for event in result.stored]
+        if stored:
+            self.on_stored()
+            await asyncio.sleep(0)  # the dispatcher claims them while this logs and counts
         if log.isEnabledFor(logging.INFO):
             for event in stored:
                 log.info(
@@ -199,8 +202,6 @@ class Ingest:
         for result in results:
             for endpoint, count in result.superseded.items():
                 self.metrics.deliveries.labels(endpoint=endpoint, outcome="superseded").inc(count)
-        if stored:
-            self.on_stored()
         return len(stored)
 
     async def _refused(self, event: NewEvent, exc: Exception) -> None:

@@ -27,7 +27,13 @@ from relay.isolation import write_isolating
 from relay.limits import Throttle
 from relay.metrics import Metrics
 from relay.monitor import Monitor
-from relay.store.base import Attempt, Claim, DispatchStore, Outcome, format_delivery_id
+from relay.store.base import (
+    Attempt,
+    Claim,
+    DispatchStore,
+    Outcome,
+    format_delivery_id,
+)
 from relay.tracing import OFF, Tracing
 from relay.transport import Sender, Senders, SendResult
 
@@ -231,11 +237,7 @@ class Dispatcher:
         while not self._stopping.is_set():
             self._wake.clear()
             try:
-                more = await self._claim_round()
-                idle = [
-                    n for n, ep in self._endpoints.items() if self._free(ep) > 0 and self._open(n)
-                ]
-                next_due = await self._store.next_due(idle) if idle and not more else None
+                more, next_due = await self._claim_round()
                 self.store_ok = True
             except StoreUnavailableError as exc:
                 self.store_ok = False
@@ -256,23 +258,22 @@ class Dispatcher:
             await self._sleep_or_wake(timeout)
 
     async def _sleep_or_wake(self, timeout: float) -> None:
+        # asyncio.timeout, not wait_for: no task per sleep, so a wake resumes the loop in one
+        # step of the event loop (a new event's claim starts that much sooner).
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                await self._wake.wait()
 
     def _free(self, endpoint: EndpointConfig) -> int:
         cap = endpoint.max_in_flight
         unrecorded = sum(1 for name in self._claimed_by.values() if name == endpoint.name)
         return min(cap - self._inflight[endpoint.name], 2 * cap - unrecorded)
 
-    def _open(self, name: str) -> bool:
-        """Whether due work of the endpoint would be claimed now (health and rate limit)."""
-        if self._monitor is None:
-            return True
-        return self._monitor.mode(name, self._clock()) == "claim" and self._monitor.room(name) != 0
-
-    async def _claim_round(self) -> bool:
-        """Claim for every endpoint with room; True if some endpoint may have more due now."""
+    async def _claim_round(self) -> tuple[bool, float | None]:
+        """Claim for every endpoint with room. Returns whether some endpoint may have more due
+        now, else when the earliest delivery the claims left becomes due (None: none)."""
         more = False
+        due: list[float] = []
         for name, endpoint in self._endpoints.items():
             want = min(self._free(endpoint), self._page)
             if want <= 0 or self._stopping.is_set():
@@ -288,21 +289,27 @@ class Dispatcher:
                 probe = mode == "probe"
                 if room is not None:
                     want = min(want, room)
+            next_due = None
             if probe and self._monitor is not None:
                 claim = await self._monitor.claim_probe(name, self._clock())
                 claims = [claim] if claim is not None else []
             else:
                 claims = await self._store.claim(name, self._clock(), want)
+                next_due = claims.next_due
             if self._stopping.is_set():  # shutdown began during the claim: start nothing
                 for claim in claims:
                     self._push(Outcome(claim.delivery_id, "released", self._clock(), None))
-                return False
+                return False, None
             for claim in claims:
                 if self._monitor is not None:
                     await self._monitor.spend(name)
                 self._start(endpoint, claim, probe=probe)
-            more = more or (len(claims) == want and not probe)
-        return more
+            if probe:
+                continue
+            more = more or len(claims) == want
+            if next_due is not None:
+                due.append(next_due)
+        return more, (min(due) if due and not more else None)
 
     def _start(self, endpoint: EndpointConfig, claim: Claim, *, probe: bool = False) -> None:
         self._inflight[endpoint.name] += 1
@@ -313,8 +320,12 @@ class Dispatcher:
 
     def _finished(self, name: str, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
+        if self._inflight[name] == self._endpoints[name].max_in_flight:
+            # A free slot lets a full endpoint claim what it had to leave. Otherwise its last
+            # claim took all that was due; the verdict's commit wakes the loop for what that
+            # releases (the lane's next delivery).
+            self._wake.set()
         self._inflight[name] -= 1
-        self._wake.set()
         if not task.cancelled() and (exc := task.exception()) is not None:
             # Its verdict was queued before anything that can fail here: only reporting
             # (metrics, the log line) was lost. Still, nothing fails unseen.

@@ -363,8 +363,22 @@ class StoreContract:
         await store.append([early], [CRM], now)
         await store.append([late], [CRM], now + 10)
 
-        assert event_ids(await store.claim("crm", now + 5, 10)) == {early.event_id}
+        first = await store.claim("crm", now + 5, 10)
+        assert (event_ids(first), first.next_due) == ({early.event_id}, now + 10)
         assert event_ids(await store.claim("crm", now + 10, 10)) == {late.event_id}
+
+    async def test_a_claim_says_when_more_comes_due_unless_it_took_all_it_could(
+        self, store: Store, now: float
+    ) -> None:
+        assert (await store.claim("crm", now, 10)).next_due is None  # nothing at all
+        events = [balance_event(n) for n in range(1, 4)]
+        await store.append(events[:2], [CRM], now)
+        await store.append(events[2:], [CRM], now + 60)
+
+        full = await store.claim("crm", now, 1)
+        assert (len(full), full.next_due) == (1, None)  # more may be due right now
+        rest = await store.claim("crm", now, 10)
+        assert (len(rest), rest.next_due) == (1, now + 60)
 
     async def test_claim_marks_deliveries_in_flight(self, store: Store, now: float) -> None:
         events = [balance_event(n) for n in range(1, 4)]

@@ -46,6 +46,7 @@ from relay.metrics import Metrics
 from relay.store.base import (
     Attempt,
     Claim,
+    Claimed,
     DeliveryDetail,
     DeliveryInfo,
     Outcome,
@@ -164,7 +165,7 @@ class SpyStore(SQLiteStore):
         self.held = asyncio.Event()
         self.record_hold: asyncio.Event | None = None  # parks the recorder's commits
 
-    async def claim(self, endpoint: str, now: float, limit: int) -> list[Claim]:
+    async def claim(self, endpoint: str, now: float, limit: int) -> Claimed:
         if self.hold is not None and endpoint != PROBE.name:
             self.held.set()
             await self.hold.wait()
@@ -706,6 +707,32 @@ async def test_max_in_flight_caps_concurrent_requests(h: Harness) -> None:
     await eventually(all_done)
     assert peak == 2
     assert sorted(started) == sorted(e.event_id for e in events)
+
+
+async def test_a_delivery_costs_two_claims_and_an_idle_dispatcher_asks_nothing_more(
+    store: SpyStore, router: respx.MockRouter
+) -> None:
+    """The claim that takes it, and the one after its verdict's commit (which may release the
+    lane's next delivery); a finished request of an endpoint with room claims nothing more,
+    and the claim itself says when more comes due: no store call while idle."""
+    router.post(CRM_URL).mock(return_value=httpx.Response(200))
+    sender = HttpxSender()
+    dispatcher = Dispatcher(store, [endpoint(max_in_flight=4)], sender, Metrics(), idle_poll=60)
+    await store.append([new_event("user-a", 1)], [CRM], time.time())
+    task = asyncio.create_task(dispatcher.run())
+    try:
+
+        async def delivered() -> bool:
+            return [d.state for d in await store.list_deliveries()] == ["delivered"]
+
+        await eventually(delivered)
+        await eventually(lambda: len(store.claims) == 2)
+        await asyncio.sleep(0.05)  # room for a third, were one coming
+        assert [n for _, _, n in store.claims] == [1, 0]
+    finally:
+        await dispatcher.shutdown(0.5)
+        await asyncio.wait_for(task, 5)
+        await sender.close()
 
 
 async def test_claims_whose_verdict_is_not_committed_are_capped_at_twice_max_in_flight(

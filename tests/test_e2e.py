@@ -36,7 +36,7 @@ from relay import __version__
 from relay.errors import StoreUnavailableError
 from relay.receiver import Received, Receiver, Response
 from relay.simulator import FAKE_TOKEN, Faults, Simulator
-from relay.store.base import Claim
+from relay.store.base import Claimed
 from relay.store.sqlite import SQLiteStore
 
 # -- helpers ------------------------------------------------------------------------------
@@ -360,7 +360,7 @@ class GatedStore(SQLiteStore):
         self.entered = asyncio.Event()
         self.gate = asyncio.Event()
 
-    async def claim(self, endpoint: str, now: float, limit: int) -> list[Claim]:
+    async def claim(self, endpoint: str, now: float, limit: int) -> Claimed:
         self.entered.set()
         await self.gate.wait()
         return await super().claim(endpoint, time.time(), limit)

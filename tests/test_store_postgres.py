@@ -355,8 +355,8 @@ async def test_in_flight_delivery_is_taken_over_after_the_lease(replicas: Replic
     lost = await claim_one(crashed, "crm", NOW)
     await crashed.close()  # died mid-delivery
 
-    assert await other.claim("crm", NOW + 9.9, 10) == []
-    assert await other.next_due(["crm"]) == NOW + 10.0
+    early = await other.claim("crm", NOW + 9.9, 10)
+    assert (early, early.next_due) == ([], NOW + 10.0)  # the lease, then A2 behind it
     taken = await claim_one(other, "crm", NOW + 10.0)
     assert (taken.delivery_id, taken.event_id, taken.attempts) == (lost.delivery_id, a1.event_id, 0)
     assert await other.claim("crm", NOW + 15.0, 10) == []  # renewed for the new owner; A2 waits
@@ -629,17 +629,20 @@ async def test_reconcile_lock_is_released_when_its_holder_dies(
 # -- hot paths --------------------------------------------------------------------------------
 
 
-async def test_next_due_covers_pending_retries_and_running_leases(store: PostgresStore) -> None:
-    assert await store.next_due(["crm"]) is None
-    await store.append([balance_event(1)], [CRM, VAULT], NOW)
-    assert await store.next_due(["crm", "vault"]) == NOW
-    claim = await claim_one(store, "crm", NOW)
-    await store.record([retry(claim, NOW + 1, next_at=NOW + 300)], NOW + 1)
+async def test_a_claim_says_when_pending_retries_and_running_leases_come_due(
+    store: PostgresStore,
+) -> None:
+    assert (await store.claim("crm", NOW, 10)).next_due is None
+    await store.append([balance_event(1), balance_event(2)], [CRM, VAULT], NOW)
+    first = await store.claim("crm", NOW, 1)
+    assert (len(first), first.next_due) == (1, None)  # full: more may be due now
+    await store.record([retry(first[0], NOW + 1, next_at=NOW + 300)], NOW + 1)
 
-    assert await store.next_due(["crm"]) == NOW + 300
-    assert await store.next_due(["crm", "vault", "nowhere"]) == NOW
-    await claim_one(store, "vault", NOW + 5)
-    assert await store.next_due(["vault"]) == NOW + 5 + SUITE_LEASE
+    second = await store.claim("crm", NOW + 1, 10)
+    assert (len(second), second.next_due) == (1, NOW + 300)
+    vault = await store.claim("vault", NOW + 5, 1)
+    assert (len(vault), vault.next_due) == (1, None)
+    assert (await store.claim("vault", NOW + 5, 10)).next_due == NOW + 5 + SUITE_LEASE
 
 
 async def plan(conn: asyncpg.Connection[asyncpg.Record], sql: str, *args: Any) -> str:

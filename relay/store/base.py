@@ -28,6 +28,7 @@ from relay.store.records import (
     AppendResult,
     Attempt,
     Claim,
+    Claimed,
     DeadSummary,
     DeliveryDetail,
     DeliveryInfo,
@@ -49,6 +50,7 @@ __all__ = [
     "AppendResult",
     "Attempt",
     "Claim",
+    "Claimed",
     "DeadSummary",
     "DeliveryDetail",
     "DeliveryInfo",
@@ -104,11 +106,9 @@ class IngestStore(Protocol):
 class DispatchStore(Protocol):
     """What the dispatcher uses."""
 
-    async def claim(self, endpoint: str, now: float, limit: int) -> list[Claim]:
-        """Mark up to ``limit`` due deliveries of one endpoint in flight and return them."""
-
-    async def next_due(self, endpoints: Sequence[str]) -> float | None:
-        """When the earliest pending delivery of these endpoints becomes due (None: none)."""
+    async def claim(self, endpoint: str, now: float, limit: int) -> Claimed:
+        """Mark up to ``limit`` due deliveries of one endpoint in flight and return them, with
+        when the next one becomes due if this took fewer than ``limit``."""
 
     async def record(self, outcomes: Sequence[Outcome], now: float) -> dict[str, int]:
         """Apply the dispatcher's verdicts in one commit and settle their lanes.

@@ -261,6 +261,18 @@ _CLAIM = """
     ORDER BY c.id
 """
 
+#: When an endpoint next has something to claim: its earliest pending delivery, or the
+#: earliest lease (another replica's, or this one's) that may lapse.
+_NEXT_DUE = """
+    SELECT MIN(at) FROM (
+        (SELECT next_at AS at FROM deliveries WHERE state = 'pending' AND endpoint = $1
+         ORDER BY next_at LIMIT 1)
+        UNION ALL
+        (SELECT lease_until FROM deliveries WHERE state = 'inflight' AND endpoint = $1
+         ORDER BY lease_until LIMIT 1)
+    ) AS due
+"""
+
 #: Verdicts with an attempt, in one statement: apply those still claimed by this replica
 #: (``claimed_by`` is set exactly while in flight; testing it alone keeps the planner on the
 #: primary key rather than the in-flight index, whose dead entries pile up between vacuums)
@@ -760,33 +772,21 @@ class PostgresStore:
 
     # -- dispatch ---------------------------------------------------------------------------
 
-    async def claim(self, endpoint: str, now: float, limit: int) -> list[records.Claim]:
+    async def claim(self, endpoint: str, now: float, limit: int) -> records.Claimed:
+        """``next_due`` also counts leases running out: a dead replica's deliveries become
+        claimable then."""
         if limit <= 0:
-            return []
+            return records.Claimed()
 
-        async def claim(conn: Conn) -> list[records.Claim]:
+        async def claim(conn: Conn) -> records.Claimed:
             rows = await conn.fetch(_CLAIM, endpoint, now, limit, self.replica, self.lease)
-            return [core.claim(row, endpoint) for row in rows]
+            claims = [core.claim(row, endpoint) for row in rows]
+            if len(rows) == limit:
+                return records.Claimed(claims)
+            due = await conn.fetchval(_NEXT_DUE, endpoint)
+            return records.Claimed(claims, float(due) if due is not None else None)
 
         return await self._run(claim, durable=False)
-
-    async def next_due(self, endpoints: Sequence[str]) -> float | None:
-        """Also counts leases running out: a dead replica's deliveries become claimable."""
-        if not endpoints:
-            return None
-
-        async def query(conn: Conn) -> float | None:
-            value = await conn.fetchval(
-                "SELECT MIN(at) FROM unnest($1::text[]) AS e(name) CROSS JOIN LATERAL ("
-                "(SELECT next_at AS at FROM deliveries WHERE state = 'pending' "
-                "AND endpoint = e.name ORDER BY next_at LIMIT 1) UNION ALL "
-                "(SELECT lease_until FROM deliveries WHERE state = 'inflight' "
-                "AND endpoint = e.name ORDER BY lease_until LIMIT 1)) AS due",
-                list(endpoints),
-            )
-            return float(value) if value is not None else None
-
-        return await self._run(query, tx=False)
 
     async def record(self, outcomes: Sequence[records.Outcome], now: float) -> dict[str, int]:
         # Sequential semantics for a repeated id: the first verdict applies, the rest find the

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, TypedDict
 
@@ -13,6 +13,7 @@ __all__ = [
     "AppendResult",
     "Attempt",
     "Claim",
+    "Claimed",
     "DeadSummary",
     "DeliveryDetail",
     "DeliveryInfo",
@@ -102,6 +103,20 @@ class Claim:
     body: bytes
     has_token: bool
     created_at: float
+
+
+class Claimed(list[Claim]):
+    """What one claim took, in delivery order, and when the endpoint has more due.
+
+    ``next_due``: when its earliest pending delivery that this claim left becomes due (with
+    PostgreSQL, or a running lease lapses), or None: none, or the claim took all it was
+    allowed (there may be more due now). Answered in the claim's own store call, so that an
+    idle dispatcher knows how long to sleep without asking again.
+    """
+
+    def __init__(self, claims: Iterable[Claim] = (), next_due: float | None = None) -> None:
+        super().__init__(claims)
+        self.next_due = next_due
 
 
 @dataclass(frozen=True, slots=True)

@@ -626,8 +626,8 @@ class SQLiteStore:
 
     # -- dispatch ---------------------------------------------------------------------------
 
-    async def claim(self, endpoint: str, now: float, limit: int) -> list[records.Claim]:
-        def claim(conn: sqlite3.Connection) -> list[records.Claim]:
+    async def claim(self, endpoint: str, now: float, limit: int) -> records.Claimed:
+        def claim(conn: sqlite3.Connection) -> records.Claimed:
             with self._tx(conn, durable=False):
                 rows = conn.execute(
                     "UPDATE deliveries SET state = 'inflight', updated_at = ?1 WHERE id IN ("
@@ -636,8 +636,15 @@ class SQLiteStore:
                     "RETURNING id, event_seq, user_id, attempts, created_at",
                     (now, endpoint, limit),
                 ).fetchall()
+                next_due = None
+                if len(rows) < limit:
+                    next_due = conn.execute(
+                        "SELECT MIN(next_at) FROM deliveries "
+                        "WHERE state = 'pending' AND endpoint = ?",
+                        (endpoint,),
+                    ).fetchone()[0]
                 if not rows:
-                    return []
+                    return records.Claimed((), next_due)
                 self._delivered_at = time.monotonic()
                 seqs = sorted({row["event_seq"] for row in rows})
                 bodies = {
@@ -650,23 +657,9 @@ class SQLiteStore:
                 }
             claims = [core.claim({**row, **bodies[row["event_seq"]]}, endpoint) for row in rows]
             claims.sort(key=lambda c: c.delivery_id)
-            return claims
+            return records.Claimed(claims, next_due)
 
         return await self._run(claim, Priority.DELIVERY)
-
-    async def next_due(self, endpoints: Sequence[str]) -> float | None:
-        def query(conn: sqlite3.Connection) -> float | None:
-            due = [
-                conn.execute(
-                    "SELECT MIN(next_at) FROM deliveries WHERE state = 'pending' AND endpoint = ?",
-                    (name,),
-                ).fetchone()[0]
-                for name in endpoints
-            ]
-            known = [float(d) for d in due if d is not None]
-            return min(known) if known else None
-
-        return await self._run(query, Priority.DELIVERY)
 
     async def record(self, outcomes: Sequence[records.Outcome], now: float) -> dict[str, int]:
         return await self._run(lambda c: self._record(c, outcomes, now), Priority.DELIVERY)
