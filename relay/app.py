@@ -14,6 +14,7 @@ import gc
 import logging
 import socket
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -33,7 +34,7 @@ from relay.metrics import Metrics
 from relay.monitor import Monitor
 from relay.reconcile import Reconciler
 from relay.store import Store, open_store
-from relay.store.base import IngestStore, ReconcileStore, Target
+from relay.store.base import AppendResult, Claim, IngestStore, ReconcileStore, Target
 from relay.supervise import Supervisor
 from relay.tracing import OFF, Tracing, from_environment
 from relay.transport import Sender, Senders
@@ -110,6 +111,8 @@ class Ingest:
     store_ok: bool = True
     _subscribed_hooks: list[Callable[[], None]] = field(default_factory=list)
     tracing: Tracing = OFF
+    #: Hands the dispatcher what the store took for it in the commit that stored it.
+    dispatcher: Dispatcher | None = None
     _writing: asyncio.Task[None] | None = field(default=None, init=False, repr=False)
 
     async def on_messages(self, messages: list[Message]) -> None:
@@ -172,17 +175,32 @@ class Ingest:
         Each new one is logged at INFO (``event.stored``) with its feed ``sequence`` when
         ``sequences`` (event id -> sequence) has it: what an operator follows an event by.
         """
-        results = await write_isolating(
-            new,
-            lambda part: self._until_stored(
-                lambda: self.store.append(part, self.targets, self.clock())
-            ),
-            self._refused,
-        )
+        offer = self.dispatcher.offer() if self.dispatcher is not None else {}
+        room = Counter(offer)
+        taken: list[Claim] = []
+
+        async def write(part: Sequence[NewEvent]) -> AppendResult:
+            result = await self.store.append(part, self.targets, self.clock(), take=+room)
+            room.subtract(claim.endpoint for claim in result.taken)
+            taken.extend(result.taken)
+            return result
+
+        try:
+            results = await write_isolating(
+                new, lambda part: self._until_stored(lambda: write(part)), self._refused
+            )
+        except BaseException:
+            if self.dispatcher is not None:
+                self.dispatcher.adopt(offer, taken)  # committed: sent, or released at shutdown
+            raise
         stored = [event for result in results for event in result.stored]
+        self.tracing.stored(e.event_id for e in stored)  # before their deliveries start
+        if self.dispatcher is not None:
+            self.dispatcher.adopt(offer, taken)
         if stored:
-            self.on_stored()
-            await asyncio.sleep(0)  # the dispatcher claims them while this logs and counts
+            if any(result.claimable for result in results):
+                self.on_stored()
+            await asyncio.sleep(0)  # what was taken goes out, or is claimed, before the logging
         if log.isEnabledFor(logging.INFO):
             for event in stored:
                 log.info(
@@ -198,7 +216,6 @@ class Ingest:
                 )
         self.metrics.events_stored.inc(len(stored))
         self.metrics.events_duplicate.inc(sum(result.duplicates for result in results))
-        self.tracing.stored(e.event_id for e in stored)
         for result in results:
             for endpoint, count in result.superseded.items():
                 self.metrics.deliveries.labels(endpoint=endpoint, outcome="superseded").inc(count)
@@ -342,6 +359,7 @@ class Relay:
             on_stored=self.dispatcher.wake,
             clock=clock,
             tracing=self.tracing,
+            dispatcher=self.dispatcher,
         )
         self.feed = FeedClient(
             feed_options

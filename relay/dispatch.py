@@ -151,6 +151,11 @@ class Dispatcher:
         self._unsent_retry = unsent_retry
         self._unsent_log = Throttle(10.0)
         self._inflight: dict[str, int] = dict.fromkeys(self._endpoints, 0)
+        # Room offered to ingest (offer(), until adopt()), and the endpoints whose last claim
+        # took all that was due: only those may be handed new deliveries by the store.
+        self._offered: dict[str, int] = dict.fromkeys(self._endpoints, 0)
+        self._caught_up: set[str] = set()
+        self._passed_over: set[str] = set()  # skipped by a claim round for room offered
         # Claims whose verdict is not committed yet (requests in flight and verdicts queued
         # for the recorder): delivery id -> endpoint. At most twice max_in_flight per endpoint,
         # so that a crash re-sends a bounded number even when the recorder lags behind.
@@ -172,6 +177,47 @@ class Dispatcher:
     def wake(self) -> None:
         """New work may be due (new events, finished deliveries, replays)."""
         self._wake.set()
+
+    def offer(self) -> dict[str, int]:
+        """How many new deliveries each endpoint would start right now, for the store to
+        mark in flight in the commit that stores them (``append``'s ``take``): the room of
+        each endpoint that has caught up (its last claim took all that was due, so nothing
+        older waits), is open and has no rate limit. Reserved until :meth:`adopt`."""
+        offer: dict[str, int] = {}
+        if self._stopping.is_set():
+            return offer
+        for name in self._caught_up:
+            endpoint = self._endpoints[name]
+            if self._monitor is not None and (
+                self._monitor.mode(name, self._clock()) != "claim"
+                or self._monitor.room(name) is not None
+            ):
+                continue
+            room = min(self._free(endpoint), self._page)
+            if room > 0:
+                offer[name] = room
+                self._offered[name] += room
+        return offer
+
+    def adopt(self, offer: Mapping[str, int], taken: Sequence[Claim]) -> None:
+        """Start what the store took for :meth:`offer` and give the rest of its room back.
+        An endpoint given all it offered room for may have more due: a claim looks."""
+        for name, room in offer.items():
+            self._offered[name] -= room
+        counts: dict[str, int] = {}
+        for claim in taken:
+            counts[claim.endpoint] = counts.get(claim.endpoint, 0) + 1
+            if self._stopping.is_set():
+                self._push(Outcome(claim.delivery_id, "released", self._clock(), None))
+            else:
+                self._start(self._endpoints[claim.endpoint], claim)
+        for name, count in counts.items():
+            if count >= offer.get(name, 0):
+                self._caught_up.discard(name)
+                self._wake.set()
+        if self._passed_over & offer.keys():  # something may have come due meanwhile
+            self._passed_over -= offer.keys()
+            self._wake.set()
 
     async def run(self) -> None:
         """Claim, deliver and record until :meth:`shutdown`; return once every verdict is
@@ -267,7 +313,8 @@ class Dispatcher:
     def _free(self, endpoint: EndpointConfig) -> int:
         cap = endpoint.max_in_flight
         unrecorded = sum(1 for name in self._claimed_by.values() if name == endpoint.name)
-        return min(cap - self._inflight[endpoint.name], 2 * cap - unrecorded)
+        offered = self._offered[endpoint.name]
+        return min(cap - self._inflight[endpoint.name], 2 * cap - unrecorded) - offered
 
     async def _claim_round(self) -> tuple[bool, float | None]:
         """Claim for every endpoint with room. Returns whether some endpoint may have more due
@@ -277,6 +324,8 @@ class Dispatcher:
         for name, endpoint in self._endpoints.items():
             want = min(self._free(endpoint), self._page)
             if want <= 0 or self._stopping.is_set():
+                if self._offered[name]:
+                    self._passed_over.add(name)
                 continue
             probe = False
             if self._monitor is not None:
@@ -305,8 +354,13 @@ class Dispatcher:
                     await self._monitor.spend(name)
                 self._start(endpoint, claim, probe=probe)
             if probe:
+                self._caught_up.discard(name)
                 continue
-            more = more or len(claims) == want
+            if len(claims) == want:
+                more = True
+                self._caught_up.discard(name)
+            else:
+                self._caught_up.add(name)
             if next_due is not None:
                 due.append(next_due)
         return more, (min(due) if due and not more else None)

@@ -191,12 +191,17 @@ class Refusing:
         return getattr(self._inner, name)
 
     async def append(
-        self, events: Sequence[NewEvent], targets: Sequence[Target], now: float
+        self,
+        events: Sequence[NewEvent],
+        targets: Sequence[Target],
+        now: float,
+        *,
+        take: Mapping[str, int] | None = None,
     ) -> AppendResult:
         self.appends.append(len(events))
         if any(self._bad(e) for e in events):
             raise StoreError("sqlite:///x: refused")
-        result: AppendResult = await self._inner.append(events, targets, now)
+        result: AppendResult = await self._inner.append(events, targets, now, take=take)
         return result
 
     async def quarantine(self, frame: BadFrame, now: float) -> None:

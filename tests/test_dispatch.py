@@ -735,6 +735,59 @@ async def test_a_delivery_costs_two_claims_and_an_idle_dispatcher_asks_nothing_m
         await sender.close()
 
 
+async def test_what_the_commit_took_goes_out_without_a_claim_of_its_own(
+    store: SpyStore, router: respx.MockRouter
+) -> None:
+    """An endpoint that has caught up is offered to ingest; the commit that stores a fresh
+    event marks its delivery in flight, and the dispatcher sends and records it."""
+    route = router.post(CRM_URL).mock(return_value=httpx.Response(200))
+    sender = HttpxSender()
+    dispatcher = Dispatcher(store, [endpoint(max_in_flight=4)], sender, Metrics(), idle_poll=60)
+    assert dispatcher.offer() == {}  # no claim round yet: older work may be due
+    task = asyncio.create_task(dispatcher.run())
+    try:
+        await eventually(lambda: len(store.claims) == 1)  # found nothing: caught up
+        offer = dispatcher.offer()
+        assert offer == {"crm": 4}
+        assert dispatcher.offer() == {}  # reserved until adopted
+        result = await store.append([new_event("user-a", 1)], [CRM], time.time(), take=offer)
+        dispatcher.adopt(offer, result.taken)
+        assert dispatcher.offer() == {"crm": 3}  # one in flight
+        dispatcher.adopt({"crm": 3}, [])
+
+        async def delivered() -> bool:
+            return [d.state for d in await store.list_deliveries()] == ["delivered"]
+
+        await eventually(delivered)
+        assert route.call_count == 1
+        await eventually(lambda: len(store.claims) == 2)  # the one after the verdict
+        assert [n for _, _, n in store.claims] == [0, 0]
+    finally:
+        await dispatcher.shutdown(0.5)
+        await asyncio.wait_for(task, 5)
+        await sender.close()
+
+
+async def test_what_the_commit_took_after_shutdown_began_is_released_unsent(
+    store: SpyStore, router: respx.MockRouter
+) -> None:
+    route = router.post(CRM_URL).mock(return_value=httpx.Response(200))
+    sender = HttpxSender()
+    dispatcher = Dispatcher(store, [endpoint()], sender, Metrics(), idle_poll=60)
+    task = asyncio.create_task(dispatcher.run())
+    try:
+        await eventually(lambda: len(store.claims) == 1)
+        offer = dispatcher.offer()
+        result = await store.append([new_event("user-a", 1)], [CRM], time.time(), take=offer)
+        await dispatcher.shutdown(0.5)
+        dispatcher.adopt(offer, result.taken)
+        await asyncio.wait_for(task, 5)  # the recorder commits the release before it returns
+    finally:
+        await sender.close()
+    [info] = await store.list_deliveries()
+    assert (info.state, info.attempts, route.call_count) == ("pending", 0, 0)
+
+
 async def test_claims_whose_verdict_is_not_committed_are_capped_at_twice_max_in_flight(
     h: Harness,
 ) -> None:

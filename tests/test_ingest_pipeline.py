@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import pytest
 
@@ -25,7 +25,12 @@ class GatedStore:
         self.down = False
 
     async def append(
-        self, events: Sequence[NewEvent], targets: Sequence[Target], now: float
+        self,
+        events: Sequence[NewEvent],
+        targets: Sequence[Target],
+        now: float,
+        *,
+        take: Mapping[str, int] | None = None,
     ) -> AppendResult:
         ids = [e.event_id for e in events]
         self.started.append(ids)

@@ -14,7 +14,7 @@ import pytest
 import pytest_asyncio
 
 from relay.errors import StoreLockedError, StoreSchemaError, StoreUnavailableError
-from relay.store.base import Store
+from relay.store.base import Store, Target
 from relay.store.sqlite import DELIVERING_SLICE, MIGRATIONS, SQLiteStore
 
 # The suite's plain asserts explain their failures too (it is imported, not collected).
@@ -25,10 +25,13 @@ from store_suite import (  # noqa: E402
     SEAL_KEY,
     TOKEN,
     USER_A,
+    USER_B,
     VAULT,
     Reopen,
     StoreContract,
     bad_frame,
+    balance_event,
+    delivered,
     token_event,
     user_event,
     user_frame,
@@ -328,3 +331,66 @@ async def test_while_the_dispatcher_works_a_batch_commits_in_slices(
     assert fsynced == [True, False, False, True]  # the last commit makes its batch durable
     assert [e.event_id for e in result.stored] == [e.event_id for e in second]
     assert result.duplicates == 1  # counted across slices
+
+
+# -- taking fresh deliveries in the commit that stores them -----------------------------------
+
+
+async def test_a_commit_takes_the_heads_of_lanes_due_now_up_to_what_it_may(
+    store: SQLiteStore,
+) -> None:
+    """Taken: in flight, with all a delivery needs; a lane's next event waits, another
+    endpoint's deliveries stay for the claim, and so does what is over the limit."""
+    a1, a2 = user_event(USER_A, 1), user_event(USER_A, 2, status="VERIFIED")
+    b1, loose = user_event(USER_B, 3), balance_event(4)
+    result = await store.append([a1, a2, b1, loose], [CRM, VAULT], NOW, take={"crm": 2})
+
+    taken = {c.event_id: c for c in result.taken}
+    assert set(taken) == {a1.event_id, b1.event_id}  # heads, oldest deliveries first
+    claim = taken[a1.event_id]
+    assert (claim.endpoint, claim.user_id, claim.attempts) == ("crm", USER_A, 0)
+    assert claim.source == "feed"
+    assert (claim.body, claim.has_token, claim.created_at) == (a1.body, False, NOW)
+    assert result.claimable  # the balance event for crm, everything for vault
+    assert [c.event_id for c in await store.claim("crm", NOW, 10)] == [loose.event_id]
+    assert len(await store.claim("vault", NOW, 10)) == 3
+
+    await store.record([delivered(claim, NOW + 1)], NOW + 1)  # a taken delivery is a claim
+    assert [c.event_id for c in await store.claim("crm", NOW + 1, 10)] == [a2.event_id]
+
+
+async def test_a_commit_that_took_every_pending_delivery_says_none_is_left(
+    store: SQLiteStore,
+) -> None:
+    a1, a2 = user_event(USER_A, 1), user_event(USER_A, 2, status="VERIFIED")
+    result = await store.append([a1, a2], [CRM], NOW, take={"crm": 10})
+    assert ([c.event_id for c in result.taken], result.claimable) == ([a1.event_id], False)
+
+    untaken = await store.append([user_event(USER_B, 3)], [CRM], NOW)
+    assert (untaken.taken, untaken.claimable) == ([], True)
+
+
+async def test_a_commit_takes_nothing_not_due_yet(store: SQLiteStore) -> None:
+    slow = Target("slow", first_delay=30.0)
+    result = await store.append([user_event(USER_A, 1)], [slow], NOW, take={"slow": 5})
+    assert (result.taken, result.claimable) == ([], True)  # the claim loop must learn when
+
+
+async def test_an_older_event_later_in_the_batch_is_taken_instead_of_the_newer(
+    store: SQLiteStore,
+) -> None:
+    """Taken after the whole batch is placed: the older event took the untouched newer
+    one's place, as it would have before any claim."""
+    newer, older = user_event(USER_A, 2, status="VERIFIED"), user_event(USER_A, 1)
+    result = await store.append([newer, older], [CRM], NOW, take={"crm": 10})
+    assert [c.event_id for c in result.taken] == [older.event_id]
+
+
+async def test_what_a_batch_may_take_is_shared_by_its_slices(store: SQLiteStore) -> None:
+    assert await store.claim("crm", NOW, 10) == []
+    store._delivered_at = float("inf")  # the dispatcher is busy: the batch goes in slices
+    events = [user_event(f"u-{n}", n) for n in range(2 * DELIVERING_SLICE + 1)]
+    result = await store.append(events, [CRM], NOW, take={"crm": DELIVERING_SLICE + 7})
+    assert len(result.taken) == DELIVERING_SLICE + 7
+    assert len({c.delivery_id for c in result.taken}) == DELIVERING_SLICE + 7
+    assert len(await store.claim("crm", NOW, 1000)) == DELIVERING_SLICE - 6

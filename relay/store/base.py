@@ -11,7 +11,7 @@ fan-out, health) are in :mod:`relay.store.core`, the records in :mod:`relay.stor
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol, Unpack
 
 from relay.events import BadFrame, NewEvent
@@ -85,9 +85,20 @@ class IngestStore(Protocol):
     """What the feed's ingest (and reconciliation's append) uses."""
 
     async def append(
-        self, events: Sequence[NewEvent], targets: Sequence[Target], now: float
+        self,
+        events: Sequence[NewEvent],
+        targets: Sequence[Target],
+        now: float,
+        *,
+        take: Mapping[str, int] | None = None,
     ) -> AppendResult:
-        """Store new events and their deliveries in one commit; duplicates are ignored."""
+        """Store new events and their deliveries in one commit; duplicates are ignored.
+
+        ``take`` (endpoint -> how many): the caller will send that many of the new
+        deliveries due now right away; the store may mark them in flight in the same commit
+        and return them (``AppendResult.taken``), sparing the dispatcher a claim. A store
+        may take none.
+        """
 
     async def quarantine(self, frame: BadFrame, now: float) -> None: ...
 

@@ -639,12 +639,20 @@ class PostgresStore:
         self._subscribed_at = now
 
     async def append(
-        self, events: Sequence[NewEvent], targets: Sequence[records.Target], now: float
+        self,
+        events: Sequence[NewEvent],
+        targets: Sequence[records.Target],
+        now: float,
+        *,
+        take: Mapping[str, int] | None = None,
     ) -> records.AppendResult:
         """Also: feed events stored within the reorder window after this replica's
         (re)subscription become due at store time plus the window. Another replica,
         subscribed all along, may still be storing the same users' earlier events, which
-        sFOX sent before this replica was listening; their lanes put those first."""
+        sFOX sent before this replica was listening; their lanes put those first.
+
+        Takes nothing (``take``): a claim here holds a lease, which the dispatcher's claim
+        sets; the store's round trip is a network one anyway."""
         if not events:
             return records.AppendResult()
         hold = None

@@ -73,6 +73,11 @@ class AppendResult:
     duplicates: int = 0
     stale: int = 0  # reconciled events whose base state changed meanwhile (not stored)
     superseded: dict[str, int] = field(default_factory=dict)  # endpoint -> deliveries
+    #: New deliveries the commit also marked in flight for the caller (``append``'s ``take``).
+    taken: list[Claim] = field(default_factory=list)
+    #: Whether it left pending deliveries for a claim (False only where the store knows it
+    #: left none: then the dispatcher need not look).
+    claimable: bool = True
 
     @classmethod
     def merged(cls, results: Sequence[AppendResult]) -> AppendResult:
@@ -87,6 +92,8 @@ class AppendResult:
             sum(result.duplicates for result in results),
             sum(result.stale for result in results),
             dict(superseded),
+            [claim for result in results for claim in result.taken],
+            any(result.claimable for result in results),
         )
 
 

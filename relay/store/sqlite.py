@@ -481,24 +481,42 @@ class SQLiteStore:
     # -- ingest -----------------------------------------------------------------------------
 
     async def append(
-        self, events: Sequence[NewEvent], targets: Sequence[records.Target], now: float
+        self,
+        events: Sequence[NewEvent],
+        targets: Sequence[records.Target],
+        now: float,
+        *,
+        take: Mapping[str, int] | None = None,
     ) -> records.AppendResult:
         """One commit, or, while the dispatcher is using the store, one per slice of
         :data:`DELIVERING_SLICE` events: a claim or a verdict then waits for a slice (a few
         milliseconds), never for a whole batch. Each event commits with its deliveries; only
         the last slice's commit is fsynced, which makes the WAL durable up to it: the batch is
         durable when this returns, as one commit would be, and a crash before that loses
-        nothing that was reported stored (a process crash loses no commit in WAL mode)."""
+        nothing that was reported stored (a process crash loses no commit in WAL mode).
+
+        ``take``: each commit marks in flight, last, the new deliveries due now that it may
+        (those that came out pending, the heads of their lanes), so that a fresh event goes
+        out without waiting for a claim of its own (two handoffs between the event loop and
+        this thread, and a commit)."""
         results: list[records.AppendResult] = []
+        left = Counter(take or {})
         rest = events
         while rest:
             busy = time.monotonic() - self._delivered_at < _DELIVERING_LATELY
             size = DELIVERING_SLICE if busy else len(rest)
             part, rest = rest[:size], rest[size:]
             write = functools.partial(
-                self._append, events=part, targets=targets, now=now, durable=not rest
+                self._append,
+                events=part,
+                targets=targets,
+                now=now,
+                durable=not rest,
+                take=+left,
             )
-            results.append(await self._run(write, Priority.INGEST))
+            result = await self._run(write, Priority.INGEST)
+            left.subtract(claim.endpoint for claim in result.taken)
+            results.append(result)
         return records.AppendResult.merged(results)
 
     def mark_subscribed(self, now: float) -> None:
@@ -511,8 +529,11 @@ class SQLiteStore:
         targets: Sequence[records.Target],
         now: float,
         durable: bool = True,
+        take: Mapping[str, int] | None = None,
     ) -> records.AppendResult:
         stored: list[NewEvent] = []
+        fresh: list[tuple[int, NewEvent]] = []
+        pending = 0  # deliveries this commit made pending (new, or lanes it settled)
         superseded: Counter[str] = Counter()
         stale = duplicates = 0
         with self._tx(conn, durable=durable):
@@ -536,6 +557,7 @@ class SQLiteStore:
                         continue
                     new.append((row[0], event))
                     stored.append(event)
+                fresh += new
                 plan = core.fan_out(new, targets, states, now)
                 superseded.update(plan.superseded)
                 _each(
@@ -546,6 +568,8 @@ class SQLiteStore:
                 rows, delivered = self._heads(conn, users, plan)
                 placed, changes, moved = core.place(plan.deliveries, rows, delivered, now)
                 superseded.update(moved)
+                pending += sum(d.state == core.DeliveryState.PENDING for d in placed)
+                pending += sum(c.state == core.DeliveryState.PENDING for c in changes)
                 _each(
                     conn,
                     _INSERT_DELIVERY,
@@ -565,7 +589,51 @@ class SQLiteStore:
                     ],
                 )
                 self._apply(conn, changes, now)
-        return records.AppendResult(stored, duplicates, stale, dict(superseded))
+            taken = self._take(conn, fresh, take, now) if take and fresh else []
+        return records.AppendResult(
+            stored, duplicates, stale, dict(superseded), taken, claimable=pending > len(taken)
+        )
+
+    def _take(
+        self,
+        conn: sqlite3.Connection,
+        fresh: Sequence[tuple[int, NewEvent]],
+        take: Mapping[str, int],
+        now: float,
+    ) -> list[records.Claim]:
+        """Mark in flight up to ``take[endpoint]`` deliveries of these new events that are
+        due now, as a claim would (after every run of the batch is placed, so that an older
+        event later in the batch could still take a newer one's place)."""
+        events = dict(fresh)
+        seqs = _listed(events)
+        claims: list[records.Claim] = []
+        for endpoint, limit in take.items():
+            rows = conn.execute(
+                "UPDATE deliveries SET state = 'inflight', updated_at = ?1 WHERE id IN ("
+                f"SELECT id FROM deliveries WHERE event_seq {_IN_LIST.replace('?', '?2')} "
+                "AND endpoint = ?3 AND state = 'pending' AND next_at <= ?1 ORDER BY id LIMIT ?4) "
+                "RETURNING id, event_seq, user_id, attempts, created_at",
+                (now, *seqs, endpoint, limit),
+            ).fetchall()
+            for row in rows:
+                event = events[row["event_seq"]]
+                claims.append(
+                    records.Claim(
+                        row["id"],
+                        endpoint,
+                        event.event_id,
+                        row["user_id"],
+                        row["attempts"],
+                        event.source,
+                        event.body,
+                        event.has_token,
+                        row["created_at"],
+                    )
+                )
+        if claims:
+            self._delivered_at = time.monotonic()
+        claims.sort(key=lambda c: c.delivery_id)
+        return claims
 
     @staticmethod
     def _heads(
