@@ -175,7 +175,8 @@ class Ingest:
         Each new one is logged at INFO (``event.stored``) with its feed ``sequence`` when
         ``sequences`` (event id -> sequence) has it: what an operator follows an event by.
         """
-        offer = self.dispatcher.offer() if self.dispatcher is not None else {}
+        dispatcher = self.dispatcher if self.store.takes else None
+        offer = dispatcher.offer() if dispatcher is not None else {}
         room = Counter(offer)
         taken: list[Claim] = []
 
@@ -189,14 +190,11 @@ class Ingest:
             results = await write_isolating(
                 new, lambda part: self._until_stored(lambda: write(part)), self._refused
             )
-        except BaseException:
-            if self.dispatcher is not None:
-                self.dispatcher.adopt(offer, taken)  # committed: sent, or released at shutdown
-            raise
-        stored = [event for result in results for event in result.stored]
-        self.tracing.stored(e.event_id for e in stored)  # before their deliveries start
-        if self.dispatcher is not None:
-            self.dispatcher.adopt(offer, taken)
+            stored = [event for result in results for event in result.stored]
+            self.tracing.stored(e.event_id for e in stored)  # before their deliveries start
+        finally:
+            if dispatcher is not None:  # what was taken is committed: sent, or released
+                dispatcher.adopt(offer, taken)
         if stored:
             if any(result.claimable for result in results):
                 self.on_stored()

@@ -156,6 +156,7 @@ class Dispatcher:
         self._offered: dict[str, int] = dict.fromkeys(self._endpoints, 0)
         self._caught_up: set[str] = set()
         self._passed_over: set[str] = set()  # skipped by a claim round for room offered
+        self._claiming: str | None = None  # the endpoint whose claim is under way
         # Claims whose verdict is not committed yet (requests in flight and verdicts queued
         # for the recorder): delivery id -> endpoint. At most twice max_in_flight per endpoint,
         # so that a crash re-sends a bounded number even when the recorder lags behind.
@@ -187,6 +188,8 @@ class Dispatcher:
         if self._stopping.is_set():
             return offer
         for name in self._caught_up:
+            if name == self._claiming:  # its claim may take this same room
+                continue
             endpoint = self._endpoints[name]
             if self._monitor is not None and (
                 self._monitor.mode(name, self._clock()) != "claim"
@@ -324,6 +327,7 @@ class Dispatcher:
         for name, endpoint in self._endpoints.items():
             want = min(self._free(endpoint), self._page)
             if want <= 0 or self._stopping.is_set():
+                self._caught_up.discard(name)  # what is due now is not known
                 if self._offered[name]:
                     self._passed_over.add(name)
                 continue
@@ -334,17 +338,25 @@ class Dispatcher:
                 mode = self._monitor.mode(name, self._clock())
                 room = self._monitor.room(name)
                 if mode == "hold" or room == 0:
+                    self._caught_up.discard(name)
                     continue
                 probe = mode == "probe"
                 if room is not None:
                     want = min(want, room)
             next_due = None
-            if probe and self._monitor is not None:
-                claim = await self._monitor.claim_probe(name, self._clock())
-                claims = [claim] if claim is not None else []
-            else:
-                claims = await self._store.claim(name, self._clock(), want)
-                next_due = claims.next_due
+            self._claiming = name
+            try:
+                if probe and self._monitor is not None:
+                    claim = await self._monitor.claim_probe(name, self._clock())
+                    claims = [claim] if claim is not None else []
+                else:
+                    claims = await self._store.claim(name, self._clock(), want)
+                    next_due = claims.next_due
+            except BaseException:
+                self._caught_up.discard(name)
+                raise
+            finally:
+                self._claiming = None
             if self._stopping.is_set():  # shutdown began during the claim: start nothing
                 for claim in claims:
                     self._push(Outcome(claim.delivery_id, "released", self._clock(), None))

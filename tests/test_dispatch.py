@@ -768,6 +768,32 @@ async def test_what_the_commit_took_goes_out_without_a_claim_of_its_own(
         await sender.close()
 
 
+async def test_no_room_is_offered_for_an_endpoint_whose_claim_is_under_way(
+    store: SpyStore, router: respx.MockRouter
+) -> None:
+    """The claim and the commit would otherwise fill the same room: max_in_flight twice."""
+    router.post(CRM_URL).mock(return_value=httpx.Response(200))
+    sender = HttpxSender()
+    dispatcher = Dispatcher(store, [endpoint(max_in_flight=2)], sender, Metrics(), idle_poll=60)
+    task = asyncio.create_task(dispatcher.run())
+    try:
+        await eventually(lambda: len(store.claims) == 1)
+        assert dispatcher.offer() == {"crm": 2}
+        dispatcher.adopt({"crm": 2}, [])
+        store.hold = asyncio.Event()
+        dispatcher.wake()
+        await store.held.wait()
+        assert dispatcher.offer() == {}
+        store.hold.set()
+        await eventually(lambda: len(store.claims) == 2)
+        assert dispatcher.offer() == {"crm": 2}
+        dispatcher.adopt({"crm": 2}, [])
+    finally:
+        await dispatcher.shutdown(0.5)
+        await asyncio.wait_for(task, 5)
+        await sender.close()
+
+
 async def test_what_the_commit_took_after_shutdown_began_is_released_unsent(
     store: SpyStore, router: respx.MockRouter
 ) -> None:

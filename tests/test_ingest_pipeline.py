@@ -18,6 +18,8 @@ from relay.store.base import AppendResult, Target
 class GatedStore:
     """An IngestStore whose commits finish when the test says so (or fail as it says)."""
 
+    takes = False
+
     def __init__(self) -> None:
         self.started: list[list[str]] = []
         self.committed: list[list[str]] = []

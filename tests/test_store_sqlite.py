@@ -394,3 +394,36 @@ async def test_what_a_batch_may_take_is_shared_by_its_slices(store: SQLiteStore)
     assert len(result.taken) == DELIVERING_SLICE + 7
     assert len({c.delivery_id for c in result.taken}) == DELIVERING_SLICE + 7
     assert len(await store.claim("crm", NOW, 1000)) == DELIVERING_SLICE - 6
+
+
+async def test_a_batch_takes_in_its_last_commit_so_a_failed_slice_leaves_none_in_flight(
+    store: SQLiteStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store._delivered_at = float("inf")  # the dispatcher is busy: the batch goes in slices
+    append = store._append
+    calls: list[bool] = []
+
+    def failing_last(conn: sqlite3.Connection, **kw: Any) -> Any:
+        calls.append(kw["take"] is not None)
+        if len(calls) == 3:
+            raise StoreUnavailableError("sqlite:///x: disk I/O error")
+        return append(conn, **kw)
+
+    monkeypatch.setattr(store, "_append", failing_last)
+    events = [user_event(f"u-{n}", n) for n in range(2 * DELIVERING_SLICE + 1)]
+    with pytest.raises(StoreUnavailableError):
+        await store.append(events, [CRM], NOW, take={"crm": 50})
+    assert calls == [False, False, True]
+    # The two committed slices' deliveries wait for a claim, none stranded in flight.
+    assert len(await store.claim("crm", NOW, 1000)) == 2 * DELIVERING_SLICE
+
+
+async def test_an_older_event_in_a_later_slice_is_taken_instead_of_the_newer(
+    store: SQLiteStore,
+) -> None:
+    store._delivered_at = float("inf")
+    filler = [user_event(f"u-{n}", n) for n in range(DELIVERING_SLICE - 1)]
+    newer, older = user_event(USER_A, 1000, status="VERIFIED"), user_event(USER_A, 999)
+    result = await store.append([*filler, newer, older], [CRM], NOW, take={"crm": 1000})
+    taken = {c.event_id for c in result.taken}
+    assert older.event_id in taken and newer.event_id not in taken

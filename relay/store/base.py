@@ -84,6 +84,10 @@ ACTIVE_STATES = tuple(s.value for s in ACTIVE)
 class IngestStore(Protocol):
     """What the feed's ingest (and reconciliation's append) uses."""
 
+    #: Whether ``append`` takes new deliveries for the dispatcher (its ``take``): where it
+    #: does not, offering it the dispatcher's room would only hold that room idle.
+    takes: bool
+
     async def append(
         self,
         events: Sequence[NewEvent],

@@ -390,6 +390,8 @@ class PostgresStore:
             is not at this version's schema is a StoreError.
     """
 
+    takes = False  # a claim holds a lease, which the dispatcher's claim sets
+
     def __init__(
         self,
         url: str,

@@ -242,6 +242,8 @@ class _Checkpointer:
 class SQLiteStore:
     """The SQLite outbox (``RELAY_STORE=sqlite:///path``)."""
 
+    takes = True
+
     def __init__(
         self, path: str | os.PathLike[str], *, busy_timeout: float = 5.0, read_only: bool = False
     ) -> None:
@@ -495,12 +497,14 @@ class SQLiteStore:
         durable when this returns, as one commit would be, and a crash before that loses
         nothing that was reported stored (a process crash loses no commit in WAL mode).
 
-        ``take``: each commit marks in flight, last, the new deliveries due now that it may
-        (those that came out pending, the heads of their lanes), so that a fresh event goes
-        out without waiting for a claim of its own (two handoffs between the event loop and
-        this thread, and a commit)."""
+        ``take``: the last commit marks in flight, after everything else, the batch's new
+        deliveries due now that it may (those that came out pending: the heads of their
+        lanes, an older event of the batch having taken a newer one's place whatever slice
+        either was in), so that a fresh event goes out without a claim of its own (two
+        handoffs between the event loop and this thread, and a commit). A slice that fails
+        leaves nothing in flight."""
         results: list[records.AppendResult] = []
-        left = Counter(take or {})
+        fresh: list[tuple[int, NewEvent]] = []  # (seq, event) stored by the slices so far
         rest = events
         while rest:
             busy = time.monotonic() - self._delivered_at < _DELIVERING_LATELY
@@ -512,11 +516,10 @@ class SQLiteStore:
                 targets=targets,
                 now=now,
                 durable=not rest,
-                take=+left,
+                fresh=fresh,
+                take=take if not rest else None,
             )
-            result = await self._run(write, Priority.INGEST)
-            left.subtract(claim.endpoint for claim in result.taken)
-            results.append(result)
+            results.append(await self._run(write, Priority.INGEST))
         return records.AppendResult.merged(results)
 
     def mark_subscribed(self, now: float) -> None:
@@ -529,11 +532,14 @@ class SQLiteStore:
         targets: Sequence[records.Target],
         now: float,
         durable: bool = True,
+        fresh: list[tuple[int, NewEvent]] | None = None,
         take: Mapping[str, int] | None = None,
     ) -> records.AppendResult:
+        """``fresh``: the batch's (seq, event) stored by earlier commits, extended with this
+        one's on success; ``take`` covers them all."""
         stored: list[NewEvent] = []
-        fresh: list[tuple[int, NewEvent]] = []
-        pending = 0  # deliveries this commit made pending (new, or lanes it settled)
+        new_here: list[tuple[int, NewEvent]] = []
+        pending = 0  # deliveries the batch's commits made pending (new, or lanes settled)
         superseded: Counter[str] = Counter()
         stale = duplicates = 0
         with self._tx(conn, durable=durable):
@@ -557,7 +563,7 @@ class SQLiteStore:
                         continue
                     new.append((row[0], event))
                     stored.append(event)
-                fresh += new
+                new_here += new
                 plan = core.fan_out(new, targets, states, now)
                 superseded.update(plan.superseded)
                 _each(
@@ -589,7 +595,10 @@ class SQLiteStore:
                     ],
                 )
                 self._apply(conn, changes, now)
-            taken = self._take(conn, fresh, take, now) if take and fresh else []
+            batch = [*(fresh or ()), *new_here]
+            taken = self._take(conn, batch, take, now) if take and batch else []
+        if fresh is not None:
+            fresh += new_here
         return records.AppendResult(
             stored, duplicates, stale, dict(superseded), taken, claimable=pending > len(taken)
         )
