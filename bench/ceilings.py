@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import multiprocessing
 import pickle
 import subprocess
@@ -33,6 +32,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 
 from bench.procs import free_port, http_get, wait_until
+from relay.app import log_stored
 from relay.events import Message, NewEvent, parse_frame, prepare
 from relay.feed import FeedClient, FeedOptions
 from relay.logs import Redactor, setup_logging
@@ -45,7 +45,6 @@ from relay.store.worker import Priority
 API_KEY = "bench-ceilings-key"
 TARGETS = (Target("bench"),)
 BATCH = 500
-log = logging.getLogger("relay.app")
 
 
 def frames(count: int, users: int) -> list[str]:
@@ -61,20 +60,6 @@ def prepared(texts: Sequence[str]) -> list[NewEvent]:
         assert isinstance(message, Message), message
         out.append(prepare(message, seal_key=None))
     return out
-
-
-def log_stored(event: NewEvent) -> None:
-    log.info(
-        "event stored",
-        extra={
-            "event": "event.stored",
-            "event_id": event.event_id,
-            "user_id": event.user_id,
-            "sequence": 1,
-            "feed": event.recipient,
-            "source": event.source,
-        },
-    )
 
 
 async def store_alone(events: Sequence[NewEvent], path: Path) -> float:
@@ -132,7 +117,7 @@ class _Ingest:
             assert self.store is not None
             await self.store.append(events, TARGETS, time.time())
         for event in events:
-            log_stored(event)
+            log_stored(event, 1)
         self.got += len(events)
         if self.got >= self.count:
             self.done.set()
@@ -207,7 +192,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parse_us = (time.process_time() - start) / n * 1e6
         start = time.process_time()
         for event in events:
-            log_stored(event)
+            log_stored(event, 1)
         log_us = (time.process_time() - start) / n * 1e6
         store_us = asyncio.run(store_alone(events, Path(scratch, "alone.db"))) / n * 1e6
         one = feed_run(n, args.users, Path(scratch, "one.db"), split=False)

@@ -93,6 +93,22 @@ def reconciler_for(
     )
 
 
+def log_stored(event: NewEvent, sequence: int | None) -> None:
+    """The contract's INFO line for a stored event (``event.stored``): what an operator
+    follows an event by, with its feed ``sequence`` where known."""
+    log.info(
+        "event stored",
+        extra={
+            "event": "event.stored",
+            "event_id": event.event_id,
+            "user_id": event.user_id,
+            "sequence": sequence,
+            "feed": event.recipient,
+            "source": event.source,
+        },
+    )
+
+
 @dataclass
 class Ingest:
     """Commits what the feed (or reconciliation) produces; the feed waits while it works.
@@ -201,17 +217,7 @@ class Ingest:
             await asyncio.sleep(0)  # what was taken goes out, or is claimed, before the logging
         if log.isEnabledFor(logging.INFO):
             for event in stored:
-                log.info(
-                    "event stored",
-                    extra={
-                        "event": "event.stored",
-                        "event_id": event.event_id,
-                        "user_id": event.user_id,
-                        "sequence": (sequences or {}).get(event.event_id),
-                        "feed": event.recipient,
-                        "source": event.source,
-                    },
-                )
+                log_stored(event, (sequences or {}).get(event.event_id))
         self.metrics.events_stored.inc(len(stored))
         self.metrics.events_duplicate.inc(sum(result.duplicates for result in results))
         for result in results:

@@ -14,6 +14,7 @@ import logging
 import random
 import re
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -27,13 +28,7 @@ from relay.isolation import write_isolating
 from relay.limits import Throttle
 from relay.metrics import Metrics
 from relay.monitor import Monitor
-from relay.store.base import (
-    Attempt,
-    Claim,
-    DispatchStore,
-    Outcome,
-    format_delivery_id,
-)
+from relay.store.base import Attempt, Claim, DispatchStore, Outcome, format_delivery_id
 from relay.tracing import OFF, Tracing
 from relay.transport import Sender, Senders, SendResult
 
@@ -207,14 +202,12 @@ class Dispatcher:
         An endpoint given all it offered room for may have more due: a claim looks."""
         for name, room in offer.items():
             self._offered[name] -= room
-        counts: dict[str, int] = {}
         for claim in taken:
-            counts[claim.endpoint] = counts.get(claim.endpoint, 0) + 1
             if self._stopping.is_set():
                 self._push(Outcome(claim.delivery_id, "released", self._clock(), None))
             else:
                 self._start(self._endpoints[claim.endpoint], claim)
-        for name, count in counts.items():
+        for name, count in Counter(claim.endpoint for claim in taken).items():
             if count >= offer.get(name, 0):
                 self._caught_up.discard(name)
                 self._wake.set()

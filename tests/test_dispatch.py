@@ -709,6 +709,25 @@ async def test_max_in_flight_caps_concurrent_requests(h: Harness) -> None:
     assert sorted(started) == sorted(e.event_id for e in events)
 
 
+@contextlib.asynccontextmanager
+async def idle_dispatcher(store: SpyStore, crm: EndpointConfig) -> AsyncIterator[Dispatcher]:
+    """A running dispatcher of one endpoint that never polls (idle_poll 60 s), so every store
+    call it makes is one the test caused; its first claim round has not run on entry."""
+    sender = HttpxSender()
+    dispatcher = Dispatcher(store, [crm], sender, Metrics(), idle_poll=60)
+    task = asyncio.create_task(dispatcher.run())
+    try:
+        yield dispatcher
+    finally:
+        await dispatcher.shutdown(0.5)
+        await asyncio.wait_for(task, 5)
+        await sender.close()
+
+
+async def only_delivered(store: SpyStore) -> bool:
+    return [d.state for d in await store.list_deliveries()] == ["delivered"]
+
+
 async def test_a_delivery_costs_two_claims_and_an_idle_dispatcher_asks_nothing_more(
     store: SpyStore, router: respx.MockRouter
 ) -> None:
@@ -716,23 +735,12 @@ async def test_a_delivery_costs_two_claims_and_an_idle_dispatcher_asks_nothing_m
     lane's next delivery); a finished request of an endpoint with room claims nothing more,
     and the claim itself says when more comes due: no store call while idle."""
     router.post(CRM_URL).mock(return_value=httpx.Response(200))
-    sender = HttpxSender()
-    dispatcher = Dispatcher(store, [endpoint(max_in_flight=4)], sender, Metrics(), idle_poll=60)
     await store.append([new_event("user-a", 1)], [CRM], time.time())
-    task = asyncio.create_task(dispatcher.run())
-    try:
-
-        async def delivered() -> bool:
-            return [d.state for d in await store.list_deliveries()] == ["delivered"]
-
-        await eventually(delivered)
+    async with idle_dispatcher(store, endpoint(max_in_flight=4)):
+        await eventually(lambda: only_delivered(store))
         await eventually(lambda: len(store.claims) == 2)
         await asyncio.sleep(0.05)  # room for a third, were one coming
         assert [n for _, _, n in store.claims] == [1, 0]
-    finally:
-        await dispatcher.shutdown(0.5)
-        await asyncio.wait_for(task, 5)
-        await sender.close()
 
 
 async def test_what_the_commit_took_goes_out_without_a_claim_of_its_own(
@@ -741,11 +749,8 @@ async def test_what_the_commit_took_goes_out_without_a_claim_of_its_own(
     """An endpoint that has caught up is offered to ingest; the commit that stores a fresh
     event marks its delivery in flight, and the dispatcher sends and records it."""
     route = router.post(CRM_URL).mock(return_value=httpx.Response(200))
-    sender = HttpxSender()
-    dispatcher = Dispatcher(store, [endpoint(max_in_flight=4)], sender, Metrics(), idle_poll=60)
-    assert dispatcher.offer() == {}  # no claim round yet: older work may be due
-    task = asyncio.create_task(dispatcher.run())
-    try:
+    async with idle_dispatcher(store, endpoint(max_in_flight=4)) as dispatcher:
+        assert dispatcher.offer() == {}  # no claim round yet: older work may be due
         await eventually(lambda: len(store.claims) == 1)  # found nothing: caught up
         offer = dispatcher.offer()
         assert offer == {"crm": 4}
@@ -755,17 +760,10 @@ async def test_what_the_commit_took_goes_out_without_a_claim_of_its_own(
         assert dispatcher.offer() == {"crm": 3}  # one in flight
         dispatcher.adopt({"crm": 3}, [])
 
-        async def delivered() -> bool:
-            return [d.state for d in await store.list_deliveries()] == ["delivered"]
-
-        await eventually(delivered)
+        await eventually(lambda: only_delivered(store))
         assert route.call_count == 1
         await eventually(lambda: len(store.claims) == 2)  # the one after the verdict
         assert [n for _, _, n in store.claims] == [0, 0]
-    finally:
-        await dispatcher.shutdown(0.5)
-        await asyncio.wait_for(task, 5)
-        await sender.close()
 
 
 async def test_no_room_is_offered_for_an_endpoint_whose_claim_is_under_way(
@@ -773,10 +771,7 @@ async def test_no_room_is_offered_for_an_endpoint_whose_claim_is_under_way(
 ) -> None:
     """The claim and the commit would otherwise fill the same room: max_in_flight twice."""
     router.post(CRM_URL).mock(return_value=httpx.Response(200))
-    sender = HttpxSender()
-    dispatcher = Dispatcher(store, [endpoint(max_in_flight=2)], sender, Metrics(), idle_poll=60)
-    task = asyncio.create_task(dispatcher.run())
-    try:
+    async with idle_dispatcher(store, endpoint(max_in_flight=2)) as dispatcher:
         await eventually(lambda: len(store.claims) == 1)
         assert dispatcher.offer() == {"crm": 2}
         dispatcher.adopt({"crm": 2}, [])
@@ -788,28 +783,19 @@ async def test_no_room_is_offered_for_an_endpoint_whose_claim_is_under_way(
         await eventually(lambda: len(store.claims) == 2)
         assert dispatcher.offer() == {"crm": 2}
         dispatcher.adopt({"crm": 2}, [])
-    finally:
-        await dispatcher.shutdown(0.5)
-        await asyncio.wait_for(task, 5)
-        await sender.close()
 
 
 async def test_what_the_commit_took_after_shutdown_began_is_released_unsent(
     store: SpyStore, router: respx.MockRouter
 ) -> None:
     route = router.post(CRM_URL).mock(return_value=httpx.Response(200))
-    sender = HttpxSender()
-    dispatcher = Dispatcher(store, [endpoint()], sender, Metrics(), idle_poll=60)
-    task = asyncio.create_task(dispatcher.run())
-    try:
+    async with idle_dispatcher(store, endpoint()) as dispatcher:
         await eventually(lambda: len(store.claims) == 1)
         offer = dispatcher.offer()
         result = await store.append([new_event("user-a", 1)], [CRM], time.time(), take=offer)
         await dispatcher.shutdown(0.5)
         dispatcher.adopt(offer, result.taken)
-        await asyncio.wait_for(task, 5)  # the recorder commits the release before it returns
-    finally:
-        await sender.close()
+    # Leaving waited for the recorder, which commits the release before it returns.
     [info] = await store.list_deliveries()
     assert (info.state, info.attempts, route.call_count) == ("pending", 0, 0)
 

@@ -198,6 +198,22 @@ def _listed(values: Iterable[str | int]) -> tuple[str]:
     return (orjson.dumps(list(values)).decode(),)
 
 
+def _claim(among: str = "") -> str:
+    """Mark in flight up to ``?3`` pending deliveries of endpoint ``?2`` due at ``?1``
+    (``among``: a further condition), oldest due first, returning what a claim needs."""
+    return (
+        "UPDATE deliveries SET state = 'inflight', updated_at = ?1 WHERE id IN ("
+        "SELECT id FROM deliveries WHERE state = 'pending' AND endpoint = ?2 "
+        f"AND next_at <= ?1 {among}ORDER BY next_at, id LIMIT ?3) "
+        "RETURNING id, event_seq, user_id, attempts, created_at"
+    )
+
+
+_CLAIM = _claim()
+#: The same among the deliveries of the events ``?4`` (a JSON array of their seqs).
+_TAKE = _claim(f"AND event_seq {_IN_LIST.replace('?', '?4')} ")
+
+
 class _Checkpointer:
     """Copies the WAL into the database file on its own thread and connection.
 
@@ -617,28 +633,16 @@ class SQLiteStore:
         seqs = _listed(events)
         claims: list[records.Claim] = []
         for endpoint, limit in take.items():
-            rows = conn.execute(
-                "UPDATE deliveries SET state = 'inflight', updated_at = ?1 WHERE id IN ("
-                f"SELECT id FROM deliveries WHERE event_seq {_IN_LIST.replace('?', '?2')} "
-                "AND endpoint = ?3 AND state = 'pending' AND next_at <= ?1 ORDER BY id LIMIT ?4) "
-                "RETURNING id, event_seq, user_id, attempts, created_at",
-                (now, *seqs, endpoint, limit),
-            ).fetchall()
-            for row in rows:
+            for row in conn.execute(_TAKE, (now, endpoint, limit, *seqs)).fetchall():
                 event = events[row["event_seq"]]
-                claims.append(
-                    records.Claim(
-                        row["id"],
-                        endpoint,
-                        event.event_id,
-                        row["user_id"],
-                        row["attempts"],
-                        event.source,
-                        event.body,
-                        event.has_token,
-                        row["created_at"],
-                    )
-                )
+                joined = {
+                    **row,
+                    "event_id": event.event_id,
+                    "source": event.source,
+                    "body": event.body,
+                    "has_token": event.has_token,
+                }
+                claims.append(core.claim(joined, endpoint))
         if claims:
             self._delivered_at = time.monotonic()
         claims.sort(key=lambda c: c.delivery_id)
@@ -706,13 +710,7 @@ class SQLiteStore:
     async def claim(self, endpoint: str, now: float, limit: int) -> records.Claimed:
         def claim(conn: sqlite3.Connection) -> records.Claimed:
             with self._tx(conn, durable=False):
-                rows = conn.execute(
-                    "UPDATE deliveries SET state = 'inflight', updated_at = ?1 WHERE id IN ("
-                    "SELECT id FROM deliveries WHERE state = 'pending' AND endpoint = ?2 "
-                    "AND next_at <= ?1 ORDER BY next_at, id LIMIT ?3) "
-                    "RETURNING id, event_seq, user_id, attempts, created_at",
-                    (now, endpoint, limit),
-                ).fetchall()
+                rows = conn.execute(_CLAIM, (now, endpoint, limit)).fetchall()
                 next_due = None
                 if len(rows) < limit:
                     next_due = conn.execute(
