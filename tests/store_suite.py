@@ -367,6 +367,21 @@ class StoreContract:
         assert (event_ids(first), first.next_due) == ({early.event_id}, now + 10)
         assert event_ids(await store.claim("crm", now + 10, 10)) == {late.event_id}
 
+    async def test_what_a_commit_takes_is_in_flight_and_only_where_the_store_takes(
+        self, store: Store, now: float
+    ) -> None:
+        """``take`` is a may: a store that takes (``takes``) marks due lane heads in flight
+        and says whether it left any; one that does not takes nothing and leaves them all."""
+        a1, a2, b1 = user_event(USER_A, 1), user_event(USER_A, 2), user_event(USER_B, 3)
+        result = await store.append([a1, a2, b1], [CRM], now, take={"crm": 10})
+        left = await store.claim("crm", now, 10)
+        if store.takes:
+            assert event_ids(result.taken) == {a1.event_id, b1.event_id}
+            assert (left, result.claimable) == ([], False)
+        else:
+            assert (result.taken, result.claimable) == ([], True)
+            assert event_ids(left) == {a1.event_id, b1.event_id}
+
     async def test_a_claim_says_when_more_comes_due_unless_it_took_all_it_could(
         self, store: Store, now: float
     ) -> None:
